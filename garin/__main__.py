@@ -1,0 +1,3 @@
+from garin.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""Every way garin closes a client: a WebSocket close code and a short reason.
+
+The decision is made by the pure cores (session, protocol); the trio shell only
+sends it. The README's close-code table is generated from ALL_CLOSES, so keep
+the reasons short, lower case and stable: client code may match on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+NORMAL = 1000
+GOING_AWAY = 1001
+UNSUPPORTED_DATA = 1003
+INVALID_DATA = 1007
+POLICY = 1008
+TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
+
+# The client asked to leave (empty message body).
+BYE = Close(NORMAL, "bye")
+SHUTDOWN = Close(GOING_AWAY, "server shutting down")
+
+AUTH_TIMEOUT = Close(POLICY, "auth timeout")
+JOIN_TIMEOUT = Close(POLICY, "join timeout")
+INVALID_TOKEN = Close(POLICY, "invalid token")
+TOKEN_EXPIRED = Close(POLICY, "token expired")
+NOT_AUTHENTICATED = Close(POLICY, "not authenticated")
+ALREADY_AUTHENTICATED = Close(POLICY, "already authenticated")
+NOT_IN_ROOM = Close(POLICY, "not in a room")
+ALREADY_JOINED = Close(POLICY, "already joined")
+INVALID_JSON = Close(POLICY, "invalid json")
+NOT_AN_OBJECT = Close(POLICY, "not a json object")
+UNKNOWN_TYPE = Close(POLICY, "unknown type")
+RATE_LIMITED = Close(POLICY, "rate limit exceeded")
+BINARY_FRAME = Close(UNSUPPORTED_DATA, "binary frames not supported")
+TOO_BIG_FRAME = Close(TOO_BIG, "message too big")
+TOO_SLOW = Close(TRY_AGAIN_LATER, "too slow")
+SHARD_UNAVAILABLE = Close(TRY_AGAIN_LATER, "room unavailable")
+INTERNAL = Close(INTERNAL_ERROR, "internal error")
+
+
+def bad_field(field: str, problem: str) -> Close:
+    """A join/auth/message field failed validation: `username too short`."""
+    return Close(POLICY, f"{field} {problem}")
+
+
+# For the README table and tests: (close, when it happens).
+ALL_CLOSES: tuple[tuple[Close, str], ...] = (
+    (BYE, "the client sent a message with an empty body (it leaves its room)"),
+    (SHUTDOWN, "the server is stopping (SIGTERM / Ctrl-C)"),
+    (BINARY_FRAME, "the client sent a binary frame"),
+    (Close(INVALID_DATA, "…"), "a text frame was not valid UTF-8 (reason from wsproto)"),
+    (AUTH_TIMEOUT, "no auth message within the auth timeout of connecting"),
+    (JOIN_TIMEOUT, "no join within the join timeout of auth (or of userleave)"),
+    (INVALID_TOKEN, "bad signature, wrong or `none` alg, garbage, not yet valid"),
+    (TOKEN_EXPIRED, "the token's `exp` has passed"),
+    (NOT_AUTHENTICATED, "join, message or userleave before auth"),
+    (ALREADY_AUTHENTICATED, "a second auth"),
+    (NOT_IN_ROOM, "message or userleave while not in a room"),
+    (ALREADY_JOINED, "join while already in a room"),
+    (INVALID_JSON, "the frame is not JSON"),
+    (NOT_AN_OBJECT, "the frame is JSON but not an object"),
+    (UNKNOWN_TYPE, "`type` is missing, not a string, or not one of the four"),
+    (bad_field("<field>", "must be a string"), "a field is missing or not a string"),
+    (bad_field("username", "too short"), "username/room shorter or longer than allowed"),
+    (RATE_LIMITED, "more messages than the rate limit allows in its window"),
+    (TOO_BIG_FRAME, "a message larger than GARIN_MAX_MESSAGE_BYTES"),
+    (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),
+    (SHARD_UNAVAILABLE, "the shard that owns the room could not be reached"),
+    (INTERNAL, "a bug in garin; logged with the connection id"),
+)

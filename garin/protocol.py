@@ -1,0 +1,125 @@
+"""The GarinChat client protocol: parsing what clients send, building what they get.
+
+Clients send one JSON object per text frame:
+  {"type":"auth","body":JWT}  {"type":"join","username":U,"room":R}
+  {"type":"message","body":B} {"type":"userleave"}
+Anything that is not one of these shapes becomes a `Close` (never an
+exception), so the session core can refuse it with a code and a reason.
+Unknown extra fields are ignored, as GarinChat's Go decoder does.
+
+Server texts are built here once per event (by the shard) and sent verbatim to
+every recipient, so they must be byte-for-byte what a GarinChat client expects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from garin import closes
+from garin.closes import Close
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    username: str
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserLeave:
+    pass
+
+
+ClientEvent = Auth | Join | Message | UserLeave
+
+
+@dataclass(frozen=True, slots=True)
+class NameLimits:
+    """Allowed lengths (in characters) of usernames and room names."""
+
+    username_min: int = 3
+    username_max: int = 32
+    room_min: int = 3
+    room_max: int = 64
+
+
+def _string_field(obj: dict[str, object], name: str) -> str | Close:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        return closes.bad_field(name, "must be a string")
+    try:
+        # JSON "\ud800" escapes decode to lone surrogates, which cannot be
+        # sent on as UTF-8: refuse them here rather than fail in a shard.
+        value.encode()
+    except UnicodeEncodeError:
+        return closes.bad_field(name, "must be valid unicode")
+    return value
+
+
+def _bounded(name: str, value: str, low: int, high: int) -> Close | None:
+    if len(value) < low:
+        return closes.bad_field(name, "too short")
+    if len(value) > high:
+        return closes.bad_field(name, "too long")
+    return None
+
+
+def parse_client_text(text: str, limits: NameLimits) -> ClientEvent | Close:
+    """Decode one client text frame into an event, or the close it deserves."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return closes.INVALID_JSON
+    if not isinstance(obj, dict):
+        return closes.NOT_AN_OBJECT
+    kind = obj.get("type")
+    if kind == "message":
+        body = _string_field(obj, "body")
+        return body if isinstance(body, Close) else Message(body)
+    if kind == "auth":
+        token = _string_field(obj, "body")
+        return token if isinstance(token, Close) else Auth(token)
+    if kind == "join":
+        username = _string_field(obj, "username")
+        if isinstance(username, Close):
+            return username
+        room = _string_field(obj, "room")
+        if isinstance(room, Close):
+            return room
+        problem = _bounded(
+            "username", username, limits.username_min, limits.username_max
+        ) or _bounded("room", room, limits.room_min, limits.room_max)
+        return problem or Join(username, room)
+    if kind == "userleave":
+        return UserLeave()
+    return closes.UNKNOWN_TYPE
+
+
+def _dump(obj: dict[str, object]) -> bytes:
+    # Compact and UTF-8 (not \u escapes): smaller frames, same JSON meaning.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def join_text(username: str, total_users: int) -> bytes:
+    return _dump({"type": "join", "username": username, "totalUsers": total_users})
+
+
+def message_text(username: str, body: str) -> bytes:
+    return _dump({"type": "message", "username": username, "body": body})
+
+
+def userleave_text(username: str, total_users: int) -> bytes:
+    return _dump(
+        {"type": "userleave", "username": username, "totalUsers": total_users}
+    )

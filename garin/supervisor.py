@@ -1,0 +1,153 @@
+"""`garin run`: start the shards and routers, keep them alive, stop them together.
+
+Modelled on uvicorn's multiprocess supervisor, but children have roles
+(shard i, router j) and each slot is restarted in place. The supervisor binds
+the public port once and every router inherits the listening socket, so a
+second `garin run` on the same port fails at once instead of silently sharing
+it. Signals only set an event; the stop sequence runs in the main task:
+SIGTERM to every child, wait up to the shutdown timeout, SIGKILL what is
+left, remove the socket directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from garin.config import Config
+
+log = logging.getLogger("garin.supervisor")
+
+# A child that dies sooner than this after starting counts as a failed start.
+FAST_EXIT_S = 2.0
+# After this many failed starts in a row, give up: it is a config or host error.
+MAX_FAST_EXITS = 5
+RESTART_DELAY_MAX_S = 5.0
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    argv: list[str]
+    pass_fds: tuple[int, ...] = ()
+    process: trio.Process | None = None
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = trio.Event()
+        self.exit_code = 0
+
+    def bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.host, self.config.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
+        sock.listen(1024)
+        sock.set_inheritable(True)
+        return sock
+
+    def children(self, listen_fd: int) -> list[Child]:
+        base = [sys.executable, "-m", "garin"]
+        shards = [Child(f"shard {i}", [*base, "shard", "--index", str(i)]) for i in range(self.config.shards)]
+        routers = [
+            Child(f"router {j}", [*base, "router", "--router-id", str(j), "--listen-fd", str(listen_fd)], (listen_fd,))
+            for j in range(self.config.routers)
+        ]
+        return shards + routers
+
+    async def run(self) -> int:
+        sock = self.bind()
+        port = sock.getsockname()[1]
+        env = {**os.environ, **self.config.to_env(), "PORT": str(port), "GARIN_PORT": str(port)}
+        children = self.children(sock.fileno())
+        log.info(
+            "garin on %s:%d: %d shards, %d routers (socket dir %s)",
+            self.config.host, port, self.config.shards, self.config.routers, self.config.socket_dir,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals)
+                for child in children:
+                    nursery.start_soon(self._keep_alive, child, env)
+                await self.stopping.wait()
+                await self._stop_children(children)
+                nursery.cancel_scope.cancel()
+        finally:
+            sock.close()
+            _remove_socket_dir(Path(self.config.socket_dir))
+        log.info("garin stopped")
+        return self.exit_code
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s, stopping", signal.Signals(signum).name)
+                self.stopping.set()
+
+    async def _keep_alive(self, child: Child, env: dict[str, str]) -> None:
+        fast_exits = 0
+        while not self.stopping.is_set():
+            started = trio.current_time()
+            child.process = await trio.lowlevel.open_process(
+                child.argv, env=env, pass_fds=child.pass_fds, stdin=subprocess.DEVNULL,
+                # Own process group: a terminal's Ctrl-C reaches only the
+                # supervisor, which then stops the children in order.
+                start_new_session=True,
+            )
+            code = await child.process.wait()
+            if self.stopping.is_set():
+                return
+            lived = trio.current_time() - started
+            fast_exits = fast_exits + 1 if lived < FAST_EXIT_S else 0
+            if fast_exits >= MAX_FAST_EXITS:
+                log.error("%s exited with code %d %d times right after start; giving up", child.name, code, fast_exits)
+                self.exit_code = 1
+                self.stopping.set()
+                return
+            delay = min(0.1 * 2**fast_exits, RESTART_DELAY_MAX_S) if fast_exits else 0.1
+            log.warning("%s exited with code %d after %.1fs; restarting in %.1fs", child.name, code, lived, delay)
+            await trio.sleep(delay)
+
+    async def _stop_children(self, children: list[Child]) -> None:
+        # Routers first, so clients get 1001 and their leaves reach live shards.
+        for group in (c for c in children if c.name.startswith("router")), (c for c in children if c.name.startswith("shard")):
+            alive = [c.process for c in group if c.process is not None and c.process.returncode is None]
+            for process in alive:
+                process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(self.config.shutdown_timeout_s + 1):
+                for process in alive:
+                    await process.wait()
+            for process in alive:
+                if process.returncode is None:
+                    log.warning("pid %d did not stop in time; killing it", process.pid)
+                    process.kill()
+                    await process.wait()
+
+
+def _remove_socket_dir(path: Path) -> None:
+    if not path.is_dir():
+        return
+    for entry in path.glob("shard-*.sock"):
+        entry.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty: something else lives there; leave it
+
+
+def run_supervisor(config: Config) -> int:
+    return trio.run(Supervisor(config).run)

@@ -1,0 +1,164 @@
+"""The router <-> shard protocol: msgpack arrays over a Unix stream socket.
+
+Every message is one msgpack array `[tag, field, ...]`. The first message on a
+link is the router's `Hello`; the shard answers `Welcome` or `Refuse` (then
+closes). Member ids are chosen by the router and unique only within it; a shard
+keys members by (link, member). Texts sent to clients are built once by the
+shard as UTF-8 bytes and travel as msgpack `bin`, so a router turns them into
+WebSocket frames without decoding them.
+
+This is the only module that touches msgpack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+# One message is at most a client text plus small fields; anything far larger
+# means a corrupt or hostile peer.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class WireError(Exception):
+    """The peer sent something that is not a valid message: drop the link."""
+
+
+# --- router -> shard -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TAG: ClassVar[int] = 0
+    version: int
+    router_id: str
+    shard_index: int
+    shard_count: int
+    hash_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """A member joins a room; the room hears about it (`Joined` / `Deliver`)."""
+
+    TAG: ClassVar[int] = 1
+    member: int
+    room: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoin:
+    """Replay of a member after the link came back: no announcement."""
+
+    TAG: ClassVar[int] = 2
+    member: int
+    room: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    TAG: ClassVar[int] = 3
+    member: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    TAG: ClassVar[int] = 4
+    member: int
+
+
+# --- shard -> router -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TAG: ClassVar[int] = 10
+    version: int
+    shard_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    TAG: ClassVar[int] = 11
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """`member` (on the receiving router) is now in `room`; send `text` to all
+    the router's members of the room, the joiner included."""
+
+    TAG: ClassVar[int] = 12
+    room: str
+    member: int
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send `text` to the router's members of `room`, except `exclude` (-1: none)."""
+
+    TAG: ClassVar[int] = 13
+    room: str
+    exclude: int
+    text: bytes
+
+
+WireMessage = Hello | Join | Rejoin | Publish | Leave | Welcome | Refuse | Joined | Deliver
+
+_FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
+    Hello.TAG: (Hello, (int, str, int, int, str)),
+    Join.TAG: (Join, (int, str, str)),
+    Rejoin.TAG: (Rejoin, (int, str, str)),
+    Publish.TAG: (Publish, (int, str)),
+    Leave.TAG: (Leave, (int,)),
+    Welcome.TAG: (Welcome, (int, int)),
+    Refuse.TAG: (Refuse, (str,)),
+    Joined.TAG: (Joined, (str, int, bytes)),
+    Deliver.TAG: (Deliver, (str, int, bytes)),
+}
+
+
+def encode(message: WireMessage) -> bytes:
+    return msgpack.packb((message.TAG, *astuple(message)), use_bin_type=True)
+
+
+def _build(item: Any) -> WireMessage:
+    if not isinstance(item, tuple) or not item:
+        raise WireError(f"expected a non-empty array, got {item!r:.80}")
+    tag, *fields = item
+    spec = _FIELD_TYPES.get(tag) if isinstance(tag, int) else None
+    if spec is None:
+        raise WireError(f"unknown message tag {tag!r:.40}")
+    cls, types = spec
+    if len(fields) != len(types) or not all(
+        type(value) is kind for value, kind in zip(fields, types)
+    ):
+        raise WireError(f"bad fields for {cls.__name__}: {fields!r:.120}")
+    return cls(*fields)  # type: ignore[no-any-return]
+
+
+class Decoder:
+    """Feed bytes as they arrive; iterate the complete messages."""
+
+    def __init__(self) -> None:
+        self._unpacker = msgpack.Unpacker(
+            raw=False, use_list=False, max_buffer_size=MAX_MESSAGE_BYTES * 2
+        )
+
+    def feed(self, data: bytes) -> Iterator[WireMessage]:
+        try:
+            self._unpacker.feed(data)
+            for item in self._unpacker:
+                yield _build(item)
+        except WireError:
+            raise
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise WireError(f"undecodable data: {exc}") from exc

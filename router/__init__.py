@@ -1,0 +1,1 @@
+"""The router process: the WebSocket front that clients connect to."""

@@ -1,0 +1,195 @@
+"""The router's trio shell: accept sockets, run sessions, stop gracefully."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import socket as stdlib_socket
+import time
+from functools import partial
+
+import trio
+from wsproto.events import Request
+
+from garin import closes
+from garin.auth import TokenVerifier
+from garin.closes import Close
+from garin.config import Config
+from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, Session
+from router.router import Client, Router
+from router.websocket import BinaryMessage, ClientWebSocket, PeerClosed
+
+log = logging.getLogger("garin.router")
+
+
+def origin_allowed(request: Request, allowed: tuple[str, ...]) -> bool:
+    if "*" in allowed:
+        return True
+    for name, value in request.extra_headers:
+        if name.lower() == b"origin":
+            return value.decode("latin-1").rstrip("/") in allowed
+    return False
+
+
+async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.SocketStream) -> None:
+    """Run one connection; nothing it does can raise into the accept loop."""
+    try:
+        peer = "%s:%s" % stream.socket.getpeername()[:2]
+    except OSError:
+        peer = "?"
+    client = router.new_client(peer)
+    try:
+        async with trio.open_nursery() as nursery:
+            sock = ClientWebSocket(stream, nursery, router.config.max_message_bytes, router.config.max_outbox_bytes)
+            client.socket = sock
+            try:
+                await _serve(router, verifier, client, sock)
+            finally:
+                await sock.aclose()
+                nursery.cancel_scope.cancel()
+    except Exception:
+        log.exception("conn %d (%s): internal error", client.id, peer)
+    finally:
+        router.forget(client)
+        await _close_quietly(stream)
+
+
+async def _close_quietly(stream: trio.SocketStream) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except Exception:
+            pass
+
+
+async def _serve(router: Router, verifier: TokenVerifier, client: Client, sock: ClientWebSocket) -> None:
+    config = router.config
+    with trio.move_on_after(config.handshake_timeout_s):
+        request = await sock.handshake()
+    if request is None:
+        return
+    if request.target.split("?", 1)[0] != "/":
+        await sock.reject(404, "not found: the chat WebSocket is at /")
+        return
+    if not origin_allowed(request, config.allowed_origins):
+        log.info("conn %d (%s): refused, origin not allowed", client.id, client.peer)
+        await sock.reject(403, "origin not allowed")
+        return
+    sock.accept()
+
+    def check_token(token: str) -> Close | None:
+        return verifier.verify(token, time.time())
+
+    session = Session(config.session_rules, check_token, trio.current_time())
+    client.session = session
+    try:
+        await _chat(router, client, sock, session)
+    except Exception:
+        log.exception("conn %d (%s): internal error", client.id, client.peer)
+        if client.room is not None:
+            router.leave(client)
+        await sock.close(closes.INTERNAL)
+
+
+async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: Session) -> None:
+    while True:
+        if sock.kicked is not None:
+            actions = session.end(sock.kicked)
+        else:
+            deadline = session.deadline if session.deadline is not None else math.inf
+            with trio.CancelScope(deadline=deadline) as scope:
+                sock.receive_scope = scope
+                item = await sock.receive()
+            sock.receive_scope = None
+            now = trio.current_time()
+            if sock.dead:
+                return  # the peer is gone; the caller's forget() leaves the room
+            if scope.cancelled_caught:
+                if sock.kicked is not None:
+                    continue
+                actions = session.timeout(now)
+            elif isinstance(item, str):
+                actions = session.receive_text(item, now)
+            elif isinstance(item, PeerClosed):
+                log.debug("conn %d: peer closed %d", client.id, item.code)
+                if client.room is not None:
+                    router.leave(client)
+                await sock.close(closes.BYE)
+                return
+            elif isinstance(item, BinaryMessage):
+                actions = session.receive_binary(now)
+            else:
+                actions = session.end(item)
+        for action in actions:
+            if isinstance(action, JoinRoom):
+                router.join(client, action.room, action.username)
+            elif isinstance(action, Publish):
+                router.publish(client, action.body)
+            elif isinstance(action, LeaveRoom):
+                router.leave(client)
+            elif isinstance(action, CloseClient):
+                if client.room is not None:
+                    router.leave(client)
+                log.info("conn %d (%s): closing %d %s", client.id, client.peer, action.close.code, action.close.reason)
+                await sock.close(action.close)
+                return
+
+
+def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
+    sock = stdlib_socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+
+
+async def serve_router(
+    config: Config,
+    router_id: str,
+    listen_fd: int | None = None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `stopping` is set (by a signal), then close every client with 1001."""
+    router = Router(config, router_id)
+    verifier = TokenVerifier(config.jwt_secret, config.jwt_algorithm, config.jwt_leeway_s)
+    if listen_fd is not None:
+        listeners = _listeners_from_fd(listen_fd)
+    else:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as links:
+        for link in router.links:
+            links.start_soon(link.run)
+        links.start_soon(_stop_on_signal, router)
+        with trio.CancelScope() as grace:
+            async with trio.open_nursery() as handlers:
+                accepting = trio.CancelScope()
+
+                async def accept() -> None:
+                    with accepting:
+                        await trio.serve_listeners(partial(handle_client, router, verifier), listeners, handler_nursery=handlers)
+
+                handlers.start_soon(accept)
+                log.info("router %s listening on %s:%d, %d shards", router_id, config.host, port, config.shards)
+                task_status.started(port)
+                await router.stopping.wait()
+                accepting.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                log.info("router %s stopping: closing %d clients", router_id, len(router.clients))
+                for client in list(router.clients.values()):
+                    if client.socket is not None:
+                        client.socket.kick(closes.SHUTDOWN)
+                grace.deadline = trio.current_time() + config.shutdown_timeout_s
+        # Let the last leaves reach the shards, briefly.
+        with trio.move_on_after(0.2):
+            while any(link.queued and link.connected for link in router.links):
+                await trio.sleep(0.01)
+        links.cancel_scope.cancel()
+
+
+async def _stop_on_signal(router: Router) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            router.stopping.set()
+            return

@@ -1,0 +1,292 @@
+"""A server-side WebSocket built on wsproto, with a bounded outbox.
+
+Why not trio-websocket's connection object: it runs a reader task and a
+message channel per connection (about 20 KiB each), writes through an
+awaited lock (one slow client then stalls whoever is fanning out to it), and
+has no way to send pre-encoded frames. Here one task per connection reads,
+and writes are synchronous: `send_bytes` tries a non-blocking write first and
+queues only what the kernel would not take. A drain task exists only while
+something is queued. If the queue passes `max_outbox_bytes`, the client is not
+reading: it is kicked with 1013 "too slow" and never delays anyone else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from garin import closes
+from garin.closes import Close
+
+RECEIVE_BYTES = 64 * 1024
+# Chunks handed to one writev(); far below IOV_MAX (1024).
+WRITEV_CHUNKS = 64
+# How long a closing connection waits for its close frame to be sent and for
+# the peer to hang up, before the socket is dropped.
+CLOSE_LINGER_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer closed (1006 if it just hung up); the session is over."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryMessage:
+    pass
+
+
+class ClientWebSocket:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        nursery: trio.Nursery,
+        max_message_bytes: int,
+        max_outbox_bytes: int,
+    ) -> None:
+        self._stream = stream
+        self._sock = stream.socket
+        self._fd = stream.socket.fileno()
+        self._nursery = nursery
+        self._ws = WSConnection(ConnectionType.SERVER)
+        self._max_message_bytes = max_message_bytes
+        self._max_outbox_bytes = max_outbox_bytes
+        self._outbox: deque[bytes | memoryview] = deque()
+        self._outbox_bytes = 0
+        self._draining = False
+        self._drained: trio.Event | None = None
+        self._parts: list[str] = []
+        self._part_chars = 0
+        # Set by the writing side; the owner's receive scope is cancelled so
+        # the session task notices at once.
+        self.kicked: Close | None = None
+        self.dead = False
+        self.receive_scope: trio.CancelScope | None = None
+
+    # -- handshake ----------------------------------------------------------
+
+    async def handshake(self) -> Request | None:
+        """Read the HTTP upgrade. None if the peer left or sent garbage (answered 400)."""
+        while True:
+            for event in self._ws.events():
+                if isinstance(event, Request):
+                    return event
+            data = await self._receive_some()
+            if not data:
+                return None
+            try:
+                self._ws.receive_data(data)
+            except RemoteProtocolError as exc:
+                if exc.event_hint is not None:
+                    await self._send_event_and_flush(exc.event_hint)
+                return None
+
+    def accept(self) -> None:
+        self.send_bytes(self._ws.send(AcceptConnection()))
+
+    async def reject(self, status: int, body: str) -> None:
+        data = body.encode() + b"\n"
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(data)).encode()),
+        ]
+        out = self._ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        out += self._ws.send(RejectData(data=data, body_finished=True))
+        self.send_bytes(out)
+        await self.flush()
+
+    async def _send_event_and_flush(self, event: object) -> None:
+        try:
+            data = self._ws.send(event)  # type: ignore[arg-type]
+        except LocalProtocolError:
+            return
+        self.send_bytes(data)
+        await self.flush()
+
+    # -- receiving ----------------------------------------------------------
+
+    async def _receive_some(self) -> bytes:
+        try:
+            return await self._stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def receive(self) -> str | BinaryMessage | PeerClosed | Close:
+        """The next complete client message, or why there will be none.
+
+        A `Close` means the client broke a transport rule (too big, bad UTF-8):
+        the session should end with it.
+        """
+        while True:
+            for event in self._ws.events():
+                if isinstance(event, TextMessage):
+                    self._parts.append(event.data)
+                    self._part_chars += len(event.data)
+                    if self._part_chars > self._max_message_bytes:
+                        return closes.TOO_BIG_FRAME
+                    if event.message_finished:
+                        text = "".join(self._parts)
+                        self._parts.clear()
+                        self._part_chars = 0
+                        return text
+                elif isinstance(event, BytesMessage):
+                    return BinaryMessage()
+                elif isinstance(event, Ping):
+                    self.send_bytes(self._ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                        # The peer closed: answer with its own code.
+                        self.send_bytes(self._ws.send(event.response()))
+                        return PeerClosed(event.code, event.reason or "")
+                    # wsproto reports a frame it could not parse (bad UTF-8,
+                    # bad opcode) as a close it wants us to send.
+                    return Close(event.code, event.reason or "protocol error")
+            data = await self._receive_some()
+            if not data:
+                return PeerClosed(1006, "")
+            self._ws.receive_data(data)
+
+    # -- sending ------------------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue a pre-encoded frame; never blocks. Used for fan-out."""
+        if self.kicked is None and self._ws.state is ConnectionState.OPEN:
+            self.send_bytes(frame)
+
+    def send_bytes(self, data: bytes | memoryview) -> None:
+        if self.dead:
+            return
+        if not self._outbox:
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._die()
+                return
+            if written == len(data):
+                return
+            data = memoryview(data)[written:]
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes > self._max_outbox_bytes:
+            self._too_slow()
+            return
+        if not self._draining:
+            self._draining = True
+            self._nursery.start_soon(self._drain)
+
+    def _write_queued(self) -> None:
+        chunks = [self._outbox[i] for i in range(min(len(self._outbox), WRITEV_CHUNKS))]
+        try:
+            written = os.writev(self._fd, chunks)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._die()
+            return
+        self._outbox_bytes -= written
+        while written:
+            head = self._outbox[0]
+            if written >= len(head):
+                written -= len(head)
+                self._outbox.popleft()
+            else:
+                self._outbox[0] = memoryview(head)[written:]
+                written = 0
+
+    async def _drain(self) -> None:
+        try:
+            while self._outbox and not self.dead:
+                await trio.lowlevel.wait_writable(self._sock)
+                self._write_queued()
+        finally:
+            self._draining = False
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
+
+    async def flush(self) -> None:
+        """Wait until everything queued has reached the kernel (or the peer died)."""
+        while self._outbox and not self.dead:
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
+
+    def _too_slow(self) -> None:
+        # Keep only a partly written head (its tail must still go out, or
+        # the stream is corrupt); the rest will never be read anyway.
+        head = self._outbox[0]
+        partial = isinstance(head, memoryview)
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        if partial:
+            self._outbox.append(head)
+            self._outbox_bytes = len(head)
+        self.kick(closes.TOO_SLOW)
+
+    def _die(self) -> None:
+        self.dead = True
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        if self.receive_scope is not None:
+            self.receive_scope.cancel()
+
+    def kick(self, close: Close) -> None:
+        """Ask the session task to close this client with `close`."""
+        if self.kicked is None:
+            self.kicked = close
+        if self.receive_scope is not None:
+            self.receive_scope.cancel()
+
+    @property
+    def outbox_bytes(self) -> int:
+        return self._outbox_bytes
+
+    # -- closing ------------------------------------------------------------
+
+    async def close(self, close: Close) -> None:
+        """Send a close frame, let it reach the peer, then hang up (bounded)."""
+        with trio.move_on_after(CLOSE_LINGER_S):
+            if self._ws.state is ConnectionState.OPEN:
+                self.send_bytes(self._ws.send(CloseConnection(close.code, close.reason)))
+            await self.flush()
+            if not self.dead:
+                # Half-close and read until the peer hangs up: closing with
+                # unread input would send RST, which can destroy our close
+                # frame before the client reads it.
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:
+                        raise
+                while await self._receive_some():
+                    pass
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self.dead = True
+        self._outbox.clear()
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()

@@ -1,0 +1,1 @@
+"""The shard process: owns the rooms that hash to it."""

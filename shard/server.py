@@ -1,0 +1,209 @@
+"""The shard's trio shell: a Unix socket, one task per router link.
+
+Each link has a queue of encoded messages and one writer task that sends the
+whole queue with one `send_all`. A message for several links is encoded once.
+The rooms core decides everything; this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from garin import wire
+from garin.config import Config
+from garin.routing import HASH_NAME
+from shard.rooms import Outgoing, Rooms
+
+log = logging.getLogger("garin.shard")
+
+HELLO_TIMEOUT_S = 5.0
+RECEIVE_BYTES = 256 * 1024
+# A router that stops reading its link is dropped past this (it reconnects and
+# replays), so one stuck router cannot grow a shard's memory without bound.
+MAX_LINK_QUEUE_BYTES = 64 * 1024 * 1024
+
+
+class Link:
+    def __init__(self, link_id: int, router_id: str, stream: trio.SocketStream) -> None:
+        self.id = link_id
+        self.router_id = router_id
+        self.stream = stream
+        self.queue: list[bytes] = []
+        self.queued_bytes = 0
+        self.wake = trio.Event()
+        self.overflow = False
+
+    def send(self, data: bytes) -> None:
+        if self.overflow:
+            return
+        self.queue.append(data)
+        self.queued_bytes += len(data)
+        if self.queued_bytes > MAX_LINK_QUEUE_BYTES:
+            self.overflow = True
+        self.wake.set()
+
+    async def write_forever(self) -> None:
+        while True:
+            if self.overflow:
+                raise trio.BrokenResourceError(f"router {self.router_id} is not reading its link")
+            if not self.queue:
+                self.wake = trio.Event()
+                await self.wake.wait()
+                continue
+            batch = b"".join(self.queue)
+            self.queue.clear()
+            self.queued_bytes = 0
+            await self.stream.send_all(batch)
+
+
+class Shard:
+    def __init__(self, config: Config, index: int) -> None:
+        self.config = config
+        self.index = index
+        self.rooms = Rooms()
+        self.links: dict[int, Link] = {}
+        self._ids = itertools.count(1)
+
+    def dispatch(self, outgoing: list[Outgoing]) -> None:
+        encoded: dict[int, bytes] = {}
+        for link_id, message in outgoing:
+            link = self.links.get(link_id)
+            if link is None:
+                continue
+            data = encoded.get(id(message))
+            if data is None:
+                data = encoded[id(message)] = wire.encode(message)
+            link.send(data)
+
+    def refusal(self, hello: wire.Hello) -> str | None:
+        if hello.version != wire.PROTOCOL_VERSION:
+            return f"protocol version {hello.version} != {wire.PROTOCOL_VERSION}"
+        if hello.shard_index != self.index:
+            return f"this is shard {self.index}, not {hello.shard_index}"
+        if hello.shard_count != self.config.shards:
+            return f"router has {hello.shard_count} shards, this shard has {self.config.shards} (GARIN_SHARDS must match)"
+        if hello.hash_name != HASH_NAME:
+            return f"router routes by {hello.hash_name!r}, this shard by {HASH_NAME!r}"
+        return None
+
+    async def handle_link(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                await self._serve_link(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError, trio.TooSlowError) as exc:
+            log.warning("shard %d: link dropped: %s", self.index, exc or type(exc).__name__)
+        except Exception:
+            log.exception("shard %d: link crashed", self.index)
+
+    async def _serve_link(self, stream: trio.SocketStream) -> None:
+        decoder = wire.Decoder()
+        pending: list[wire.WireMessage] = []
+        with trio.fail_after(HELLO_TIMEOUT_S):
+            while not pending:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    return
+                pending.extend(decoder.feed(data))
+        hello = pending.pop(0)
+        if not isinstance(hello, wire.Hello):
+            raise wire.WireError(f"expected hello, got {type(hello).__name__}")
+        refusal = self.refusal(hello)
+        if refusal is not None:
+            log.error("shard %d: refusing router %s: %s", self.index, hello.router_id, refusal)
+            await stream.send_all(wire.encode(wire.Refuse(refusal)))
+            return
+        link = Link(next(self._ids), hello.router_id, stream)
+        self.links[link.id] = link
+        log.info("shard %d: router %s linked", self.index, hello.router_id)
+        try:
+            await stream.send_all(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, self.index)))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.write_forever)
+                self._apply(link.id, pending)
+                while True:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        break
+                    self._apply(link.id, decoder.feed(data))
+                nursery.cancel_scope.cancel()
+        finally:
+            del self.links[link.id]
+            self.dispatch(self.rooms.drop_link(link.id))
+            log.info("shard %d: router %s unlinked", self.index, hello.router_id)
+
+    def _apply(self, link_id: int, messages: object) -> None:
+        rooms = self.rooms
+        for message in messages:  # type: ignore[attr-defined]
+            if isinstance(message, wire.Publish):
+                out = rooms.publish(link_id, message.member, message.body)
+            elif isinstance(message, wire.Join):
+                out = rooms.join(link_id, message.member, message.room, message.username)
+            elif isinstance(message, wire.Leave):
+                out = rooms.leave(link_id, message.member)
+            elif isinstance(message, wire.Rejoin):
+                out = rooms.rejoin(link_id, message.member, message.room, message.username)
+            else:
+                raise wire.WireError(f"unexpected {type(message).__name__} from a router")
+            if out:
+                self.dispatch(out)
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the socket directory private to this user, or refuse a shared one."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"socket directory {path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+async def serve_shard(
+    config: Config, index: int, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+) -> None:
+    shard = Shard(config, index)
+    path = config.shard_socket(index)
+    prepare_socket_dir(path.parent)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    if path.exists():
+        if await _is_alive(path):
+            raise RuntimeError(f"shard {index} is already running at {path}")
+        path.unlink()  # a stale socket from a killed shard
+    await sock.bind(str(path))
+    try:
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, index)
+            nursery.start_soon(trio.serve_listeners, shard.handle_link, [listener])
+            log.info("shard %d of %d listening on %s", index, config.shards, path)
+            task_status.started(path)
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def _is_alive(path: Path) -> bool:
+    try:
+        stream = await trio.open_unix_socket(str(path))
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+async def _stop_on_signal(scope: trio.CancelScope, index: int) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            log.info("shard %d stopping", index)
+            scope.cancel()
+            return
