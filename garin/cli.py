@@ -46,7 +46,7 @@ def _load(options: dict[str, Any], required: tuple[str, ...] = ("jwt_secret", "a
     except ConfigError as exc:
         _fail(str(exc))
         raise AssertionError("unreachable")
-    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES:
+    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES[config.jwt_algorithm]:
         click.echo(
             "garin: warning: JWT_DECODE_SECRET is short and GARIN_ALLOW_WEAK_SECRET is on: "
             "fine on your laptop, never in production",
@@ -87,8 +87,9 @@ def run(**options: Any) -> None:
 @main.command()
 @click.option("--router-id", default=None, help="Name in logs and in shard hellos [default: HONCHO_PROCESS_NAME or pid].")
 @click.option("--listen-fd", type=int, default=None, hidden=True)
+@click.option("--lifeline-fd", type=int, default=None, hidden=True)
 @_config_options
-def router(router_id: str | None, listen_fd: int | None, **options: Any) -> None:
+def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one router: the WebSocket front (for Procfile / systemd use)."""
     import trio
 
@@ -98,9 +99,9 @@ def router(router_id: str | None, listen_fd: int | None, **options: Any) -> None
 
     config = _load(options)
     router_id = router_id or os.environ.get("HONCHO_PROCESS_NAME") or str(os.getpid())
-    setup_logging(config.log_level, f"router.{router_id}")
+    setup_logging(config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}")
     try:
-        trio.run(serve_router, config, router_id, listen_fd)
+        trio.run(serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:
         _fail(str(group.exceptions[0]))
     except* OSError as group:
@@ -114,8 +115,9 @@ def _index_from_honcho() -> int | None:
 
 @main.command()
 @click.option("--index", type=int, default=None, help="Which shard this is, 0..shards-1 [default: from HONCHO_PROCESS_NAME shard.N as N-1].")
+@click.option("--lifeline-fd", type=int, default=None, hidden=True)
 @_config_options
-def shard(index: int | None, **options: Any) -> None:
+def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one shard: owns the rooms that hash to it (for Procfile / systemd use)."""
     import trio
 
@@ -132,7 +134,7 @@ def shard(index: int | None, **options: Any) -> None:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
     setup_logging(config.log_level, f"shard.{index}")
     try:
-        trio.run(serve_shard, config, index)
+        trio.run(serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:
         _fail(f"shard {index}: {group.exceptions[0]}")
 

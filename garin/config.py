@@ -116,7 +116,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Public WebSocket port (GARIN_PORT wins over PORT, for process managers "
             "that assign PORT per process).", _int(0, 65535)),
     Setting("jwt_secret", "JWT_DECODE_SECRET", "--jwt-secret", None,
-            "HMAC secret that signs client tokens (at least 32 bytes).", _nonempty, secret=True),
+            "HMAC secret that signs client tokens (at least 32 bytes; 48/64 for HS384/HS512).", _nonempty, secret=True),
     Setting("allow_weak_secret", "GARIN_ALLOW_WEAK_SECRET", "--allow-weak-secret", "false",
             "Accept a JWT secret shorter than 32 bytes (local development only).", _bool),
     Setting("jwt_algorithm", "GARIN_JWT_ALGORITHM", "--jwt-algorithm", "HS256",
@@ -233,8 +233,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
             raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {raw.strip()!r:.60}")
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        quoted = re.fullmatch(r"""(['"])(.*)\1(\s+#.*)?""", value)
+        if quoted:
+            value = quoted.group(2)
         else:
             value = value.split(" #", 1)[0].strip()
         values[key.strip()] = value
@@ -291,13 +292,11 @@ def _check(
     dotenv: Mapping[str, str],
 ) -> Config:
     secret = values["jwt_secret"]
-    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES and not values[
-        "allow_weak_secret"
-    ]:
+    needed = MIN_SECRET_BYTES[values["jwt_algorithm"]]
+    if secret is not None and len(secret.encode()) < needed and not values["allow_weak_secret"]:
         raise ConfigError(
-            f"JWT_DECODE_SECRET is {len(secret.encode())} bytes; use at least "
-            f"{MIN_SECRET_BYTES} random bytes, or set GARIN_ALLOW_WEAK_SECRET=1 "
-            "for local development"
+            f"JWT_DECODE_SECRET is {len(secret.encode())} bytes; {values['jwt_algorithm']} needs "
+            f"at least {needed} random bytes, or set GARIN_ALLOW_WEAK_SECRET=1 for local development"
         )
     for kind in ("username", "room"):
         low, high = values[f"{kind}_min"], values[f"{kind}_max"]

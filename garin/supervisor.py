@@ -60,11 +60,19 @@ class Supervisor:
         sock.set_inheritable(True)
         return sock
 
-    def children(self, listen_fd: int) -> list[Child]:
+    def children(self, listen_fd: int, lifeline_fd: int) -> list[Child]:
         base = [sys.executable, "-m", "garin"]
-        shards = [Child(f"shard {i}", [*base, "shard", "--index", str(i)]) for i in range(self.config.shards)]
+        watch = ["--lifeline-fd", str(lifeline_fd)]
+        shards = [
+            Child(f"shard {i}", [*base, "shard", "--index", str(i), *watch], (lifeline_fd,))
+            for i in range(self.config.shards)
+        ]
         routers = [
-            Child(f"router {j}", [*base, "router", "--router-id", str(j), "--listen-fd", str(listen_fd)], (listen_fd,))
+            Child(
+                f"router {j}",
+                [*base, "router", "--router-id", str(j), "--listen-fd", str(listen_fd), *watch],
+                (listen_fd, lifeline_fd),
+            )
             for j in range(self.config.routers)
         ]
         return shards + routers
@@ -73,7 +81,10 @@ class Supervisor:
         sock = self.bind()
         port = sock.getsockname()[1]
         env = {**os.environ, **self.config.to_env(), "PORT": str(port), "GARIN_PORT": str(port)}
-        children = self.children(sock.fileno())
+        # Children watch the read end; it turns readable (EOF) when this
+        # process dies, even by SIGKILL, so no orphan keeps serving the port.
+        lifeline_read, lifeline_write = os.pipe()
+        children = self.children(sock.fileno(), lifeline_read)
         log.info(
             "garin on %s:%d: %d shards, %d routers (socket dir %s)",
             self.config.host, port, self.config.shards, self.config.routers, self.config.socket_dir,
@@ -88,6 +99,8 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             sock.close()
+            os.close(lifeline_read)
+            os.close(lifeline_write)
             _remove_socket_dir(Path(self.config.socket_dir))
         log.info("garin stopped")
         return self.exit_code

@@ -134,7 +134,7 @@ def _build(item: Any) -> WireMessage:
     if not isinstance(item, tuple) or not item:
         raise WireError(f"expected a non-empty array, got {item!r:.80}")
     tag, *fields = item
-    spec = _FIELD_TYPES.get(tag) if isinstance(tag, int) else None
+    spec = _FIELD_TYPES.get(tag) if type(tag) is int else None
     if spec is None:
         raise WireError(f"unknown message tag {tag!r:.40}")
     cls, types = spec

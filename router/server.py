@@ -16,6 +16,7 @@ from garin import closes
 from garin.auth import TokenVerifier
 from garin.closes import Close
 from garin.config import Config
+from garin.lifeline import watch_lifeline
 from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, Session
 from router.router import Client, Router
 from router.websocket import BinaryMessage, ClientWebSocket, PeerClosed
@@ -146,6 +147,7 @@ async def serve_router(
     config: Config,
     router_id: str,
     listen_fd: int | None = None,
+    lifeline_fd: int | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -161,6 +163,8 @@ async def serve_router(
         for link in router.links:
             links.start_soon(link.run)
         links.start_soon(_stop_on_signal, router)
+        if lifeline_fd is not None:
+            links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:
             async with trio.open_nursery() as handlers:
                 accepting = trio.CancelScope()

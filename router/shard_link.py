@@ -85,7 +85,8 @@ class ShardLink:
                         started = True
                         task_status.started()
                     await self._pump(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError, OSError) as exc:
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, wire.WireError, OSError) as group:
+                exc = group.exceptions[0]
                 log.warning("link to shard %d lost (%s); reconnecting", self.index, exc or type(exc).__name__)
             finally:
                 self.connected = False

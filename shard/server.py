@@ -17,6 +17,7 @@ import trio
 
 from garin import wire
 from garin.config import Config
+from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
 from shard.rooms import Outgoing, Rooms
 
@@ -96,9 +97,10 @@ class Shard:
         try:
             async with stream:
                 await self._serve_link(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError, trio.TooSlowError) as exc:
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError, trio.TooSlowError) as group:
+            exc = group.exceptions[0]
             log.warning("shard %d: link dropped: %s", self.index, exc or type(exc).__name__)
-        except Exception:
+        except* Exception:
             log.exception("shard %d: link crashed", self.index)
 
     async def _serve_link(self, stream: trio.SocketStream) -> None:
@@ -165,7 +167,11 @@ def prepare_socket_dir(path: Path) -> None:
 
 
 async def serve_shard(
-    config: Config, index: int, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    index: int,
+    lifeline_fd: int | None = None,
+    *,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     shard = Shard(config, index)
     path = config.shard_socket(index)
@@ -182,6 +188,8 @@ async def serve_shard(
         listener = trio.SocketListener(sock)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, index)
+            if lifeline_fd is not None:
+                nursery.start_soon(watch_lifeline, lifeline_fd, nursery.cancel_scope.cancel)
             nursery.start_soon(trio.serve_listeners, shard.handle_link, [listener])
             log.info("shard %d of %d listening on %s", index, config.shards, path)
             task_status.started(path)
