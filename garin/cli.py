@@ -161,3 +161,26 @@ def token(username: str, ttl: str, **options: Any) -> None:
     ttl_s = _duration(ttl)
     config = _load(options, required=("jwt_secret",))
     click.echo(make_token(config.jwt_secret, username, time.time(), ttl_s, config.jwt_algorithm))
+
+
+@main.command()
+@click.argument("url", default="ws://127.0.0.1:8080/")
+@click.option("--room", required=True, help="Room to join (3+ characters).")
+@click.option("--user", "username", required=True, help="Username to join as (3+ characters).")
+@click.option("--token", default=None, help="JWT to send; default: mint one with JWT_DECODE_SECRET (as `garin token`).")
+@click.option("--origin", default=None, help="Origin header; default: the first of ALLOWED_ORIGINS, else http://localhost.")
+def chat(url: str, room: str, username: str, token: str | None, origin: str | None) -> None:
+    """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit."""
+    import trio
+
+    from garin.auth import make_token
+    from garin.chat import chat as run_chat
+
+    environ = {**(read_dotenv(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
+    if token is None:
+        config = _load({}, required=("jwt_secret",))
+        token = make_token(config.jwt_secret, username, time.time(), 3600, config.jwt_algorithm)
+    if origin is None:
+        origins = [o.strip() for o in environ.get("ALLOWED_ORIGINS", "").split(",") if o.strip() not in ("", "*")]
+        origin = origins[0] if origins else "http://localhost"
+    sys.exit(trio.run(run_chat, url, origin, token, room, username))

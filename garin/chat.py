@@ -1,0 +1,96 @@
+"""`garin chat`: a terminal client for trying and debugging a deployment.
+
+It speaks the same protocol as any GarinChat frontend (auth, join, message,
+userleave) through trio-websocket, so it exercises a server exactly as a
+browser would, Origin header included. Lines typed are sent as messages;
+`/leave` leaves the room, `/join ROOM` joins another, `/quit` (or Ctrl-D)
+sends an empty message, which leaves and closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TextIO
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def describe(text: str) -> str:
+    """One human line for a server event."""
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return f"? {text}"
+    kind = event.get("type") if isinstance(event, dict) else None
+    if kind == "join":
+        return f"* {event.get('username')} joined ({event.get('totalUsers')} here)"
+    if kind == "userleave":
+        return f"* {event.get('username')} left ({event.get('totalUsers')} here)"
+    if kind == "message":
+        return f"<{event.get('username')}> {event.get('body')}"
+    return f"? {text}"
+
+
+async def _print_events(ws: WebSocketConnection, out: TextIO) -> None:
+    while True:
+        message = await ws.get_message()
+        print(describe(message if isinstance(message, str) else repr(message)), file=out, flush=True)
+
+
+async def _send_lines(ws: WebSocketConnection, username: str) -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = b""
+    async with stdin:
+        while True:
+            data = await stdin.receive_some(4096)
+            if not data:
+                await ws.send_message(json.dumps({"type": "message", "body": ""}))
+                return
+            buffer += data
+            while b"\n" in buffer:
+                raw, buffer = buffer.split(b"\n", 1)
+                line = raw.decode(errors="replace")
+                if line == "/quit":
+                    await ws.send_message(json.dumps({"type": "message", "body": ""}))
+                    return
+                if line == "/leave":
+                    await ws.send_message(json.dumps({"type": "userleave"}))
+                elif line.startswith("/join "):
+                    room = line.removeprefix("/join ").strip()
+                    await ws.send_message(json.dumps({"type": "join", "username": username, "room": room}))
+                elif line:
+                    await ws.send_message(json.dumps({"type": "message", "body": line}))
+
+
+async def chat(url: str, origin: str, token: str, room: str, username: str, out: TextIO = sys.stdout) -> int:
+    """Run until the server closes us or stdin ends; returns a process exit code."""
+    headers = [(b"origin", origin.encode())]
+    try:
+        async with open_websocket_url(url, extra_headers=headers, connect_timeout=CONNECT_TIMEOUT_S,
+                                      disconnect_timeout=2) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "body": token}))
+            await ws.send_message(json.dumps({"type": "join", "username": username, "room": room}))
+            print(f"# connected to {url} as {username} in {room}; type to chat, /quit to leave", file=out, flush=True)
+            closed: list[ConnectionClosed] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_print_events, ws, out)
+                    nursery.start_soon(_send_lines, ws, username)
+            except* ConnectionClosed as group:
+                closed.extend(group.exceptions)  # type: ignore[arg-type]
+            if closed:
+                reason = closed[0].reason
+                print(f"# closed by server: {reason.code} {reason.reason or ''}".rstrip(), file=out, flush=True)
+                return 0 if reason.code == 1000 else 1
+    except HandshakeError as exc:
+        print(f"# could not connect to {url}: {exc}", file=out, flush=True)
+        return 1
+    except OSError as exc:
+        print(f"# could not connect to {url}: {exc.strerror or exc}", file=out, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,104 @@
+"""`garin chat`, the terminal client, against a real server."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import GarinServer, expect_join, expect_message, message_frame, new_room, recv_json
+
+from garin.auth import make_token
+
+pytestmark = pytest.mark.e2e
+
+
+class Chat:
+    """A `garin chat` process whose output lines are collected by a thread."""
+
+    def __init__(self, server: GarinServer, room: str, user: str, *extra: str) -> None:
+        env = {**server.env(), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "garin", "chat", server.url, "--room", room, "--user", user, *extra],
+            env=env, cwd=server.workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def type(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, needle: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.01))
+            except queue.Empty:
+                raise AssertionError(f"{needle!r} not seen; output so far: {self.seen}") from None
+            self.seen.append(line)
+            if needle in line:
+                return
+
+    def finish(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(timeout=5)  # EOF once the process is gone
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except BrokenPipeError:
+                    pass
+
+
+def test_chat_client_talks_to_a_browser_style_client(garin: GarinServer, clients) -> None:
+    room = new_room("chat")
+    other = clients.join("webuser", room)
+    chat = Chat(garin, room, "termuser")
+    try:
+        chat.expect("* termuser joined (2 here)")
+        expect_join(other, "termuser", 2)
+        chat.type("hello from the terminal ✓")
+        expect_message(other, "termuser", "hello from the terminal ✓")
+        other.send(message_frame("hello back"))
+        chat.expect("<webuser> hello back")
+        chat.type("/quit")
+        chat.expect("# closed by server: 1000 bye")
+        assert chat.proc.wait(timeout=10) == 0
+        assert recv_json(other) == {"type": "userleave", "username": "termuser", "totalUsers": 1}
+    finally:
+        chat.finish()
+
+
+def test_chat_client_shows_why_it_was_refused(garin: GarinServer) -> None:
+    bad = make_token("not-the-server-secret-0123456789abcdef", "mallory", time.time(), 60)
+    chat = Chat(garin, new_room("chat"), "mallory", "--token", bad)
+    try:
+        chat.expect("# closed by server: 1008 invalid token")
+        assert chat.proc.wait(timeout=10) == 1
+    finally:
+        chat.finish()
+
+
+def test_chat_client_reports_a_refused_origin(garin: GarinServer) -> None:
+    chat = Chat(garin, new_room("chat"), "visitor", "--origin", "http://elsewhere.test")
+    try:
+        chat.expect("could not connect")
+        assert chat.proc.wait(timeout=10) == 1
+    finally:
+        chat.finish()
