@@ -122,7 +122,12 @@ class ShardLink:
                 if not data:
                     raise trio.BrokenResourceError("shard closed the link")
                 for message in decoder.feed(data):
-                    dispatch(message)
+                    try:
+                        dispatch(message)
+                    except Exception:
+                        # A bug in fan-out must not take the link, and with
+                        # it every room of this shard, down.
+                        log.exception("shard %d: failed to deliver %s", self.index, type(message).__name__)
 
     async def _write(self, stream: trio.SocketStream) -> None:
         while True:
