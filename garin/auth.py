@@ -3,13 +3,21 @@
 PyJWT checks the signature and pins the algorithm (so `alg: none` and
 algorithm-confusion tokens are refused); the time claims are checked here
 against the `now` we are given, so the check is deterministic in tests.
+
+Keys come from a `KeySource`: the shared HMAC secret (GarinChat's way), one
+public key from a PEM file, or a JWKS document that the router fetches and
+refreshes off the event loop (`garin/jwks.py`); this module never does I/O
+beyond reading a key file at start.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
@@ -18,6 +26,7 @@ from garin import closes
 from garin.closes import Close
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 # RFC 7518 3.2: an HMAC key must be at least as long as the hash output; a
 # shorter one can be brute-forced offline from a single token.
 MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -49,24 +58,127 @@ def _time_claim(claims: dict[str, Any], name: str) -> float | None | Close:
     return number
 
 
+class KeySource(Protocol):
+    def key_for(self, kid: str | None) -> Any | None:
+        """The verification key for a token's `kid` header, or None if unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaticKey:
+    """One key for every token: the HMAC secret or a PEM public key."""
+
+    key: Any
+
+    def key_for(self, kid: str | None) -> Any:
+        return self.key
+
+
+def load_public_key(path: str, algorithm: str) -> Any:
+    """Parse a PEM public key for `algorithm`; ValueError names what is wrong."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return jwt.get_algorithm_by_name(algorithm).prepare_key(pem)
+    except Exception as exc:  # cryptography and PyJWT raise several kinds
+        raise ValueError(f"{path} is not a PEM public key for {algorithm}: {exc}") from None
+
+
+class JwksKeys:
+    """Keys by `kid` from a JWKS document; `update` swaps in a fresh document.
+
+    A token whose `kid` is unknown calls `on_unknown_kid` (the shell then
+    refreshes soon, for key rotation) and is refused this time.
+    """
+
+    def __init__(self, algorithm: str, on_unknown_kid: Callable[[], None] | None = None) -> None:
+        self._algorithm = algorithm
+        self._keys: dict[str | None, Any] = {}
+        self.loaded = False
+        self.on_unknown_kid = on_unknown_kid
+
+    def update(self, document: Any) -> int:
+        """Load a JWKS (parsed JSON); returns how many usable keys it had."""
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise ValueError("JWKS document has no 'keys' list")
+        keys: dict[str | None, Any] = {}
+        for entry in document["keys"]:
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue
+            if entry.get("alg", self._algorithm) != self._algorithm:
+                continue
+            try:
+                jwk = jwt.PyJWK(entry, algorithm=self._algorithm)
+            except Exception:
+                continue  # a key of another type, or one we cannot use
+            keys[entry.get("kid")] = jwk.key
+        if not keys:
+            raise ValueError(f"JWKS document has no usable {self._algorithm} signing key")
+        self._keys = keys
+        self.loaded = True
+        return len(keys)
+
+    def key_for(self, kid: str | None) -> Any | None:
+        key = self._keys.get(kid)
+        if key is None and kid is None and len(self._keys) == 1:
+            key = next(iter(self._keys.values()))
+        if key is None and self.on_unknown_kid is not None:
+            self.on_unknown_kid()
+        return key
+
+
 class TokenVerifier:
-    def __init__(self, secret: str, algorithm: str = "HS256", leeway_s: float = 0.0):
-        if algorithm not in HMAC_ALGORITHMS:
+    def __init__(
+        self,
+        keys: KeySource | str,
+        algorithm: str = "HS256",
+        leeway_s: float = 0.0,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ):
+        if algorithm not in HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS:
             raise ValueError(f"unsupported JWT algorithm {algorithm!r}")
-        self._key = secret.encode()
+        if isinstance(keys, str):
+            keys = StaticKey(keys.encode())
+        self._keys = keys
         self._algorithms = [algorithm]
         self._leeway_s = leeway_s
+        self._audience = audience or None
+        self._issuer = issuer or None
 
     def verify(self, token: str, now: float) -> Close | None:
         """None if the token is valid at wall-clock time `now`, else the close."""
+        claims = self.claims(token, now)
+        return claims if isinstance(claims, Close) else None
+
+    def claims(self, token: str, now: float) -> Close | dict[str, Any]:
+        """The token's claims if it is valid at wall-clock time `now`, else the close."""
+        if isinstance(self._keys, JwksKeys) and not self._keys.loaded:
+            return closes.AUTH_UNAVAILABLE
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            return closes.INVALID_TOKEN
+        kid = header.get("kid")
+        key = self._keys.key_for(kid if isinstance(kid, str) else None)
+        if key is None:
+            return closes.INVALID_TOKEN
         caught = _quiet_key_warning()
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
-                self._key,
+                key,
                 algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
                 # GarinChat (golang-jwt) ignores `aud` unless configured; so do we.
-                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False},
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": self._audience is not None,
+                },
             )
         except jwt.InvalidTokenError:
             return closes.INVALID_TOKEN
@@ -82,7 +194,7 @@ class TokenVerifier:
             return closes.TOKEN_EXPIRED
         if nbf is not None and now < nbf - self._leeway_s:
             return closes.INVALID_TOKEN
-        return None
+        return claims
 
 
 def make_token(

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from garin.auth import MIN_SECRET_BYTES
+from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES
 from garin.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
 
 F = Callable[..., Any]
@@ -46,7 +46,7 @@ def _load(options: dict[str, Any], required: tuple[str, ...] = ("jwt_secret", "a
     except ConfigError as exc:
         _fail(str(exc))
         raise AssertionError("unreachable")
-    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES[config.jwt_algorithm]:
+    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES.get(config.jwt_algorithm, 0):
         click.echo(
             "garin: warning: JWT_DECODE_SECRET is short and GARIN_ALLOW_WEAK_SECRET is on: "
             "fine on your laptop, never in production",
@@ -160,6 +160,9 @@ def token(username: str, ttl: str, **options: Any) -> None:
 
     ttl_s = _duration(ttl)
     config = _load(options, required=("jwt_secret",))
+    if config.jwt_secret is None or config.jwt_algorithm not in HMAC_ALGORITHMS:
+        _fail(f"garin token signs with JWT_DECODE_SECRET (HS256/384/512); {config.jwt_algorithm} tokens come from your auth provider")
+    assert config.jwt_secret is not None
     click.echo(make_token(config.jwt_secret, username, time.time(), ttl_s, config.jwt_algorithm))
 
 
@@ -179,6 +182,9 @@ def chat(url: str, room: str, username: str, token: str | None, origin: str | No
     environ = {**(read_dotenv(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
     if token is None:
         config = _load({}, required=("jwt_secret",))
+        if config.jwt_secret is None or config.jwt_algorithm not in HMAC_ALGORITHMS:
+            _fail("pass --token: without an HMAC JWT_DECODE_SECRET, garin chat cannot mint one")
+        assert config.jwt_secret is not None
         token = make_token(config.jwt_secret, username, time.time(), 3600, config.jwt_algorithm)
     if origin is None:
         origins = [o.strip() for o in environ.get("ALLOWED_ORIGINS", "").split(",") if o.strip() not in ("", "*")]

@@ -45,6 +45,7 @@ BINARY_FRAME = Close(UNSUPPORTED_DATA, "binary frames not supported")
 TOO_BIG_FRAME = Close(TOO_BIG, "message too big")
 TOO_SLOW = Close(TRY_AGAIN_LATER, "too slow")
 SHARD_UNAVAILABLE = Close(TRY_AGAIN_LATER, "room unavailable")
+AUTH_UNAVAILABLE = Close(TRY_AGAIN_LATER, "auth unavailable")
 INTERNAL = Close(INTERNAL_ERROR, "internal error")
 
 
@@ -77,5 +78,6 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (TOO_BIG_FRAME, "a message larger than GARIN_MAX_MESSAGE_BYTES"),
     (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),
     (SHARD_UNAVAILABLE, "the shard that owns the room could not be reached"),
+    (AUTH_UNAVAILABLE, "the JWKS keys have not been fetched yet (GARIN_JWKS_URL unreachable)"),
     (INTERNAL, "a bug in garin; logged with the connection id"),
 )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES
+from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES, PUBLIC_KEY_ALGORITHMS, load_public_key
 from garin.protocol import NameLimits
 from garin.session import SessionRules
 
@@ -120,9 +120,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_weak_secret", "GARIN_ALLOW_WEAK_SECRET", "--allow-weak-secret", "false",
             "Accept a JWT secret shorter than 32 bytes (local development only).", _bool),
     Setting("jwt_algorithm", "GARIN_JWT_ALGORITHM", "--jwt-algorithm", "HS256",
-            "The only JWT algorithm accepted.", _choice(*HMAC_ALGORITHMS)),
+            "The only JWT algorithm accepted: HS256/384/512 with JWT_DECODE_SECRET, or "
+            "RS*/PS*/ES* with GARIN_JWT_PUBLIC_KEY_FILE or GARIN_JWKS_URL.",
+            _choice(*HMAC_ALGORITHMS, *PUBLIC_KEY_ALGORITHMS)),
     Setting("jwt_leeway_s", "GARIN_JWT_LEEWAY", "--jwt-leeway", "0",
             "Clock skew allowed on exp/nbf, seconds.", _seconds(0, 600)),
+    Setting("jwt_public_key_file", "GARIN_JWT_PUBLIC_KEY_FILE", "--jwt-public-key-file", "",
+            "PEM public key that verifies tokens (RS*/PS*/ES* algorithms).", _text),
+    Setting("jwks_url", "GARIN_JWKS_URL", "--jwks-url", "",
+            "JWKS URL of your auth provider (RS*/PS*/ES*); fetched off the event loop, cached.",
+            _text),
+    Setting("jwks_refresh_s", "GARIN_JWKS_REFRESH", "--jwks-refresh", "300",
+            "Seconds between JWKS refreshes (sooner when a token names an unknown kid).",
+            _seconds(1, 86400)),
+    Setting("jwt_audience", "GARIN_JWT_AUDIENCE", "--jwt-audience", "",
+            "If set, tokens must carry this `aud`.", _text),
+    Setting("jwt_issuer", "GARIN_JWT_ISSUER", "--jwt-issuer", "",
+            "If set, tokens must carry this `iss`.", _text),
     Setting("allowed_origins", "ALLOWED_ORIGINS", "--allowed-origins", None,
             "Comma list of browser origins allowed to connect; * allows any.", _origins),
     Setting("shards", "GARIN_SHARDS", "--shards", "4",
@@ -170,10 +184,15 @@ BY_NAME = {s.name: s for s in SETTINGS}
 class Config:
     host: str
     port: int
-    jwt_secret: str = field(repr=False)
+    jwt_secret: str | None = field(repr=False)
     allow_weak_secret: bool
     jwt_algorithm: str
     jwt_leeway_s: float
+    jwt_public_key_file: str
+    jwks_url: str
+    jwks_refresh_s: float
+    jwt_audience: str
+    jwt_issuer: str
     allowed_origins: tuple[str, ...]
     shards: int
     routers: int
@@ -210,6 +229,8 @@ class Config:
         env: dict[str, str] = {}
         for setting in SETTINGS:
             value = getattr(self, setting.name)
+            if value is None:
+                continue
             if isinstance(value, tuple):
                 text = ",".join(value)
             elif isinstance(value, bool):
@@ -251,10 +272,12 @@ def load_config(
     """Build the Config from CLI `options` (by setting name; None = not given)."""
     dotenv = dotenv or {}
     values: dict[str, Any] = {}
+    hmac = _lookup(BY_NAME["jwt_algorithm"], options, environ, dotenv)[1] in HMAC_ALGORITHMS
     for setting in SETTINGS:
         source, text = _lookup(setting, options, environ, dotenv)
         if text is None:
-            if setting.name in required:
+            # Public-key algorithms need no shared secret.
+            if setting.name in required and (hmac or setting.name != "jwt_secret"):
                 raise ConfigError(
                     f"{setting.env} is not set (or pass {setting.option}); "
                     f"it is required: {setting.help}"
@@ -265,7 +288,7 @@ def load_config(
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
             raise ConfigError(f"{source} {exc}") from None
-    return _check(values, options, environ, dotenv)
+    return _check(values, required)
 
 
 def _lookup(
@@ -285,14 +308,27 @@ def _lookup(
     return setting.env, setting.default
 
 
-def _check(
-    values: dict[str, Any],
-    options: Mapping[str, str | None],
-    environ: Mapping[str, str],
-    dotenv: Mapping[str, str],
-) -> Config:
+def _check_public_key(values: dict[str, Any]) -> None:
+    algorithm, key_file, jwks_url = values["jwt_algorithm"], values["jwt_public_key_file"], values["jwks_url"]
+    if bool(key_file) == bool(jwks_url):
+        raise ConfigError(
+            f"GARIN_JWT_ALGORITHM={algorithm} needs exactly one of GARIN_JWT_PUBLIC_KEY_FILE or GARIN_JWKS_URL"
+        )
+    if key_file:
+        try:
+            load_public_key(key_file, algorithm)
+        except ValueError as exc:
+            raise ConfigError(f"GARIN_JWT_PUBLIC_KEY_FILE: {exc}") from None
+    elif not re.fullmatch(r"https?://\S+", jwks_url):
+        raise ConfigError(f"GARIN_JWKS_URL must be an http(s) URL, not {jwks_url!r}")
+
+
+def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
     secret = values["jwt_secret"]
-    needed = MIN_SECRET_BYTES[values["jwt_algorithm"]]
+    algorithm = values["jwt_algorithm"]
+    if algorithm in PUBLIC_KEY_ALGORITHMS and "jwt_secret" in required:
+        _check_public_key(values)
+    needed = MIN_SECRET_BYTES.get(algorithm, 0)
     if secret is not None and len(secret.encode()) < needed and not values["allow_weak_secret"]:
         raise ConfigError(
             f"JWT_DECODE_SECRET is {len(secret.encode())} bytes; {values['jwt_algorithm']} needs "

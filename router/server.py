@@ -16,6 +16,7 @@ from garin import closes
 from garin.auth import TokenVerifier
 from garin.closes import Close
 from garin.config import Config
+from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.lifeline import watch_lifeline
 from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, Session
 from router.router import Client, Router
@@ -153,7 +154,7 @@ async def serve_router(
 ) -> None:
     """Serve until `stopping` is set (by a signal), then close every client with 1001."""
     router = Router(config, router_id)
-    verifier = TokenVerifier(config.jwt_secret, config.jwt_algorithm, config.jwt_leeway_s)
+    verifier, jwks = verifier_for(config)
     if listen_fd is not None:
         listeners = _listeners_from_fd(listen_fd)
     else:
@@ -163,6 +164,8 @@ async def serve_router(
         for link in router.links:
             links.start_soon(link.run)
         links.start_soon(_stop_on_signal, router)
+        if jwks is not None:
+            links.start_soon(keep_jwks_fresh, config.jwks_url, jwks, config.jwks_refresh_s)
         if lifeline_fd is not None:
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:

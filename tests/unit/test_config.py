@@ -189,7 +189,7 @@ INVALID = [
     ("GARIN_HOST", ""),
     ("JWT_DECODE_SECRET", ""),
     ("GARIN_ALLOW_WEAK_SECRET", "maybe"), ("GARIN_ALLOW_WEAK_SECRET", "2"),
-    ("GARIN_JWT_ALGORITHM", "RS256"), ("GARIN_JWT_ALGORITHM", "none"),
+    ("GARIN_JWT_ALGORITHM", "EdDSA"), ("GARIN_JWT_ALGORITHM", "none"),
     ("GARIN_JWT_ALGORITHM", "hs256"), ("GARIN_JWT_ALGORITHM", ""),
     ("GARIN_JWT_LEEWAY", "-1"), ("GARIN_JWT_LEEWAY", "601"), ("GARIN_JWT_LEEWAY", "soon"),
     ("ALLOWED_ORIGINS", ""), ("ALLOWED_ORIGINS", " , "), ("ALLOWED_ORIGINS", "chat.example.com"),
