@@ -32,7 +32,7 @@ PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 
-def _quiet_key_warning() -> warnings.catch_warnings:  # type: ignore[type-arg]
+def _quiet_key_warning() -> warnings.catch_warnings:
     """Short secrets are refused by the config unless the operator opted in
     (GARIN_ALLOW_WEAK_SECRET), and garin says so at start; PyJWT's own
     warning would repeat it on every token."""

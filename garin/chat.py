@@ -85,8 +85,10 @@ async def chat(url: str, origin: str, token: str, room: str, username: str, out:
                 closed.extend(group.exceptions)  # type: ignore[arg-type]
             if closed:
                 reason = closed[0].reason
-                print(f"# closed by server: {reason.code} {reason.reason or ''}".rstrip(), file=out, flush=True)
-                return 0 if reason.code == 1000 else 1
+                code = reason.code if reason is not None else 1006
+                text = (reason.reason if reason is not None else None) or ""
+                print(f"# closed by server: {code} {text}".rstrip(), file=out, flush=True)
+                return 0 if code == 1000 else 1
     except HandshakeError as exc:
         print(f"# could not connect to {url}: {exc}", file=out, flush=True)
         return 1

@@ -127,7 +127,8 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
 
 
 def encode(message: WireMessage) -> bytes:
-    return msgpack.packb((message.TAG, *astuple(message)), use_bin_type=True)
+    data: bytes = msgpack.packb((message.TAG, *astuple(message)), use_bin_type=True)
+    return data
 
 
 def _build(item: Any) -> WireMessage:

@@ -86,8 +86,8 @@ class ShardLink:
                         task_status.started()
                     await self._pump(stream)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, wire.WireError, OSError) as group:
-                exc = group.exceptions[0]
-                log.warning("link to shard %d lost (%s); reconnecting", self.index, exc or type(exc).__name__)
+                error = group.exceptions[0]
+                log.warning("link to shard %d lost (%s); reconnecting", self.index, error or type(error).__name__)
             finally:
                 self.connected = False
             await trio.sleep(RETRY_MIN_S)
