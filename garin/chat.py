@@ -73,11 +73,14 @@ async def chat(url: str, origin: str, token: str, room: str, username: str, out:
     try:
         async with open_websocket_url(url, extra_headers=headers, connect_timeout=CONNECT_TIMEOUT_S,
                                       disconnect_timeout=2) as ws:
-            await ws.send_message(json.dumps({"type": "auth", "body": token}))
-            await ws.send_message(json.dumps({"type": "join", "username": username, "room": room}))
-            print(f"# connected to {url} as {username} in {room}; type to chat, /quit to leave", file=out, flush=True)
             closed: list[ConnectionClosed] = []
             try:
+                # Inside the guard: the server may close us (bad token) before
+                # the join is even sent.
+                await ws.send_message(json.dumps({"type": "auth", "body": token}))
+                await ws.send_message(json.dumps({"type": "join", "username": username, "room": room}))
+                print(f"# connected to {url} as {username} in {room}; type to chat, /quit to leave",
+                      file=out, flush=True)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_print_events, ws, out)
                     nursery.start_soon(_send_lines, ws, username)
