@@ -190,3 +190,55 @@ def chat(url: str, room: str, username: str, token: str | None, origin: str | No
         origins = [o.strip() for o in environ.get("ALLOWED_ORIGINS", "").split(",") if o.strip() not in ("", "*")]
         origin = origins[0] if origins else "http://localhost"
     sys.exit(trio.run(run_chat, url, origin, token, room, username))
+
+
+@main.group()
+def ban() -> None:
+    """The ban list: who is refused at auth (close 4003 banned).
+
+    Routers add token subjects closed by the rate limiter GARIN_BAN_STRIKES
+    times within GARIN_BAN_WINDOW; changes made here reach running routers
+    within a few seconds. The list lives in GARIN_BAN_DB.
+    """
+
+
+def _ban_store() -> Any:
+    from garin.banstore import BanStore
+
+    config = _load({}, required=())
+    if not config.ban_db:
+        _fail("GARIN_BAN_DB is empty: the ban list is turned off")
+    return BanStore(config.ban_db)
+
+
+@ban.command("list")
+def ban_list() -> None:
+    """Show the active bans."""
+    now = time.time()
+    rows = _ban_store().listing(now)
+    if not rows:
+        click.echo("no active bans")
+    for subject, until, reason, created in rows:
+        ends = "until removed" if until is None else time.strftime("until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+        click.echo(f"{subject}\t{ends}\t{reason}")
+
+
+@ban.command("add")
+@click.argument("subject")
+@click.option("--for", "duration", default="0", show_default=True, help="How long: 30m, 12h, 7d; 0 bans until removed.")
+@click.option("--reason", default="manual", show_default=True)
+def ban_add(subject: str, duration: str, reason: str) -> None:
+    """Ban a token subject (the JWT `sub`)."""
+    now = time.time()
+    seconds = _duration(duration)
+    _ban_store().add(subject, None if seconds is None else now + seconds, reason, now)
+    click.echo(f"banned {subject}" + ("" if seconds is None else f" for {duration}"))
+
+
+@ban.command("remove")
+@click.argument("subject")
+def ban_remove(subject: str) -> None:
+    """Lift a ban."""
+    if not _ban_store().remove(subject):
+        _fail(f"{subject} is not banned")
+    click.echo(f"unbanned {subject}")

@@ -46,6 +46,8 @@ TOO_BIG_FRAME = Close(TOO_BIG, "message too big")
 TOO_SLOW = Close(TRY_AGAIN_LATER, "too slow")
 SHARD_UNAVAILABLE = Close(TRY_AGAIN_LATER, "room unavailable")
 AUTH_UNAVAILABLE = Close(TRY_AGAIN_LATER, "auth unavailable")
+# Our own code, so clients can tell "do not retry" from a plain policy close.
+BANNED = Close(4003, "banned")
 INTERNAL = Close(INTERNAL_ERROR, "internal error")
 
 
@@ -79,5 +81,6 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),
     (SHARD_UNAVAILABLE, "the shard that owns the room could not be reached"),
     (AUTH_UNAVAILABLE, "the JWKS keys have not been fetched yet (GARIN_JWKS_URL unreachable)"),
+    (BANNED, "the token's subject is on the ban list (GARIN_BAN_*, `garin ban`)"),
     (INTERNAL, "a bug in garin; logged with the connection id"),
 )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES, PUBLIC_KEY_ALGORITHMS, load_public_key
+from garin.bans import BanPolicy
 from garin.protocol import NameLimits
 from garin.session import SessionRules
 
@@ -137,6 +138,16 @@ SETTINGS: tuple[Setting, ...] = (
             "If set, tokens must carry this `aud`.", _text),
     Setting("jwt_issuer", "GARIN_JWT_ISSUER", "--jwt-issuer", "",
             "If set, tokens must carry this `iss`.", _text),
+    Setting("ban_db", "GARIN_BAN_DB", "--ban-db", "garin-bans.sqlite3",
+            "SQLite file of the ban list, shared by routers and `garin ban`; empty turns bans off.",
+            _text),
+    Setting("ban_strikes", "GARIN_BAN_STRIKES", "--ban-strikes", "3",
+            "Rate-limit closes within GARIN_BAN_WINDOW that ban a token subject; 0: no automatic bans.",
+            _int(0, 1000)),
+    Setting("ban_window_s", "GARIN_BAN_WINDOW", "--ban-window", "600",
+            "Window for counting rate-limit closes, seconds.", _seconds(1, 30 * 86400)),
+    Setting("ban_duration_s", "GARIN_BAN_DURATION", "--ban-duration", "3600",
+            "How long an automatic ban lasts, seconds.", _seconds(1, 365 * 86400)),
     Setting("allowed_origins", "ALLOWED_ORIGINS", "--allowed-origins", None,
             "Comma list of browser origins allowed to connect; * allows any.", _origins),
     Setting("shards", "GARIN_SHARDS", "--shards", "4",
@@ -193,6 +204,10 @@ class Config:
     jwks_refresh_s: float
     jwt_audience: str
     jwt_issuer: str
+    ban_db: str
+    ban_strikes: int
+    ban_window_s: float
+    ban_duration_s: float
     allowed_origins: tuple[str, ...]
     shards: int
     routers: int
@@ -210,6 +225,10 @@ class Config:
     handshake_timeout_s: float
     shutdown_timeout_s: float
     log_level: str
+
+    @property
+    def ban_policy(self) -> BanPolicy:
+        return BanPolicy(self.ban_strikes, self.ban_window_s, self.ban_duration_s)
 
     @property
     def session_rules(self) -> SessionRules:
