@@ -17,9 +17,9 @@ from garin.auth import TokenVerifier
 from garin.closes import Close
 from garin.config import Config
 from garin.lifeline import watch_lifeline
-from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, Session
+from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, SendPing, Session
 from router.router import Client, Router
-from router.websocket import BinaryMessage, ClientWebSocket, PeerClosed
+from router.websocket import BinaryMessage, ClientWebSocket, Heard, PeerClosed
 
 log = logging.getLogger("garin.router")
 
@@ -112,6 +112,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 actions = session.timeout(now)
             elif isinstance(item, str):
                 actions = session.receive_text(item, now)
+            elif isinstance(item, Heard):
+                actions = session.heard(now)
             elif isinstance(item, PeerClosed):
                 log.debug("conn %d: peer closed %d", client.id, item.code)
                 if client.room is not None:
@@ -129,6 +131,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 router.publish(client, action.body)
             elif isinstance(action, LeaveRoom):
                 router.leave(client)
+            elif isinstance(action, SendPing):
+                sock.ping()
             elif isinstance(action, CloseClient):
                 if client.room is not None:
                     router.leave(client)
