@@ -168,6 +168,13 @@ SETTINGS: tuple[Setting, ...] = (
             _int(1024)),
     Setting("handshake_timeout_s", "GARIN_HANDSHAKE_TIMEOUT", "--handshake-timeout", "10",
             "Seconds to complete the HTTP upgrade.", _seconds(0.1)),
+    Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",
+            "Connections one router holds (handshakes included); more are closed 1013 "
+            "(server full). 0: no limit.", _int(0)),
+    Setting("max_connections_per_ip", "GARIN_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip", "100",
+            "Connections one router holds per client address (IPv6: per /64); more are closed "
+            "1013 (too many connections). Behind a proxy every client has its address: "
+            "raise this or set 0 (no limit).", _int(0)),
     Setting("shutdown_timeout_s", "GARIN_SHUTDOWN_TIMEOUT", "--shutdown-timeout", "5",
             "Seconds a stopping process waits for clients to close before it exits.",
             _seconds(0.1, 600)),
@@ -205,6 +212,8 @@ class Config:
     room_max: int
     max_outbox_bytes: int
     handshake_timeout_s: float
+    max_connections: int
+    max_connections_per_ip: int
     shutdown_timeout_s: float
     log_level: str
 

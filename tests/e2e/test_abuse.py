@@ -1,19 +1,23 @@
 """Abusive and broken clients, against real `garin run` processes.
 
-Each group of tests has a server with short timers (keepalive 0.5 s, idle
-1 s, ...), so the rules show within a second or two. Waits are bounded by
-receive timeouts; no test asserts how fast anything is.
+Most tests share one module server with short timers (keepalive 0.5 s, a 1 s
+handshake timeout), a 100-character body limit and frames big enough for
+100,000-deep JSON; the idle and connection-limit tests start their own with
+`garin_factory`. The rules show within a second or two. Every wait is bounded;
+no test asserts how fast anything is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 # tests/e2e is on sys.path (pytest's default "prepend" import mode).
 from conftest import (
@@ -21,6 +25,7 @@ from conftest import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    RECV_TIMEOUT_S,
     SHARED_ENV,
     Clients,
     GarinServer,
@@ -49,26 +54,25 @@ MAX_BODY_CHARS = 100
 BIG_FRAME_CHARS = 256 * 1024
 
 
-def module_server(**env: str) -> contextlib.AbstractContextManager[GarinServer]:
-    """Like `garin_factory`, for a server that a whole group of tests shares."""
-    return running_server(**{**SHARED_ENV, **env})
-
-
 @pytest.fixture(scope="module")
-def keepalive_server() -> Iterator[GarinServer]:
-    with module_server(
-        GARIN_PING_INTERVAL=str(PING_INTERVAL_S),
-        GARIN_PING_TIMEOUT=str(PING_TIMEOUT_S),
-        GARIN_MAX_BODY_CHARS=str(MAX_BODY_CHARS),
-        GARIN_MAX_MESSAGE_BYTES=str(BIG_FRAME_CHARS),
-    ) as server:
+def abuse_server() -> Iterator[GarinServer]:
+    """The module's shared server (garin_factory's settings, plus these)."""
+    env = {
+        **SHARED_ENV,
+        "GARIN_PING_INTERVAL": str(PING_INTERVAL_S),
+        "GARIN_PING_TIMEOUT": str(PING_TIMEOUT_S),
+        "GARIN_MAX_BODY_CHARS": str(MAX_BODY_CHARS),
+        "GARIN_MAX_MESSAGE_BYTES": str(BIG_FRAME_CHARS),
+        "GARIN_HANDSHAKE_TIMEOUT": "1",
+    }
+    with running_server(**env) as server:
         yield server
 
 
 @pytest.fixture
-def clients(keepalive_server: GarinServer) -> Iterator[Clients]:
+def clients(abuse_server: GarinServer) -> Iterator[Clients]:
     with contextlib.ExitStack() as stack:
-        yield Clients(stack, keepalive_server)
+        yield Clients(stack, abuse_server)
 
 
 def raw_member(server: GarinServer, username: str, room: str) -> RawClient:
@@ -217,3 +221,91 @@ def test_body_length_is_counted_in_characters(clients: Clients) -> None:
     ws_a.send(message_frame("x" * (MAX_BODY_CHARS + 1)))
     expect_close(ws_a, 1008, "body too long")
     expect_userleave(ws_b, a, 1)
+
+
+# -- connection limits ------------------------------------------------------------------
+
+
+def admitted(clients: Clients, source: str) -> ClientConnection:
+    """A member connected from `source` that the router admitted.
+
+    A refused connection is closed 1013 right after its handshake. Refusals
+    are retried (bounded): the router frees a connection's slot when its
+    handler ends, a moment after the peer has seen the socket close.
+    """
+    give_up = time.monotonic() + RECV_TIMEOUT_S
+    while True:
+        ws = clients.open(source_address=(source, 0))
+        name = new_user()
+        try:
+            ws.send(auth_frame(clients.server.token(name)))
+            ws.send(join_frame(name, new_room()))
+            got = ws.recv(timeout=RECV_TIMEOUT_S)
+        except ConnectionClosed as exc:
+            close = exc.rcvd
+            assert close is not None and close.code == 1013, f"refused with {close!r}"
+            assert time.monotonic() < give_up, f"still refused: {close.reason}"
+            time.sleep(0.05)
+            continue
+        assert json.loads(got) == {"type": "join", "username": name, "totalUsers": 1}
+        return ws
+
+
+def half_handshake(port: int, source: str) -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(RECV_TIMEOUT_S)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+    return sock
+
+
+def dropped(sock: socket.socket) -> bool:
+    """True once the server hung up; False if it sent anything first."""
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        raise AssertionError(f"not dropped within {RECV_TIMEOUT_S} s") from None
+
+
+def test_connection_limits_per_address_and_per_router(garin_factory: ServerFactory) -> None:
+    # Clients play different addresses: 127.0.0.2, .3, ... (the probes that
+    # check the server is up come from 127.0.0.1).
+    server = garin_factory(
+        GARIN_MAX_CONNECTIONS="4", GARIN_MAX_CONNECTIONS_PER_IP="2", GARIN_HANDSHAKE_TIMEOUT="1"
+    )
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+
+        # Per address: the third is refused, another address is not.
+        first = admitted(clients, "127.0.0.2")
+        admitted(clients, "127.0.0.2")
+        expect_close(clients.open(source_address=("127.0.0.2", 0)), 1013, "too many connections")
+        admitted(clients, "127.0.0.3")
+        admitted(clients, "127.0.0.3")
+
+        # Per router: four held, the fifth is refused whatever its address.
+        expect_close(clients.open(source_address=("127.0.0.4", 0)), 1013, "server full")
+        # Refusals are not counted, and a departure frees a slot.
+        first.close()
+        admitted(clients, "127.0.0.4")
+        expect_close(clients.open(source_address=("127.0.0.5", 0)), 1013, "server full")
+
+
+def test_unfinished_handshakes_hold_a_slot_until_they_are_dropped(garin_factory: ServerFactory) -> None:
+    server = garin_factory(GARIN_MAX_CONNECTIONS_PER_IP="2", GARIN_HANDSHAKE_TIMEOUT="1")
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        stalled = [half_handshake(server.port, "127.0.0.6") for _ in range(2)]
+        try:
+            # A whole session from another address, accepted after them,
+            # proves the router has accepted (and counted) both by now.
+            admitted(clients, "127.0.0.7").close()
+            expect_close(clients.open(source_address=("127.0.0.6", 0)), 1013, "too many connections")
+            assert all(dropped(sock) for sock in stalled)
+        finally:
+            for sock in stalled:
+                sock.close()
+        admitted(clients, "127.0.0.6")

@@ -56,6 +56,7 @@ def test_defaults() -> None:
     assert (config.room_min, config.room_max) == (3, 64)
     assert config.max_outbox_bytes == 1048576
     assert (config.handshake_timeout_s, config.shutdown_timeout_s) == (10.0, 5.0)
+    assert (config.max_connections, config.max_connections_per_ip) == (10000, 100)
     assert config.log_level == "info"
 
 
@@ -221,6 +222,8 @@ INVALID = [
     ("GARIN_PING_TIMEOUT", "0"), ("GARIN_PING_TIMEOUT", "0.001"),
     ("GARIN_IDLE_TIMEOUT", "-5"), ("GARIN_IDLE_TIMEOUT", "1h"),
     ("GARIN_HANDSHAKE_TIMEOUT", "0.05"),
+    ("GARIN_MAX_CONNECTIONS", "-1"), ("GARIN_MAX_CONNECTIONS", "10k"),
+    ("GARIN_MAX_CONNECTIONS_PER_IP", "-1"), ("GARIN_MAX_CONNECTIONS_PER_IP", "many"),
     ("GARIN_SHUTDOWN_TIMEOUT", "601"), ("GARIN_SHUTDOWN_TIMEOUT", "0"),
     ("GARIN_LOG_LEVEL", "verbose"), ("GARIN_LOG_LEVEL", "INFO"), ("GARIN_LOG_LEVEL", ""),
 ]
@@ -265,6 +268,10 @@ def test_invalid_option_value_names_the_option(env: str, value: str) -> None:
         ("GARIN_SHARDS", "256", "shards", 256),
         ("GARIN_MAX_MESSAGE_BYTES", "64", "max_message_bytes", 64),
         ("GARIN_MAX_BODY_CHARS", "0", "max_body_chars", 0),
+        ("GARIN_MAX_CONNECTIONS", "0", "max_connections", 0),
+        ("GARIN_MAX_CONNECTIONS", "1000000", "max_connections", 1000000),
+        ("GARIN_MAX_CONNECTIONS_PER_IP", "0", "max_connections_per_ip", 0),
+        ("GARIN_MAX_CONNECTIONS_PER_IP", "1", "max_connections_per_ip", 1),
         ("GARIN_PING_INTERVAL", "0", "ping_interval_s", 0.0),
         ("GARIN_PING_INTERVAL", "0.5s", "ping_interval_s", 0.5),
         ("GARIN_PING_TIMEOUT", "0.01", "ping_timeout_s", 0.01),
@@ -417,7 +424,7 @@ ROUND_TRIP = [
      "GARIN_ROOM_MAX": "1024", "GARIN_MAX_MESSAGE_BYTES": "64",
      "GARIN_MAX_OUTBOX_BYTES": "1024"},
     {"GARIN_MAX_BODY_CHARS": "0", "GARIN_PING_INTERVAL": "0", "GARIN_PING_TIMEOUT": "0.25",
-     "GARIN_IDLE_TIMEOUT": "90"},
+     "GARIN_IDLE_TIMEOUT": "90", "GARIN_MAX_CONNECTIONS": "0", "GARIN_MAX_CONNECTIONS_PER_IP": "7"},
 ]
 
 

@@ -1,6 +1,9 @@
-"""garin.limits: counting connections per router and per client address."""
+"""garin.limits: counting connections per router and per client address; the file limit."""
 
 from __future__ import annotations
+
+import logging
+import resource
 
 import pytest
 from hypothesis import given, settings
@@ -8,6 +11,7 @@ from hypothesis import strategies as st
 
 from garin import closes
 from garin.limits import ConnectionLimits, client_key
+from router import server
 
 
 def test_per_client_limit() -> None:
@@ -148,3 +152,43 @@ def test_limits_match_a_model(max_total: int, max_per_client: int, steps: list[t
     for address in open_:
         limits.release(address)
     assert (limits.total, limits.clients) == (0, 0)
+
+
+# --- the open-files limit the router asks for -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_connections", "soft", "hard", "set_to", "warns"),
+    [
+        (10_000, 1024, 1_048_576, 10_068, False),  # raised to what is needed
+        (10_000, 1024, 4096, 4096, True),  # raised as far as allowed, and a warning
+        (10_000, 1024, resource.RLIM_INFINITY, 10_068, False),
+        (10_000, 20_000, 20_000, None, False),  # already enough
+        (500, 1024, 1024, None, False),
+        (0, 1024, 1024, None, False),  # no limit asked for: nothing to size
+        (10_000, resource.RLIM_INFINITY, resource.RLIM_INFINITY, None, False),
+    ],
+)
+def test_raise_file_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    max_connections: int, soft: int, hard: int, set_to: int | None, warns: bool,
+) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(server.resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(server.resource, "setrlimit", lambda which, limits: calls.append(limits))
+    with caplog.at_level(logging.WARNING, logger="garin.router"):
+        result = server.raise_file_limit(max_connections, 4)
+    assert calls == ([] if set_to is None else [(set_to, hard)])
+    assert result == (soft if set_to is None else set_to)
+    assert ("ulimit -n" in caplog.text) == warns
+
+
+def test_raise_file_limit_survives_a_refusal(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(server.resource, "getrlimit", lambda which: (1024, 65536))
+    monkeypatch.setattr(server.resource, "setrlimit", refuse)
+    with caplog.at_level(logging.WARNING, logger="garin.router"):
+        assert server.raise_file_limit(10_000, 4) == 1024
+    assert "may open only 1024 files" in caplog.text
