@@ -309,3 +309,81 @@ def test_unfinished_handshakes_hold_a_slot_until_they_are_dropped(garin_factory:
             for sock in stalled:
                 sock.close()
         admitted(clients, "127.0.0.6")
+
+
+# -- broken handshakes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["half-request", "trickle"])
+def test_a_handshake_that_never_completes_is_dropped(abuse_server: GarinServer, how: str) -> None:
+    sock = half_handshake(abuse_server.port, "127.0.0.1")
+    try:
+        if how == "half-request":
+            assert dropped(sock)
+        else:
+            # A slow-loris: a header byte every 0.1 s does not extend the timeout.
+            give_up = time.monotonic() + RECV_TIMEOUT_S
+            while True:
+                assert time.monotonic() < give_up, "a trickling handshake was never dropped"
+                try:
+                    sock.sendall(b"X")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sock.settimeout(0.1)
+                try:
+                    if sock.recv(1024) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except ConnectionResetError:
+                    break
+                raise AssertionError("the server answered an unfinished request")
+    finally:
+        sock.close()
+    # And the router still serves.
+    with abuse_server.connect() as ws:
+        name = new_user()
+        ws.send(auth_frame(abuse_server.token(name)))
+        ws.send(join_frame(name, new_room()))
+        expect_join(ws, name, 1)
+
+
+# -- hostile JSON ---------------------------------------------------------------------------
+
+DEEP = 100_000
+HOSTILE_JSON = {
+    # 200,000 characters: within the module server's frame limit.
+    "nested-arrays": ("[" * DEEP + "]" * DEEP, "invalid json"),
+    "unclosed-arrays": ("[" * DEEP * 2, "invalid json"),
+    "nested-in-a-message": (
+        '{"type":"message","body":"hi","x":' + "[" * DEEP + "]" * DEEP + "}", "invalid json"),
+    "nested-objects": ('{"":' * (DEEP // 2) + "1" + "}" * (DEEP // 2), "invalid json"),
+    "huge-number": ("9" * DEEP, "invalid json"),
+    "wide-array": ("[" + "0," * (DEEP - 1) + "0]", "not a json object"),
+    "many-keys": (
+        "{" + ",".join(f'"k{i}":0' for i in range(DEEP // 10)) + ',"type":"message","body":"x"}',
+        None,  # valid: relayed
+    ),
+}
+
+
+@pytest.mark.parametrize("frame, reason", HOSTILE_JSON.values(), ids=HOSTILE_JSON.keys())
+def test_hostile_json_is_refused_and_the_router_survives(clients: Clients, frame: str, reason: str | None) -> None:
+    assert len(frame) <= BIG_FRAME_CHARS
+    room = new_room()
+    a, b = new_user("a"), new_user("b")
+    ws_a = clients.join(a, room, total=1)
+    ws_b = clients.join(b, room, total=2)
+    expect_join(ws_a, b, 2)
+    ws_a.send(frame)
+    if reason is None:
+        expect_message(ws_b, a, "x")
+        return
+    expect_close(ws_a, 1008, reason)
+    expect_userleave(ws_b, a, 1)
+    # The same router (b's connection outlived it) still chats.
+    c = new_user("c")
+    ws_c = clients.join(c, room, total=2)
+    expect_join(ws_b, c, 2)
+    ws_c.send(message_frame("still up"))
+    expect_message(ws_b, c, "still up")
