@@ -64,8 +64,8 @@ class SessionRules:
     # proxy_read_timeout, AWS ALB), and a dead peer is noticed within 40 s.
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
-    # A member that sends nothing for this long is closed; 0 = never (GarinChat
-    # planned an idle timeout but never enabled one).
+    # A member that sends nothing for this long is closed; 0 = never, the
+    # default GarinChat planned.
     idle_timeout_s: float = 0.0
 
 

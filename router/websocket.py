@@ -36,6 +36,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from garin import closes
 from garin.closes import Close
+from router.frames import PING_FRAME
 
 RECEIVE_BYTES = 64 * 1024
 # Chunks handed to one writev(); far below IOV_MAX (1024).
@@ -188,8 +189,7 @@ class ClientWebSocket:
             self.send_bytes(frame)
 
     def ping(self) -> None:
-        if self.kicked is None and self._ws.state is ConnectionState.OPEN:
-            self.send_bytes(self._ws.send(Ping()))
+        self.send_frame(PING_FRAME)
 
     def send_bytes(self, data: bytes | memoryview) -> None:
         if self.dead:

@@ -174,8 +174,8 @@ def test_raise_file_limit(
     max_connections: int, soft: int, hard: int, set_to: int | None, warns: bool,
 ) -> None:
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(server.resource, "getrlimit", lambda which: (soft, hard))
-    monkeypatch.setattr(server.resource, "setrlimit", lambda which, limits: calls.append(limits))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
     with caplog.at_level(logging.WARNING, logger="garin.router"):
         result = server.raise_file_limit(max_connections, 4)
     assert calls == ([] if set_to is None else [(set_to, hard)])
@@ -187,8 +187,8 @@ def test_raise_file_limit_survives_a_refusal(monkeypatch: pytest.MonkeyPatch, ca
     def refuse(which: int, limits: tuple[int, int]) -> None:
         raise ValueError("not allowed")
 
-    monkeypatch.setattr(server.resource, "getrlimit", lambda which: (1024, 65536))
-    monkeypatch.setattr(server.resource, "setrlimit", refuse)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 65536))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
     with caplog.at_level(logging.WARNING, logger="garin.router"):
         assert server.raise_file_limit(10_000, 4) == 1024
     assert "may open only 1024 files" in caplog.text
