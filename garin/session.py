@@ -177,12 +177,17 @@ class Session:
             return []
         return self._end(close)
 
-    def timeout(self, now: float) -> list[Action]:
+    def _closed_or_late(self, now: float) -> list[Action] | None:
+        """What an input gets instead, if the session is closed or a deadline has passed."""
         if self.state is State.CLOSED:
             return []
         late = self._overdue(now)
-        if late is not None:
-            return self._end(late)
+        return None if late is None else self._end(late)
+
+    def timeout(self, now: float) -> list[Action]:
+        refused = self._closed_or_late(now)
+        if refused is not None:
+            return refused
         if (
             self._ping_sent_at is None
             and self.rules.ping_interval_s > 0
@@ -194,11 +199,9 @@ class Session:
 
     def heard(self, now: float) -> list[Action]:
         """A ping, a pong or part of a message arrived: the peer is alive (not active)."""
-        if self.state is State.CLOSED:
-            return []
-        late = self._overdue(now)
-        if late is not None:
-            return self._end(late)
+        refused = self._closed_or_late(now)
+        if refused is not None:
+            return refused
         self._alive(now)
         return []
 
@@ -208,11 +211,9 @@ class Session:
         return self._end(closes.BINARY_FRAME)
 
     def receive_text(self, text: str, now: float) -> list[Action]:
-        if self.state is State.CLOSED:
-            return []
-        late = self._overdue(now)
-        if late is not None:
-            return self._end(late)
+        refused = self._closed_or_late(now)
+        if refused is not None:
+            return refused
         self._alive(now)
         self._sent_at = now
         event = parse_client_text(text, self.rules.names)

@@ -426,6 +426,18 @@ def clients(garin: GarinServer) -> Iterator[Clients]:
         yield Clients(stack, garin)
 
 
+def members(clients: Clients, room: str, count: int, prefix: str = "m") -> list[tuple[str, ClientConnection]]:
+    """`count` members join `room` one by one; everyone's join broadcasts are consumed and checked."""
+    joined: list[tuple[str, ClientConnection]] = []
+    for n in range(1, count + 1):
+        name = new_user(f"{prefix}{n}")
+        ws = clients.join(name, room, total=n)
+        for _, earlier in joined:
+            expect_join(earlier, name, n)
+        joined.append((name, ws))
+    return joined
+
+
 def abort(ws: ClientConnection) -> None:
     """Drop the TCP connection with no close frame (a crashed client)."""
     sock = ws.socket

@@ -39,6 +39,7 @@ from conftest import (
     expect_quiet,
     expect_userleave,
     join_frame,
+    members,
     message_frame,
     new_room,
     new_user,
@@ -118,11 +119,7 @@ def test_a_client_that_never_answers_pings_is_dropped(clients: Clients) -> None:
 
 def test_a_websockets_client_answers_pings_and_stays(clients: Clients) -> None:
     # websockets answers pings by itself (its own pings are off: ping_interval=None).
-    room = new_room()
-    a, b = new_user("a"), new_user("b")
-    ws_a = clients.join(a, room, total=1)
-    ws_b = clients.join(b, room, total=2)
-    expect_join(ws_a, b, 2)
+    (a, ws_a), (b, ws_b) = members(clients, new_room(), 2)
     # Silent for four ping intervals (without answers it would be dropped
     # after two): each is pinged and answers.
     expect_quiet([ws_a, ws_b], settle=4 * PING_INTERVAL_S)
@@ -180,10 +177,7 @@ def test_a_silent_member_is_closed_for_idling_though_it_answers_pings(garin_fact
     with contextlib.ExitStack() as stack:
         clients = Clients(stack, server)
         room = new_room()
-        silent, talker = new_user("silent"), new_user("talker")
-        ws_silent = clients.join(silent, room, total=1)
-        ws_talker = clients.join(talker, room, total=2)
-        expect_join(ws_silent, talker, 2)
+        (silent, ws_silent), (talker, ws_talker) = members(clients, room, 2)
         # The talker sends every 0.25 s and stays; the silent one only answers
         # pings (websockets does that by itself), which do not count.
         give_up = time.monotonic() + 10 * IDLE_TIMEOUT_S
@@ -210,11 +204,7 @@ def test_a_silent_member_is_closed_for_idling_though_it_answers_pings(garin_fact
 
 
 def test_body_length_is_counted_in_characters(clients: Clients) -> None:
-    room = new_room()
-    a, b = new_user("a"), new_user("b")
-    ws_a = clients.join(a, room, total=1)
-    ws_b = clients.join(b, room, total=2)
-    expect_join(ws_a, b, 2)
+    (a, ws_a), (b, ws_b) = members(clients, new_room(), 2)
     at_limit = "😀" * MAX_BODY_CHARS  # 400 bytes of UTF-8, 100 characters
     ws_a.send(message_frame(at_limit))
     expect_message(ws_b, a, at_limit)
@@ -371,10 +361,7 @@ HOSTILE_JSON = {
 def test_hostile_json_is_refused_and_the_router_survives(clients: Clients, frame: str, reason: str | None) -> None:
     assert len(frame) <= BIG_FRAME_CHARS
     room = new_room()
-    a, b = new_user("a"), new_user("b")
-    ws_a = clients.join(a, room, total=1)
-    ws_b = clients.join(b, room, total=2)
-    expect_join(ws_a, b, 2)
+    (a, ws_a), (b, ws_b) = members(clients, room, 2)
     ws_a.send(frame)
     if reason is None:
         expect_message(ws_b, a, "x")
