@@ -149,7 +149,7 @@ def test_a_pong_by_hand_counts_and_so_do_its_own_pings(clients: Clients) -> None
             for name, raw in (("polite", raw_polite), ("chatty", raw_chatty)):
                 try:
                     frame = raw.recv_frame()
-                except AssertionError:
+                except TimeoutError:
                     continue  # nothing within 0.05 s
                 assert frame is not None, f"{name} was dropped"
                 assert frame[0] != OP_CLOSE, f"{name} was closed: {close_of(frame)}"
