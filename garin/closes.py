@@ -41,6 +41,15 @@ INVALID_JSON = Close(POLICY, "invalid json")
 NOT_AN_OBJECT = Close(POLICY, "not a json object")
 UNKNOWN_TYPE = Close(POLICY, "unknown type")
 RATE_LIMITED = Close(POLICY, "rate limit exceeded")
+BODY_TOO_LONG = Close(POLICY, "body too long")
+# A member that sent nothing for GARIN_IDLE_TIMEOUT. Not a fault, so not 1008:
+# 1001 is what AWS API Gateway sends for its idle cut, and tells the client
+# that reconnecting (when its user is back) is fine.
+IDLE_TIMEOUT = Close(GOING_AWAY, "idle timeout")
+# No frame at all within GARIN_PING_TIMEOUT of our ping. Code and reason are
+# the websockets library's, which most Python and many JS stacks already know;
+# the peer is probably gone and never reads it, but the log says why.
+PING_TIMEOUT = Close(INTERNAL_ERROR, "keepalive ping timeout")
 BINARY_FRAME = Close(UNSUPPORTED_DATA, "binary frames not supported")
 TOO_BIG_FRAME = Close(TOO_BIG, "message too big")
 TOO_SLOW = Close(TRY_AGAIN_LATER, "too slow")
@@ -48,6 +57,11 @@ SHARD_UNAVAILABLE = Close(TRY_AGAIN_LATER, "room unavailable")
 AUTH_UNAVAILABLE = Close(TRY_AGAIN_LATER, "auth unavailable")
 # Our own code, so clients can tell "do not retry" from a plain policy close.
 BANNED = Close(4003, "banned")
+# Connection limits. The handshake is completed and then closed, rather than
+# refused with HTTP 503/429: a browser hides a refused handshake's status from
+# the page (it sees only 1006), but shows it a close code and reason.
+SERVER_FULL = Close(TRY_AGAIN_LATER, "server full")
+TOO_MANY_CONNECTIONS = Close(TRY_AGAIN_LATER, "too many connections")
 INTERNAL = Close(INTERNAL_ERROR, "internal error")
 
 
@@ -77,10 +91,15 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (bad_field("<field>", "must be valid unicode"), "a field holds a lone surrogate"),
     (bad_field("username", "too short"), "username/room shorter or longer than allowed"),
     (RATE_LIMITED, "more messages than the rate limit allows in its window"),
+    (BODY_TOO_LONG, "a message body longer than GARIN_MAX_BODY_CHARS characters"),
+    (IDLE_TIMEOUT, "a member sent no frame for GARIN_IDLE_TIMEOUT seconds (pings and pongs do not count)"),
+    (PING_TIMEOUT, "no frame at all within GARIN_PING_TIMEOUT of a keepalive ping"),
     (TOO_BIG_FRAME, "a message larger than GARIN_MAX_MESSAGE_BYTES"),
     (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),
     (SHARD_UNAVAILABLE, "the shard that owns the room could not be reached"),
     (AUTH_UNAVAILABLE, "the JWKS keys have not been fetched yet (GARIN_JWKS_URL unreachable)"),
     (BANNED, "the token's subject is on the ban list (GARIN_BAN_*, `garin ban`)"),
+    (SERVER_FULL, "the router already has GARIN_MAX_CONNECTIONS connections"),
+    (TOO_MANY_CONNECTIONS, "the client's address already has GARIN_MAX_CONNECTIONS_PER_IP connections"),
     (INTERNAL, "a bug in garin; logged with the connection id"),
 )

@@ -168,6 +168,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_bytes", "GARIN_MAX_MESSAGE_BYTES", "--max-message-bytes", "65536",
             "Largest client message (characters of a text frame); larger closes 1009.",
             _int(64, 16 * 1024 * 1024)),
+    Setting("max_body_chars", "GARIN_MAX_BODY_CHARS", "--max-body-chars", "4096",
+            "Longest message body, characters; longer closes 1008 (body too long). "
+            "0: only the message size limits it.", _int(0)),
+    Setting("ping_interval_s", "GARIN_PING_INTERVAL", "--ping-interval", "20",
+            "Seconds of silence from a client before it is pinged; 0 turns keepalive off.",
+            _seconds(0)),
+    Setting("ping_timeout_s", "GARIN_PING_TIMEOUT", "--ping-timeout", "20",
+            "Seconds a pinged client has to send any frame (a pong will do) before it is "
+            "closed 1011 (keepalive ping timeout).", _seconds(0.01)),
+    Setting("idle_timeout_s", "GARIN_IDLE_TIMEOUT", "--idle-timeout", "0",
+            "Seconds a member in a room may send nothing (pings and pongs do not count) "
+            "before it is closed 1001 (idle timeout); 0 turns it off.", _seconds(0)),
     Setting("username_min", "GARIN_USERNAME_MIN", "--username-min", "3",
             "Shortest username, characters.", _int(1, 1024)),
     Setting("username_max", "GARIN_USERNAME_MAX", "--username-max", "32",
@@ -181,6 +193,13 @@ SETTINGS: tuple[Setting, ...] = (
             _int(1024)),
     Setting("handshake_timeout_s", "GARIN_HANDSHAKE_TIMEOUT", "--handshake-timeout", "10",
             "Seconds to complete the HTTP upgrade.", _seconds(0.1)),
+    Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",
+            "Connections one router holds (handshakes included); more are closed 1013 "
+            "(server full). 0: no limit.", _int(0)),
+    Setting("max_connections_per_ip", "GARIN_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip", "100",
+            "Connections one router holds per client address (IPv6: per /64); more are closed "
+            "1013 (too many connections). Behind a proxy every client has its address: "
+            "raise this or set 0 (no limit).", _int(0)),
     Setting("shutdown_timeout_s", "GARIN_SHUTDOWN_TIMEOUT", "--shutdown-timeout", "5",
             "Seconds a stopping process waits for clients to close before it exits.",
             _seconds(0.1, 600)),
@@ -217,12 +236,18 @@ class Config:
     rate_limit_count: int
     rate_limit_window_s: float
     max_message_bytes: int
+    max_body_chars: int
+    ping_interval_s: float
+    ping_timeout_s: float
+    idle_timeout_s: float
     username_min: int
     username_max: int
     room_min: int
     room_max: int
     max_outbox_bytes: int
     handshake_timeout_s: float
+    max_connections: int
+    max_connections_per_ip: int
     shutdown_timeout_s: float
     log_level: str
 
@@ -238,6 +263,10 @@ class Config:
             rate_limit_count=self.rate_limit_count,
             rate_limit_window_s=self.rate_limit_window_s,
             names=NameLimits(self.username_min, self.username_max, self.room_min, self.room_max),
+            max_body_chars=self.max_body_chars,
+            ping_interval_s=self.ping_interval_s,
+            ping_timeout_s=self.ping_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
         )
 
     def shard_socket(self, index: int) -> Path:

@@ -4,15 +4,28 @@ Theory of operation
 -------------------
 A connection moves through AWAIT_AUTH -> AWAIT_JOIN -> IN_ROOM and ends in
 CLOSED. `userleave` takes it from IN_ROOM back to AWAIT_JOIN (it may join
-again, on any shard, within the join timeout). Each waiting state has a
-deadline; the shell sleeps until `deadline` and then calls `timeout(now)`.
+again, on any shard, within the join timeout).
+
+Time is a set of deadlines; `deadline` is the earliest one pending, and the
+shell sleeps until then and calls `timeout(now)`:
+- the state's own: auth (AWAIT_AUTH) and join (AWAIT_JOIN) timeouts;
+- keepalive, in every state: `ping_interval_s` after the last frame of any
+  kind (a pong or a ping too) the session asks for a ping (`SendPing`); if
+  nothing at all arrives within `ping_timeout_s` of it, the peer is gone;
+- idle, in IN_ROOM: a member whose last data frame (a text frame: message,
+  join, userleave) is `idle_timeout_s` old is closed. Pings and pongs only
+  prove the peer is alive, not that its user is there, so they do not count.
+When several deadlines have passed, the one that passed first decides the
+close. A frame that arrives after a deadline is too late, even if the shell
+has not woken up for it yet.
 
 Every input returns a list of actions for the shell to apply in order:
-`JoinRoom`, `Publish`, `LeaveRoom`, and finally at most one `CloseClient`.
-A `CloseClient` while in a room implies leaving it: the shell tells the shard,
-so the room always hears `userleave`. Nothing here reads a clock or does I/O:
-`now` is passed in (seconds, any monotonic origin), and the token check is a
-callable given at construction, so thousands of sessions run in a unit test.
+`JoinRoom`, `Publish`, `LeaveRoom`, `SendPing`, and finally at most one
+`CloseClient`. A `CloseClient` while in a room implies leaving it: the shell
+tells the shard, so the room always hears `userleave`. Nothing here reads a
+clock or does I/O: `now` is passed in (seconds, any monotonic origin), and the
+token check is a callable given at construction, so thousands of sessions run
+in a unit test.
 """
 
 from __future__ import annotations
@@ -42,6 +55,18 @@ class SessionRules:
     rate_limit_count: int = 1
     rate_limit_window_s: float = 1.0
     names: NameLimits = NameLimits()
+    # Longest message body, in characters; 0 = only the frame size limits it.
+    # 4096 is Telegram's limit for one message: room for a long paragraph,
+    # not for pasting a file into everyone's window.
+    max_body_chars: int = 4096
+    # Keepalive; 0 = never ping. 20 s / 20 s are the websockets library's
+    # defaults: well inside the 60 s idle cut of common proxies (nginx
+    # proxy_read_timeout, AWS ALB), and a dead peer is noticed within 40 s.
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    # A member that sends nothing for this long is closed; 0 = never, the
+    # default GarinChat planned.
+    idle_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +86,16 @@ class LeaveRoom:
 
 
 @dataclass(frozen=True, slots=True)
+class SendPing:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class CloseClient:
     close: Close
 
 
-Action = JoinRoom | Publish | LeaveRoom | CloseClient
+Action = JoinRoom | Publish | LeaveRoom | SendPing | CloseClient
 
 # Returns None if the token is acceptable, else the close to send.
 TokenCheck = Callable[[str], Close | None]
@@ -76,15 +106,68 @@ class Session:
         self.rules = rules
         self._check_token = check_token
         self.state = State.AWAIT_AUTH
-        self.deadline: float | None = now + rules.auth_timeout_s
+        # The auth or join deadline; None in a room.
+        self._state_deadline: float | None = now + rules.auth_timeout_s
+        # Connecting counts as the first sign of life and the first data.
+        self._heard_at = now
+        self._sent_at = now
+        self._ping_sent_at: float | None = None
         self.room: str | None = None
         self.username: str | None = None
         self.close: Close | None = None
         self._recent: deque[float] = deque(maxlen=max(rules.rate_limit_count, 1))
 
+    # -- deadlines ------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float | None:
+        """When the shell must call `timeout` next; None: only input can change anything."""
+        if self.state is State.CLOSED:
+            return None
+        pending = [
+            d
+            for d in (self._state_deadline, self._keepalive_deadline(), self._idle_deadline())
+            if d is not None
+        ]
+        return min(pending, default=None)
+
+    def _keepalive_deadline(self) -> float | None:
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + self.rules.ping_timeout_s
+        if self.rules.ping_interval_s > 0:
+            return self._heard_at + self.rules.ping_interval_s
+        return None
+
+    def _idle_deadline(self) -> float | None:
+        if self.state is State.IN_ROOM and self.rules.idle_timeout_s > 0:
+            return self._sent_at + self.rules.idle_timeout_s
+        return None
+
+    def _overdue(self, now: float) -> Close | None:
+        """The close for the deadline that passed first, if any has."""
+        passed: list[tuple[float, Close]] = []
+        if self._state_deadline is not None and now >= self._state_deadline:
+            late = closes.AUTH_TIMEOUT if self.state is State.AWAIT_AUTH else closes.JOIN_TIMEOUT
+            passed.append((self._state_deadline, late))
+        if self._ping_sent_at is not None:
+            unanswered = self._ping_sent_at + self.rules.ping_timeout_s
+            if now >= unanswered:
+                passed.append((unanswered, closes.PING_TIMEOUT))
+        idle = self._idle_deadline()
+        if idle is not None and now >= idle:
+            passed.append((idle, closes.IDLE_TIMEOUT))
+        # min() keeps the first of equal times: state, then keepalive, then idle.
+        return min(passed, key=lambda item: item[0])[1] if passed else None
+
+    def _alive(self, now: float) -> None:
+        self._heard_at = now
+        self._ping_sent_at = None
+
+    # -- inputs -----------------------------------------------------------------
+
     def _end(self, close: Close) -> list[Action]:
         self.state = State.CLOSED
-        self.deadline = None
+        self._state_deadline = None
         self.close = close
         return [CloseClient(close)]
 
@@ -94,12 +177,33 @@ class Session:
             return []
         return self._end(close)
 
-    def timeout(self, now: float) -> list[Action]:
-        if self.deadline is None or now < self.deadline:
+    def _closed_or_late(self, now: float) -> list[Action] | None:
+        """What an input gets instead, if the session is closed or a deadline has passed."""
+        if self.state is State.CLOSED:
             return []
-        if self.state is State.AWAIT_AUTH:
-            return self._end(closes.AUTH_TIMEOUT)
-        return self._end(closes.JOIN_TIMEOUT)
+        late = self._overdue(now)
+        return None if late is None else self._end(late)
+
+    def timeout(self, now: float) -> list[Action]:
+        refused = self._closed_or_late(now)
+        if refused is not None:
+            return refused
+        if (
+            self._ping_sent_at is None
+            and self.rules.ping_interval_s > 0
+            and now >= self._heard_at + self.rules.ping_interval_s
+        ):
+            self._ping_sent_at = now
+            return [SendPing()]
+        return []
+
+    def heard(self, now: float) -> list[Action]:
+        """A ping, a pong or part of a message arrived: the peer is alive (not active)."""
+        refused = self._closed_or_late(now)
+        if refused is not None:
+            return refused
+        self._alive(now)
+        return []
 
     def receive_binary(self, now: float) -> list[Action]:
         if self.state is State.CLOSED:
@@ -107,13 +211,11 @@ class Session:
         return self._end(closes.BINARY_FRAME)
 
     def receive_text(self, text: str, now: float) -> list[Action]:
-        if self.state is State.CLOSED:
-            return []
-        # A frame that arrives after its deadline is too late, even if the
-        # shell has not woken up for the timeout yet.
-        late = self.timeout(now)
-        if late:
-            return late
+        refused = self._closed_or_late(now)
+        if refused is not None:
+            return refused
+        self._alive(now)
+        self._sent_at = now
         event = parse_client_text(text, self.rules.names)
         if isinstance(event, Close):
             return self._end(event)
@@ -130,7 +232,7 @@ class Session:
         assert isinstance(event, UserLeave)
         self.state = State.AWAIT_JOIN
         self.room = None
-        self.deadline = now + self.rules.join_timeout_s
+        self._state_deadline = now + self.rules.join_timeout_s
         return [LeaveRoom()]
 
     def _auth(self, event: Auth, now: float) -> list[Action]:
@@ -140,14 +242,14 @@ class Session:
         if refusal is not None:
             return self._end(refusal)
         self.state = State.AWAIT_JOIN
-        self.deadline = now + self.rules.join_timeout_s
+        self._state_deadline = now + self.rules.join_timeout_s
         return []
 
     def _join(self, event: Join, now: float) -> list[Action]:
         if self.state is State.IN_ROOM:
             return self._end(closes.ALREADY_JOINED)
         self.state = State.IN_ROOM
-        self.deadline = None
+        self._state_deadline = None
         self.room = event.room
         self.username = event.username
         return [JoinRoom(event.room, event.username)]
@@ -155,6 +257,8 @@ class Session:
     def _message(self, event: Message, now: float) -> list[Action]:
         if event.body == "":
             return self._end(closes.BYE)
+        if 0 < self.rules.max_body_chars < len(event.body):
+            return self._end(closes.BODY_TOO_LONG)
         if self.rules.rate_limit_count > 0:
             recent = self._recent
             if (

@@ -12,6 +12,9 @@ import struct
 
 _FIN_TEXT = 0x81
 
+# A keepalive ping: FIN + ping opcode, empty payload. Any pong answers it.
+PING_FRAME = bytes((0x89, 0))
+
 
 def text_frame(payload: bytes) -> bytes:
     """A complete, unfragmented, unmasked text frame carrying UTF-8 `payload`."""

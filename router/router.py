@@ -17,6 +17,7 @@ import trio
 
 from garin import wire
 from garin.config import Config
+from garin.limits import ConnectionLimits
 from garin.routing import shard_for
 from garin.session import Session
 from router.frames import text_frame
@@ -61,6 +62,7 @@ class Router:
         self.config = config
         self.router_id = router_id
         self.clients: dict[int, Client] = {}
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         self.index = RoomIndex()
         self.stopping = trio.Event()
         self._ids = itertools.count(1)

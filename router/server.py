@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import signal
 import socket as stdlib_socket
 import time
@@ -18,9 +19,9 @@ from garin.closes import Close
 from garin.config import Config
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.lifeline import watch_lifeline
-from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, Session
+from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, SendPing, Session
 from router.router import Client, Router
-from router.websocket import BinaryMessage, ClientWebSocket, PeerClosed
+from router.websocket import BinaryMessage, ClientWebSocket, Heard, PeerClosed
 
 log = logging.getLogger("garin.router")
 
@@ -37,16 +38,20 @@ def origin_allowed(request: Request, allowed: tuple[str, ...]) -> bool:
 async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.SocketStream) -> None:
     """Run one connection; nothing it does can raise into the accept loop."""
     try:
-        peer = "%s:%s" % stream.socket.getpeername()[:2]
+        host, port = stream.socket.getpeername()[:2]
     except OSError:
-        peer = "?"
+        await _close_quietly(stream)  # gone before we could look at it
+        return
+    peer = f"{host}:{port}"
+    # Counted from accept, so a handshake that never ends still holds a slot.
+    refusal = router.limits.admit(host)
     client = router.new_client(peer)
     try:
         async with trio.open_nursery() as nursery:
             sock = ClientWebSocket(stream, nursery, router.config.max_message_bytes, router.config.max_outbox_bytes)
             client.socket = sock
             try:
-                await _serve(router, verifier, client, sock)
+                await _serve(router, verifier, client, sock, refusal)
             finally:
                 await sock.aclose()
                 nursery.cancel_scope.cancel()
@@ -54,6 +59,8 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
         log.exception("conn %d (%s): internal error", client.id, peer)
     finally:
         router.forget(client)
+        if refusal is None:
+            router.limits.release(host)
         await _close_quietly(stream)
 
 
@@ -65,7 +72,9 @@ async def _close_quietly(stream: trio.SocketStream) -> None:
             pass
 
 
-async def _serve(router: Router, verifier: TokenVerifier, client: Client, sock: ClientWebSocket) -> None:
+async def _serve(
+    router: Router, verifier: TokenVerifier, client: Client, sock: ClientWebSocket, refusal: Close | None
+) -> None:
     config = router.config
     with trio.move_on_after(config.handshake_timeout_s):
         request = await sock.handshake()
@@ -79,6 +88,12 @@ async def _serve(router: Router, verifier: TokenVerifier, client: Client, sock: 
         await sock.reject(403, "origin not allowed")
         return
     sock.accept()
+    if refusal is not None:
+        # Over a connection limit: a close frame, which (unlike an HTTP
+        # status) a browser shows the page.
+        log.info("conn %d (%s): closing %d %s", client.id, client.peer, refusal.code, refusal.reason)
+        await sock.close(refusal)
+        return
 
     def check_token(token: str) -> Close | None:
         return verifier.verify(token, time.time())
@@ -113,6 +128,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 actions = session.timeout(now)
             elif isinstance(item, str):
                 actions = session.receive_text(item, now)
+            elif isinstance(item, Heard):
+                actions = session.heard(now)
             elif isinstance(item, PeerClosed):
                 log.debug("conn %d: peer closed %d", client.id, item.code)
                 if client.room is not None:
@@ -130,12 +147,40 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 router.publish(client, action.body)
             elif isinstance(action, LeaveRoom):
                 router.leave(client)
+            elif isinstance(action, SendPing):
+                sock.ping()
             elif isinstance(action, CloseClient):
                 if client.room is not None:
                     router.leave(client)
                 log.info("conn %d (%s): closing %d %s", client.id, client.peer, action.close.code, action.close.reason)
                 await sock.close(action.close)
                 return
+
+
+def raise_file_limit(max_connections: int, shards: int) -> int:
+    """Lift the soft open-files limit towards what `max_connections` needs, as
+    the Go runtime does at start; warn if the hard limit is too low. Returns
+    the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max_connections == 0 or soft == resource.RLIM_INFINITY:
+        return soft
+    # One socket per client, plus shard links, listeners, logs and slack.
+    wanted = max_connections + shards + 64
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+    if soft < wanted:
+        log.warning(
+            "GARIN_MAX_CONNECTIONS is %d but this router may open only %d files (ulimit -n): "
+            "accepting will fail before the limit is reached",
+            max_connections, soft,
+        )
+    return soft
 
 
 def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
@@ -153,6 +198,7 @@ async def serve_router(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `stopping` is set (by a signal), then close every client with 1001."""
+    raise_file_limit(config.max_connections, config.shards)
     router = Router(config, router_id)
     verifier, jwks = verifier_for(config)
     if listen_fd is not None:

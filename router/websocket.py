@@ -26,6 +26,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     RejectConnection,
     RejectData,
     Request,
@@ -35,6 +36,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from garin import closes
 from garin.closes import Close
+from router.frames import PING_FRAME
 
 RECEIVE_BYTES = 64 * 1024
 # Chunks handed to one writev(); far below IOV_MAX (1024).
@@ -55,6 +57,14 @@ class PeerClosed:
 @dataclass(frozen=True, slots=True)
 class BinaryMessage:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """A ping, a pong or part of a message: the peer is alive, nothing to act on."""
+
+
+HEARD = Heard()
 
 
 class ClientWebSocket:
@@ -132,8 +142,8 @@ class ClientWebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
-    async def receive(self) -> str | BinaryMessage | PeerClosed | Close:
-        """The next complete client message, or why there will be none.
+    async def receive(self) -> str | BinaryMessage | Heard | PeerClosed | Close:
+        """The next complete client message, a sign of life, or why there will be none.
 
         A `Close` means the client broke a transport rule (too big, bad UTF-8):
         the session should end with it.
@@ -145,15 +155,19 @@ class ClientWebSocket:
                     self._part_chars += len(event.data)
                     if self._part_chars > self._max_message_bytes:
                         return closes.TOO_BIG_FRAME
-                    if event.message_finished:
-                        text = "".join(self._parts)
-                        self._parts.clear()
-                        self._part_chars = 0
-                        return text
+                    if not event.message_finished:
+                        return HEARD
+                    text = "".join(self._parts)
+                    self._parts.clear()
+                    self._part_chars = 0
+                    return text
                 elif isinstance(event, BytesMessage):
                     return BinaryMessage()
                 elif isinstance(event, Ping):
                     self.send_bytes(self._ws.send(event.response()))
+                    return HEARD
+                elif isinstance(event, Pong):
+                    return HEARD
                 elif isinstance(event, CloseConnection):
                     if self._ws.state is ConnectionState.REMOTE_CLOSING:
                         # The peer closed: answer with its own code.
@@ -173,6 +187,9 @@ class ClientWebSocket:
         """Queue a pre-encoded frame; never blocks. Used for fan-out."""
         if self.kicked is None and self._ws.state is ConnectionState.OPEN:
             self.send_bytes(frame)
+
+    def ping(self) -> None:
+        self.send_frame(PING_FRAME)
 
     def send_bytes(self, data: bytes | memoryview) -> None:
         if self.dead:

@@ -14,6 +14,7 @@ that still runs after HARD_CAP_S (use it with
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -429,6 +430,18 @@ def clients(garin: GarinServer) -> Iterator[Clients]:
         yield Clients(stack, garin)
 
 
+def members(clients: Clients, room: str, count: int, prefix: str = "m") -> list[tuple[str, ClientConnection]]:
+    """`count` members join `room` one by one; everyone's join broadcasts are consumed and checked."""
+    joined: list[tuple[str, ClientConnection]] = []
+    for n in range(1, count + 1):
+        name = new_user(f"{prefix}{n}")
+        ws = clients.join(name, room, total=n)
+        for _, earlier in joined:
+            expect_join(earlier, name, n)
+        joined.append((name, ws))
+    return joined
+
+
 def abort(ws: ClientConnection) -> None:
     """Drop the TCP connection with no close frame (a crashed client)."""
     sock = ws.socket
@@ -440,3 +453,104 @@ def bad_token(secret: str, subject: str, algorithm: str = "HS256", **claims: Any
     payload: dict[str, Any] = {"sub": subject, "name": subject, "iat": int(time.time()), "exp": int(time.time()) + 3600}
     payload.update(claims)
     return jwt.encode(payload, secret.encode(), algorithm=algorithm)
+
+
+# -- a WebSocket client by hand ----------------------------------------------------
+
+OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
+
+
+class RawClient:
+    """A WebSocket client written by hand over a plain socket, for clients that
+    misbehave: it does only what the test says (it never answers a ping by
+    itself, and never reads unless asked).
+
+    `source` picks the local address (any 127.x.y.z works on Linux), so a test
+    can play several client IPs; `rcvbuf` shrinks the receive buffer, for
+    clients that stop reading.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        origin: str = ALLOWED_ORIGIN,
+        source: str = "127.0.0.1",
+        rcvbuf: int | None = None,
+        timeout: float = RECV_TIMEOUT_S,
+    ) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.bind((source, 0))
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+             f"Origin: {origin}\r\n\r\n").encode()
+        )
+        self._buffer = b""
+        while b"\r\n\r\n" not in self._buffer:
+            chunk = self.sock.recv(4096)
+            assert chunk, f"the server hung up during the handshake: {self._buffer!r}"
+            self._buffer += chunk
+        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        """One final frame, masked as a client must."""
+        size = len(payload)
+        if size < 126:
+            header = bytes((0x80 | opcode, 0x80 | size))
+        elif size < 65536:
+            header = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+        else:
+            header = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def send_text(self, text: str) -> None:
+        self.send_frame(OP_TEXT, text.encode())
+
+    def _fill(self, count: int) -> bool:
+        """Buffer at least `count` bytes; False if the server hung up first."""
+        while len(self._buffer) < count:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return False
+            if not chunk:
+                return False
+            self._buffer += chunk
+        return True
+
+    def recv_frame(self) -> tuple[int, bytes] | None:
+        """The next frame from the server as (opcode, payload); None once it hung up.
+
+        Raises TimeoutError after the socket's timeout; a frame half received
+        by then stays buffered for the next call.
+        """
+        if not self._fill(2):
+            return None
+        size, start = self._buffer[1] & 0x7F, 2
+        if size >= 126:
+            start = 4 if size == 126 else 10
+            if not self._fill(start):
+                return None
+            size = int.from_bytes(self._buffer[2:start], "big")
+        if not self._fill(start + size):
+            return None
+        opcode, payload = self._buffer[0] & 0x0F, self._buffer[start:start + size]
+        self._buffer = self._buffer[start + size:]
+        return opcode, payload
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def close_of(frame: tuple[int, bytes] | None) -> tuple[int, str]:
+    """(code, reason) of a close frame from RawClient.recv_frame."""
+    assert frame is not None and frame[0] == OP_CLOSE, f"expected a close frame, got {frame!r}"
+    return int.from_bytes(frame[1][:2], "big"), frame[1][2:].decode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -20,6 +19,9 @@ from websockets.sync.client import connect
 
 from garin.auth import make_token
 from garin.routing import shard_for
+
+# tests/e2e is on sys.path (pytest's default "prepend" import mode).
+from conftest import RawClient
 
 pytestmark = pytest.mark.e2e
 
@@ -324,31 +326,10 @@ def test_shard_refuses_a_router_with_another_shard_count(socket_dir, tmp_path):
     assert "refusing router" in output and "this shard has 2" in output
 
 
-def _raw_handshake(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n\r\n").encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        response += sock.recv(1)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return sock
-
-
-def _masked_text(text: str) -> bytes:
-    payload = text.encode()
-    mask = os.urandom(4)
-    header = bytes((0x81, 0x80 | len(payload))) if len(payload) < 126 else bytes((0x81, 0x80 | 126)) + len(payload).to_bytes(2, "big")
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def test_member_that_never_reads_is_dropped_and_never_delays_others(socket_dir, tmp_path):
     port = free_port()
-    env = base_env(port, socket_dir, GARIN_MAX_OUTBOX_BYTES="65536", GARIN_SHARDS="2")
+    # 8000-character bodies: over the default body limit, so lift it.
+    env = base_env(port, socket_dir, GARIN_MAX_OUTBOX_BYTES="65536", GARIN_SHARDS="2", GARIN_MAX_BODY_CHARS="0")
     proc = start([sys.executable, "-m", "garin", "run"], env, tmp_path)
     try:
         room = "slow-room"
@@ -356,9 +337,9 @@ def test_member_that_never_reads_is_dropped_and_never_delays_others(socket_dir, 
         reader = join(port, "reader", room)
         assert recv_json(sender)["username"] == "reader"
         # The stalled member: joins over a raw socket, then never reads again.
-        stalled = _raw_handshake(port)
-        stalled.sendall(_masked_text(json.dumps({"type": "auth", "body": make_token(SECRET, "stall", time.time(), 60)})))
-        stalled.sendall(_masked_text(json.dumps({"type": "join", "username": "stalled", "room": room})))
+        stalled = RawClient(port, ORIGIN, rcvbuf=4096)
+        stalled.send_text(json.dumps({"type": "auth", "body": make_token(SECRET, "stall", time.time(), 60)}))
+        stalled.send_text(json.dumps({"type": "join", "username": "stalled", "room": room}))
         assert recv_json(sender)["username"] == "stalled"
         assert recv_json(reader)["username"] == "stalled"
 

@@ -43,6 +43,7 @@ from conftest import (
     expect_quiet,
     expect_userleave,
     join_frame,
+    members,
     message_frame,
     new_room,
     new_user,
@@ -54,18 +55,6 @@ from conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("hard_cap")]
 
 POLICY = 1008
-
-
-def members(clients: Clients, room: str, count: int, prefix: str = "m") -> list[tuple[str, ClientConnection]]:
-    """`count` members join `room` one by one; everyone's join broadcasts are consumed and checked."""
-    joined: list[tuple[str, ClientConnection]] = []
-    for n in range(1, count + 1):
-        name = new_user(f"{prefix}{n}")
-        ws = clients.join(name, room, total=n)
-        for _, earlier in joined:
-            expect_join(earlier, name, n)
-        joined.append((name, ws))
-    return joined
 
 
 # -- join ------------------------------------------------------------------------

@@ -49,10 +49,14 @@ def test_defaults() -> None:
     assert (config.auth_timeout_s, config.join_timeout_s) == (2.0, 2.0)
     assert (config.rate_limit_count, config.rate_limit_window_s) == (1, 1.0)
     assert config.max_message_bytes == 65536
+    assert config.max_body_chars == 4096
+    assert (config.ping_interval_s, config.ping_timeout_s) == (20.0, 20.0)
+    assert config.idle_timeout_s == 0.0
     assert (config.username_min, config.username_max) == (3, 32)
     assert (config.room_min, config.room_max) == (3, 64)
     assert config.max_outbox_bytes == 1048576
     assert (config.handshake_timeout_s, config.shutdown_timeout_s) == (10.0, 5.0)
+    assert (config.max_connections, config.max_connections_per_ip) == (10000, 100)
     assert config.log_level == "info"
 
 
@@ -90,9 +94,13 @@ def test_session_rules() -> None:
     config = load({
         "GARIN_AUTH_TIMEOUT": "1.5", "GARIN_JOIN_TIMEOUT": "3", "GARIN_RATE_LIMIT_COUNT": "5",
         "GARIN_RATE_LIMIT_WINDOW": "2.5", "GARIN_USERNAME_MIN": "2", "GARIN_USERNAME_MAX": "20",
-        "GARIN_ROOM_MIN": "4", "GARIN_ROOM_MAX": "40",
+        "GARIN_ROOM_MIN": "4", "GARIN_ROOM_MAX": "40", "GARIN_MAX_BODY_CHARS": "500",
+        "GARIN_PING_INTERVAL": "7", "GARIN_PING_TIMEOUT": "3.5", "GARIN_IDLE_TIMEOUT": "600",
     })
-    assert config.session_rules == SessionRules(1.5, 3.0, 5, 2.5, NameLimits(2, 20, 4, 40))
+    assert config.session_rules == SessionRules(
+        1.5, 3.0, 5, 2.5, NameLimits(2, 20, 4, 40),
+        max_body_chars=500, ping_interval_s=7.0, ping_timeout_s=3.5, idle_timeout_s=600.0,
+    )
 
 
 # --- precedence -----------------------------------------------------------------------------
@@ -209,7 +217,13 @@ INVALID = [
     ("GARIN_USERNAME_MIN", "0"), ("GARIN_USERNAME_MAX", "1025"),
     ("GARIN_ROOM_MIN", "-3"), ("GARIN_ROOM_MAX", "big"),
     ("GARIN_MAX_OUTBOX_BYTES", "1023"),
+    ("GARIN_MAX_BODY_CHARS", "-1"), ("GARIN_MAX_BODY_CHARS", "4k"),
+    ("GARIN_PING_INTERVAL", "-1"), ("GARIN_PING_INTERVAL", "often"), ("GARIN_PING_INTERVAL", "86401"),
+    ("GARIN_PING_TIMEOUT", "0"), ("GARIN_PING_TIMEOUT", "0.001"),
+    ("GARIN_IDLE_TIMEOUT", "-5"), ("GARIN_IDLE_TIMEOUT", "1h"),
     ("GARIN_HANDSHAKE_TIMEOUT", "0.05"),
+    ("GARIN_MAX_CONNECTIONS", "-1"), ("GARIN_MAX_CONNECTIONS", "10k"),
+    ("GARIN_MAX_CONNECTIONS_PER_IP", "-1"), ("GARIN_MAX_CONNECTIONS_PER_IP", "many"),
     ("GARIN_SHUTDOWN_TIMEOUT", "601"), ("GARIN_SHUTDOWN_TIMEOUT", "0"),
     ("GARIN_LOG_LEVEL", "verbose"), ("GARIN_LOG_LEVEL", "INFO"), ("GARIN_LOG_LEVEL", ""),
 ]
@@ -253,6 +267,16 @@ def test_invalid_option_value_names_the_option(env: str, value: str) -> None:
         ("GARIN_SHARDS", "1", "shards", 1),
         ("GARIN_SHARDS", "256", "shards", 256),
         ("GARIN_MAX_MESSAGE_BYTES", "64", "max_message_bytes", 64),
+        ("GARIN_MAX_BODY_CHARS", "0", "max_body_chars", 0),
+        ("GARIN_MAX_CONNECTIONS", "0", "max_connections", 0),
+        ("GARIN_MAX_CONNECTIONS", "1000000", "max_connections", 1000000),
+        ("GARIN_MAX_CONNECTIONS_PER_IP", "0", "max_connections_per_ip", 0),
+        ("GARIN_MAX_CONNECTIONS_PER_IP", "1", "max_connections_per_ip", 1),
+        ("GARIN_PING_INTERVAL", "0", "ping_interval_s", 0.0),
+        ("GARIN_PING_INTERVAL", "0.5s", "ping_interval_s", 0.5),
+        ("GARIN_PING_TIMEOUT", "0.01", "ping_timeout_s", 0.01),
+        ("GARIN_IDLE_TIMEOUT", "0", "idle_timeout_s", 0.0),
+        ("GARIN_IDLE_TIMEOUT", "3600", "idle_timeout_s", 3600.0),
         ("GARIN_LOG_LEVEL", "debug", "log_level", "debug"),
         ("GARIN_SOCKET_DIR", "", "socket_dir", f"/tmp/garin-{os.getuid()}-8080"),
         ("ALLOWED_ORIGINS", "*", "allowed_origins", ("*",)),
@@ -399,6 +423,8 @@ ROUND_TRIP = [
     {"GARIN_USERNAME_MIN": "1", "GARIN_USERNAME_MAX": "1", "GARIN_ROOM_MIN": "7",
      "GARIN_ROOM_MAX": "1024", "GARIN_MAX_MESSAGE_BYTES": "64",
      "GARIN_MAX_OUTBOX_BYTES": "1024"},
+    {"GARIN_MAX_BODY_CHARS": "0", "GARIN_PING_INTERVAL": "0", "GARIN_PING_TIMEOUT": "0.25",
+     "GARIN_IDLE_TIMEOUT": "90", "GARIN_MAX_CONNECTIONS": "0", "GARIN_MAX_CONNECTIONS_PER_IP": "7"},
 ]
 
 

@@ -350,6 +350,9 @@ def test_module_has_the_expected_closes() -> None:
     assert closes.INTERNAL.code == 1011
     assert closes.AUTH_TIMEOUT == Close(1008, "auth timeout")
     assert closes.RATE_LIMITED == Close(1008, "rate limit exceeded")
+    assert closes.BODY_TOO_LONG == Close(1008, "body too long")
+    assert closes.IDLE_TIMEOUT == Close(1001, "idle timeout")
+    assert closes.PING_TIMEOUT == Close(1011, "keepalive ping timeout")
 
 
 @pytest.mark.parametrize("name", sorted(MODULE_CLOSES))

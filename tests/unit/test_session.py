@@ -16,6 +16,7 @@ from garin.session import (
     JoinRoom,
     LeaveRoom,
     Publish,
+    SendPing,
     Session,
     SessionRules,
     State,
@@ -78,11 +79,15 @@ def test_defaults() -> None:
     assert (rules.auth_timeout_s, rules.join_timeout_s) == (2.0, 2.0)
     assert (rules.rate_limit_count, rules.rate_limit_window_s) == (1, 1.0)
     assert rules.names == NameLimits()
+    assert rules.max_body_chars == 4096
+    assert (rules.ping_interval_s, rules.ping_timeout_s) == (20.0, 20.0)
+    assert rules.idle_timeout_s == 0.0
 
 
 @pytest.mark.parametrize("t0", [0.0, 12345.678, -50.0, 1e9])
 def test_full_lifecycle(t0: float) -> None:
-    s = new(t0, rate_limit_count=0)
+    # Keepalive off: here only the state's own deadlines (keepalive below).
+    s = new(t0, rate_limit_count=0, ping_interval_s=0)
     assert s.state is State.AWAIT_AUTH
     assert s.deadline == t0 + 2.0
     assert s.room is None and s.close is None
@@ -119,7 +124,7 @@ def test_deadlines_follow_rules(auth_s: float, join_s: float) -> None:
 
 
 def test_message_body_is_passed_verbatim() -> None:
-    s = in_room(rate_limit_count=0)
+    s = in_room(rate_limit_count=0, max_body_chars=10_000)
     for body in [" ", "x" * 10_000, "日本 😀", '{"type":"auth"}', "\n"]:
         assert s.receive_text(msg(body), 1.0) == [Publish(body)]
 
@@ -187,7 +192,8 @@ def test_join_timeout_after_userleave(at: float, expected: Close | None) -> None
 
 @pytest.mark.parametrize("at", [0.0, 2.0, 3.0, 1e12])
 def test_no_timeout_in_a_room(at: float) -> None:
-    s = in_room(0.0)
+    s = in_room(0.0, ping_interval_s=0)
+    assert s.deadline is None
     assert s.timeout(at) == []
     assert s.state is State.IN_ROOM
 
@@ -270,12 +276,12 @@ def test_refusals(setup: str, frame: str, expected: Close) -> None:
     assert_closed(s, s.receive_text(frame, 0.5), expected)
 
 
-def _setup(name: str) -> Session:
+def _setup(name: str, **rules: object) -> Session:
     if name == "new":
-        return new(0.0)
+        return new(0.0, **rules)
     if name == "authed":
-        return authed(0.0)
-    s = in_room(0.0)
+        return authed(0.0, **rules)
+    s = in_room(0.0, **rules)
     if name == "left":
         assert s.receive_text(LEAVE, 0.1) == [LeaveRoom()]
     return s
@@ -433,6 +439,228 @@ def test_empty_body_says_bye_even_when_over_the_limit() -> None:
     assert_closed(s, s.receive_text(msg(""), 0.1), closes.BYE)
 
 
+# --- body length -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "body", "ok"),
+    [
+        (4096, "x" * 4096, True),
+        (4096, "x" * 4097, False),
+        (5, "12345", True),
+        (5, "123456", False),
+        # Characters, not bytes: five emoji are 20 bytes of UTF-8.
+        (5, "😀" * 5, True),
+        (5, "😀" * 6, False),
+        (1, "x", True),
+        (0, "x" * 100_000, True),
+    ],
+)
+def test_body_length_limit(limit: int, body: str, ok: bool) -> None:
+    s = in_room(0.0, max_body_chars=limit, rate_limit_count=0)
+    actions = s.receive_text(msg(body), 0.1)
+    if ok:
+        assert actions == [Publish(body)]
+    else:
+        assert_closed(s, actions, closes.BODY_TOO_LONG)
+
+
+def test_body_too_long_is_a_bad_field_close() -> None:
+    assert closes.BODY_TOO_LONG == closes.bad_field("body", "too long") == Close(1008, "body too long")
+
+
+def test_body_limit_is_not_the_name_or_token_limit() -> None:
+    # Only message bodies: a long token or room is judged by its own rules.
+    s = new(0.0, max_body_chars=3)
+    assert s.receive_text(auth(), 0.1) == []
+    assert s.receive_text(join("alice", "lobby"), 0.2) == [JoinRoom("lobby", "alice")]
+    assert s.receive_text(msg("abc"), 0.3) == [Publish("abc")]
+
+
+def test_empty_body_is_still_bye_and_long_body_beats_the_rate_limit() -> None:
+    s = in_room(0.0, max_body_chars=3, rate_limit_count=1)
+    assert s.receive_text(msg("abc"), 0.1) == [Publish("abc")]
+    # Over both limits: the body is judged first (it is the frame's own fault).
+    assert_closed(s, s.receive_text(msg("abcd"), 0.2), closes.BODY_TOO_LONG)
+    s = in_room(0.0, max_body_chars=3)
+    assert_closed(s, s.receive_text(msg(""), 0.1), closes.BYE)
+
+
+# --- keepalive --------------------------------------------------------------------------
+
+
+def keepalive(now: float = 0.0, interval: float = 20.0, timeout: float = 20.0, **rules: object) -> Session:
+    return in_room(now, ping_interval_s=interval, ping_timeout_s=timeout, rate_limit_count=0, **rules)
+
+
+def test_keepalive_pings_a_silent_member_and_drops_it_if_nothing_comes() -> None:
+    s = keepalive(0.0)
+    assert s.deadline == 20.0
+    assert s.timeout(19.999) == []
+    assert s.timeout(20.0) == [SendPing()]
+    assert s.deadline == 40.0
+    # One ping at a time: waking again before the answer is due sends nothing.
+    assert s.timeout(20.0) == [] and s.timeout(39.999) == []
+    assert_closed(s, s.timeout(40.0), closes.PING_TIMEOUT)
+
+
+@pytest.mark.parametrize("answer", ["pong", "message"])
+def test_any_frame_answers_a_ping(answer: str) -> None:
+    s = keepalive(0.0, interval=5.0, timeout=2.0)
+    assert s.timeout(5.0) == [SendPing()]
+    if answer == "pong":
+        assert s.heard(6.5) == []
+    else:
+        assert s.receive_text(msg(), 6.5) == [Publish("hello")]
+    # The next ping is due an interval after that frame, not after the ping.
+    assert s.deadline == 11.5
+    assert s.timeout(7.0) == [] and s.timeout(11.0) == []
+    assert s.timeout(11.5) == [SendPing()]
+    assert s.state is State.IN_ROOM
+
+
+def test_frames_keep_a_member_from_being_pinged() -> None:
+    s = keepalive(0.0, interval=1.0, timeout=1.0)
+    for i in range(1, 50):
+        # Its own pings (heard) and messages, each within the interval.
+        actions = s.heard(i * 0.9) if i % 2 else s.receive_text(msg(), i * 0.9)
+        assert SendPing() not in actions
+        assert s.timeout(i * 0.9 + 0.5) == []
+    assert s.state is State.IN_ROOM
+
+
+def test_a_late_wake_pings_late_and_times_out_from_the_ping() -> None:
+    s = keepalive(0.0, interval=5.0, timeout=2.0)
+    assert s.timeout(9.0) == [SendPing()]  # the shell overslept: ping now ...
+    assert s.deadline == 11.0  # ... and give the peer its full timeout
+    assert s.timeout(10.999) == []
+    assert_closed(s, s.timeout(11.0), closes.PING_TIMEOUT)
+
+
+@pytest.mark.parametrize("late", ["pong", "message"])
+def test_an_answer_after_the_ping_timeout_is_too_late(late: str) -> None:
+    s = keepalive(0.0, interval=5.0, timeout=2.0)
+    assert s.timeout(5.0) == [SendPing()]
+    actions = s.heard(7.0) if late == "pong" else s.receive_text(msg(), 7.0)
+    assert_closed(s, actions, closes.PING_TIMEOUT)
+
+
+def test_unsolicited_pong_just_counts_as_life() -> None:
+    s = keepalive(0.0, interval=5.0, timeout=2.0)
+    assert s.heard(3.0) == []
+    assert s.deadline == 8.0
+
+
+@pytest.mark.parametrize("setup", ["new", "authed", "room", "left"])
+def test_keepalive_off_never_pings(setup: str) -> None:
+    s = _setup(setup, ping_interval_s=0, join_timeout_s=1e6, auth_timeout_s=1e6)
+    for t in (1.0, 100.0, 1e5):
+        assert s.timeout(t) == []
+        assert s.heard(t) == []
+    assert s.state is not State.CLOSED
+    if setup == "room":
+        assert s.deadline is None
+
+
+@pytest.mark.parametrize("setup", ["new", "authed", "room", "left"])
+def test_keepalive_runs_in_every_state(setup: str) -> None:
+    s = _setup(setup, ping_interval_s=1.0, ping_timeout_s=1.0, join_timeout_s=100, auth_timeout_s=100)
+    heard = 0.0 if setup in ("new", "authed", "room") else 0.1
+    assert s.deadline == heard + 1.0
+    assert s.timeout(heard + 1.0) == [SendPing()]
+    assert_closed(s, s.timeout(heard + 2.0), closes.PING_TIMEOUT)
+
+
+def test_state_deadline_and_keepalive_take_the_earliest() -> None:
+    s = new(0.0, auth_timeout_s=2.0, ping_interval_s=0.5, ping_timeout_s=10.0)
+    assert s.deadline == 0.5
+    assert s.timeout(0.5) == [SendPing()]
+    assert s.deadline == 2.0  # the auth timeout comes before the ping's answer
+    assert s.heard(1.0) == []
+    assert s.deadline == 1.5
+    assert s.timeout(1.5) == [SendPing()]
+    assert_closed(s, s.timeout(2.0), closes.AUTH_TIMEOUT)
+
+
+# --- idle ---------------------------------------------------------------------------------
+
+
+def idle(now: float = 0.0, after: float = 5.0, **rules: object) -> Session:
+    rules.setdefault("ping_interval_s", 0)
+    return in_room(now, idle_timeout_s=after, rate_limit_count=0, **rules)
+
+
+def test_idle_is_off_by_default() -> None:
+    s = in_room(0.0, ping_interval_s=0)
+    assert s.deadline is None
+    assert s.timeout(1e9) == []
+
+
+def test_idle_member_is_closed() -> None:
+    s = idle(1.0, after=5.0)  # joined at 1.0
+    assert s.deadline == 6.0
+    assert s.timeout(5.999) == []
+    assert_closed(s, s.timeout(6.0), closes.IDLE_TIMEOUT)
+
+
+@pytest.mark.parametrize("frame", [msg(), LEAVE])
+def test_frames_reset_idle(frame: str) -> None:
+    s = idle(0.0, after=5.0)
+    s.receive_text(frame, 4.0)
+    if frame == LEAVE:
+        # Out of the room: only the join timeout applies, not idle.
+        assert s.deadline == 6.0
+        assert s.receive_text(join(), 5.0) == [JoinRoom("lobby", "alice")]
+        assert s.deadline == 10.0
+    else:
+        assert s.deadline == 9.0
+    assert s.timeout(8.999) == []
+
+
+def test_pings_and_pongs_do_not_reset_idle() -> None:
+    s = idle(0.0, after=5.0, ping_interval_s=1.0, ping_timeout_s=1.0)
+    t = 0.0
+    for _ in range(100):  # bounded: a bug must fail this test, not hang it
+        if s.state is State.CLOSED:
+            break
+        t = s.deadline
+        assert t is not None
+        actions = s.timeout(t)
+        if actions == [SendPing()]:
+            assert s.heard(t + 0.5) == []  # a perfect peer answers every ping
+    assert s.close == closes.IDLE_TIMEOUT
+    assert t == 5.0
+
+
+def test_idle_applies_only_in_a_room() -> None:
+    s = authed(0.0, idle_timeout_s=0.5, join_timeout_s=2.0, ping_interval_s=0)
+    assert s.deadline == 2.0
+    assert s.timeout(1.0) == []
+    assert_closed(s, s.timeout(2.0), closes.JOIN_TIMEOUT)
+
+
+def test_a_message_after_the_idle_deadline_is_too_late() -> None:
+    s = idle(0.0, after=5.0)
+    assert_closed(s, s.receive_text(msg(), 5.0), closes.IDLE_TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("idle_s", "wake", "expected"),
+    [
+        # Ping at 10, unanswered by 15; idle at 12: idle passed first.
+        (12.0, 20.0, closes.IDLE_TIMEOUT),
+        # Idle at 20: the ping timeout (15) passed first.
+        (20.0, 30.0, closes.PING_TIMEOUT),
+        # Both at 15: keepalive wins the tie (a dead peer is the likelier truth).
+        (15.0, 15.0, closes.PING_TIMEOUT),
+    ],
+)
+def test_the_deadline_that_passed_first_decides(idle_s: float, wake: float, expected: Close) -> None:
+    s = idle(0.0, after=idle_s, ping_interval_s=10.0, ping_timeout_s=5.0)
+    assert s.timeout(10.0) == [SendPing()]
+    assert_closed(s, s.timeout(wake), expected)
+
+
 # --- properties ---------------------------------------------------------------------
 
 FRAMES = st.one_of(
@@ -446,9 +674,10 @@ FRAMES = st.one_of(
 )
 STEPS = st.lists(
     st.tuples(
-        st.sampled_from(["text", "text", "text", "binary", "timeout", "end"]),
+        st.sampled_from(["text", "text", "text", "heard", "binary", "timeout", "timeout", "end"]),
         FRAMES,
-        st.floats(0.0, 3.0, allow_nan=False),
+        # Mostly short steps, so that several happen within one timer.
+        st.one_of(st.sampled_from([0.0, 0.005, 0.05, 0.1, 0.25, 0.4]), st.floats(0.0, 3.0, allow_nan=False)),
     ),
     max_size=30,
 )
@@ -459,21 +688,42 @@ RULES = st.builds(
     rate_limit_count=st.integers(0, 3),
     rate_limit_window_s=st.sampled_from([0.001, 0.5, 1.0, 5.0]),
     names=st.just(NameLimits()),
+    max_body_chars=st.sampled_from([0, 1, 5, 4096]),
+    ping_interval_s=st.sampled_from([0.0, 0.3, 1.0, 20.0]),
+    ping_timeout_s=st.sampled_from([0.01, 0.5, 2.0]),
+    idle_timeout_s=st.sampled_from([0.0, 0.2, 1.5]),
 )
+# Where a run starts: most interesting rules only apply once in a room, and
+# random frames rarely get there on their own.
+STARTS = st.sampled_from(["new", "authed", "room"])
 
 
-@settings(max_examples=200, deadline=None)
-@given(rules=RULES, steps=STEPS, t0=st.floats(-1e6, 1e6, allow_nan=False))
+@settings(max_examples=300, deadline=None)
+@given(rules=RULES, start=STARTS, steps=STEPS, t0=st.floats(-1e6, 1e6, allow_nan=False))
 def test_session_never_raises_and_stays_closed(
-    rules: SessionRules, steps: list[tuple[str, str, float]], t0: float
+    rules: SessionRules, start: str, steps: list[tuple[str, str, float]], t0: float
 ) -> None:
     s = Session(rules, check_token, t0)
+    if start != "new":
+        assert s.receive_text(auth(), t0) == []
+    if start == "room":
+        assert s.receive_text(join(), t0) == [JoinRoom("lobby", "alice")]
     now = t0
     closed_with: Close | None = None
+    # A model of the timers, kept by hand: the auth/join deadline, the last
+    # frame of any kind, the last text frame, and the ping in flight.
+    heard_at = sent_at = t0
+    ping_at: float | None = None
+    state_deadline: float | None = None if start == "room" else t0 + (
+        rules.auth_timeout_s if start == "new" else rules.join_timeout_s
+    )
     for kind, frame, dt in steps:
         now += dt
+        state_before = s.state
         if kind == "text":
             actions = s.receive_text(frame, now)
+        elif kind == "heard":
+            actions = s.heard(now)
         elif kind == "binary":
             actions = s.receive_binary(now)
         elif kind == "timeout":
@@ -483,10 +733,10 @@ def test_session_never_raises_and_stays_closed(
 
         if closed_with is not None:
             assert actions == []
-            assert s.state is State.CLOSED and s.close == closed_with
+            assert s.state is State.CLOSED and s.close == closed_with and s.deadline is None
             continue
 
-        assert all(isinstance(a, (JoinRoom, Publish, LeaveRoom, CloseClient)) for a in actions)
+        assert all(isinstance(a, (JoinRoom, Publish, LeaveRoom, SendPing, CloseClient)) for a in actions)
         assert len(actions) <= 1
         if actions and isinstance(actions[-1], CloseClient):
             close = actions[-1].close
@@ -494,19 +744,93 @@ def test_session_never_raises_and_stays_closed(
             assert 1000 <= close.code <= 4999
             assert close.reason
             assert s.state is State.CLOSED and s.close == close and s.deadline is None
+            # Timers never fire early, and when several have passed (the shell
+            # overslept, or a frame came late), the one that passed first decides.
+            timers: dict[Close, float] = {}
+            if state_deadline is not None:
+                late = closes.AUTH_TIMEOUT if state_before is State.AWAIT_AUTH else closes.JOIN_TIMEOUT
+                timers[late] = state_deadline
+            if ping_at is not None:
+                timers[closes.PING_TIMEOUT] = ping_at + rules.ping_timeout_s
+            if state_before is State.IN_ROOM and rules.idle_timeout_s > 0:
+                timers[closes.IDLE_TIMEOUT] = sent_at + rules.idle_timeout_s
+            passed = {c: t for c, t in timers.items() if t <= now}
+            if kind in ("text", "heard", "timeout") and passed:
+                assert close in passed and passed[close] == min(passed.values())
+            else:
+                assert close not in timers
             closed_with = close
             continue
         assert s.state is not State.CLOSED and s.close is None
-        # Deadlines exist exactly in the waiting states, and lie ahead.
+
+        if actions == [SendPing()]:
+            assert kind == "timeout" and ping_at is None and rules.ping_interval_s > 0
+            assert now >= heard_at + rules.ping_interval_s
+            ping_at = now
+        if kind in ("text", "heard"):
+            heard_at, ping_at = now, None
+        if kind == "text":
+            sent_at = now
+        if s.state is not state_before:
+            state_deadline = None if s.state is State.IN_ROOM else now + rules.join_timeout_s
+
+        # The deadline is the earliest pending one, and it lies ahead.
+        expected: list[float] = []
+        if ping_at is not None:
+            expected.append(ping_at + rules.ping_timeout_s)
+        elif rules.ping_interval_s > 0:
+            expected.append(heard_at + rules.ping_interval_s)
         if s.state is State.IN_ROOM:
-            assert s.deadline is None and s.room is not None
+            assert s.room is not None
+            if rules.idle_timeout_s > 0:
+                expected.append(sent_at + rules.idle_timeout_s)
         else:
-            assert s.deadline is not None and s.deadline > now
             assert s.room is None
+        deadline = s.deadline
+        if s.state is State.IN_ROOM:
+            assert deadline == min(expected, default=None)
+        else:
+            assert state_deadline is not None
+            assert deadline == min(expected + [state_deadline])
+        assert deadline is None or deadline > now
         for action in actions:
             if isinstance(action, JoinRoom):
                 assert s.state is State.IN_ROOM and s.room == action.room
             elif isinstance(action, Publish):
                 assert s.state is State.IN_ROOM and action.body
+                assert rules.max_body_chars == 0 or len(action.body) <= rules.max_body_chars
             elif isinstance(action, LeaveRoom):
                 assert s.state is State.AWAIT_JOIN
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    interval=st.floats(0.01, 100.0),
+    timeout=st.floats(0.01, 100.0),
+    answers=st.lists(st.floats(0.0, 0.999), max_size=20),
+    t0=st.floats(-1e6, 1e6),
+)
+def test_a_peer_that_answers_in_time_is_only_dropped_when_it_stops(
+    interval: float, timeout: float, answers: list[float], t0: float
+) -> None:
+    """A shell that always wakes at `deadline`, and a peer that answers each ping
+    within the timeout (as a fraction of it) until it stops answering."""
+    s = keepalive(t0, interval=interval, timeout=timeout)
+    for fraction in answers:
+        ping_at = s.deadline
+        assert ping_at is not None
+        assert s.timeout(ping_at) == [SendPing()]
+        answered_at = ping_at + fraction * timeout
+        if answered_at >= ping_at + timeout:
+            break  # rounding: no longer "within the timeout"
+        assert s.heard(answered_at) == []
+        assert s.deadline == answered_at + interval
+    # It stops answering: pinged (unless a ping is already out), then dropped.
+    ping_at = s.deadline
+    assert ping_at is not None
+    actions = s.timeout(ping_at)
+    if actions == [SendPing()]:
+        dropped_at = s.deadline
+        assert dropped_at == ping_at + timeout
+        actions = s.timeout(dropped_at)
+    assert_closed(s, actions, closes.PING_TIMEOUT)

@@ -1,0 +1,82 @@
+"""How many connections one router holds: in all, and per client address.
+
+Theory of operation
+-------------------
+The router calls `admit(address)` as it accepts a TCP connection and, if that
+returned None, `release(address)` once the connection is gone. Counting starts
+at accept, not at the end of the WebSocket handshake, so sockets that never
+finish their handshake count too (until GARIN_HANDSHAKE_TIMEOUT drops them). A
+refused connection is not counted: the shell completes its handshake only to
+close it with the returned `Close`, bounded by the same timeout.
+
+The per-client limit is checked first: when both apply, "too many connections"
+is the one the client can do something about.
+
+Addresses are grouped by who controls them: an IPv4 address is one client; an
+IPv6 client is its /64, since one host is usually handed a whole /64 and could
+otherwise open each connection from a new address; an IPv4-mapped IPv6 address
+is its IPv4 address. Behind a reverse proxy every client has the proxy's
+address, so there the per-client limit must be raised or turned off (0).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from garin import closes
+from garin.closes import Close
+
+
+def client_key(address: str) -> str:
+    """The name under which `address` is counted: the IPv4 address or the IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # drop an IPv6 zone id
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class ConnectionLimits:
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        """0 turns a limit off."""
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self._held: dict[str, int] = {}
+
+    def held(self, address: str) -> int:
+        """Connections counted for `address`'s client."""
+        return self._held.get(client_key(address), 0)
+
+    @property
+    def clients(self) -> int:
+        """Distinct clients holding at least one connection."""
+        return len(self._held)
+
+    def admit(self, address: str) -> Close | None:
+        """Count a new connection from `address`, or say why it is refused (not counted)."""
+        key = client_key(address)
+        held = self._held.get(key, 0)
+        if 0 < self.max_per_client <= held:
+            return closes.TOO_MANY_CONNECTIONS
+        if 0 < self.max_total <= self.total:
+            return closes.SERVER_FULL
+        self._held[key] = held + 1
+        self.total += 1
+        return None
+
+    def release(self, address: str) -> None:
+        """An admitted connection from `address` is gone."""
+        key = client_key(address)
+        held = self._held.get(key, 0)
+        if held == 0:
+            raise ValueError(f"release({address!r}): no admitted connection is counted for it")
+        if held == 1:
+            del self._held[key]
+        else:
+            self._held[key] = held - 1
+        self.total -= 1

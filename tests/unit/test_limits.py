@@ -1,0 +1,194 @@
+"""garin.limits: counting connections per router and per client address; the file limit."""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from garin import closes
+from garin.limits import ConnectionLimits, client_key
+from router import server
+
+
+def test_per_client_limit() -> None:
+    limits = ConnectionLimits(max_total=0, max_per_client=2)
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("10.0.0.1") == closes.TOO_MANY_CONNECTIONS
+    assert limits.admit("10.0.0.2") is None
+    assert (limits.total, limits.held("10.0.0.1"), limits.held("10.0.0.2")) == (3, 2, 1)
+
+
+def test_total_limit() -> None:
+    limits = ConnectionLimits(max_total=3, max_per_client=0)
+    for address in ("10.0.0.1", "10.0.0.2", "10.0.0.2"):
+        assert limits.admit(address) is None
+    assert limits.admit("10.0.0.3") == closes.SERVER_FULL
+    assert limits.admit("10.0.0.1") == closes.SERVER_FULL
+    assert limits.total == 3
+
+
+def test_per_client_is_checked_before_total() -> None:
+    limits = ConnectionLimits(max_total=2, max_per_client=2)
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("10.0.0.1") is None
+    # Both limits are reached: the one the client can fix is named.
+    assert limits.admit("10.0.0.1") == closes.TOO_MANY_CONNECTIONS
+    assert limits.admit("10.0.0.2") == closes.SERVER_FULL
+
+
+def test_release_frees_both_slots_and_forgets_the_client() -> None:
+    limits = ConnectionLimits(max_total=2, max_per_client=1)
+    assert limits.admit("10.0.0.1") is None
+    assert limits.admit("10.0.0.2") is None
+    assert limits.admit("10.0.0.3") == closes.SERVER_FULL
+    limits.release("10.0.0.1")
+    assert limits.admit("10.0.0.3") is None
+    assert limits.admit("10.0.0.1") == closes.SERVER_FULL
+    limits.release("10.0.0.2")
+    limits.release("10.0.0.3")
+    assert (limits.total, limits.clients) == (0, 0)
+
+
+def test_refusals_are_not_counted() -> None:
+    limits = ConnectionLimits(max_total=1, max_per_client=1)
+    assert limits.admit("10.0.0.1") is None
+    for _ in range(100):
+        assert limits.admit("10.0.0.1") == closes.TOO_MANY_CONNECTIONS
+        assert limits.admit("10.0.0.2") == closes.SERVER_FULL
+    assert (limits.total, limits.clients) == (1, 1)
+    with pytest.raises(ValueError, match="10.0.0.2"):
+        limits.release("10.0.0.2")
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "2001:db8::1", "?"])
+def test_release_without_admit_is_a_bug(address: str) -> None:
+    limits = ConnectionLimits(max_total=10, max_per_client=10)
+    with pytest.raises(ValueError):
+        limits.release(address)
+    assert limits.admit(address) is None
+    limits.release(address)
+    with pytest.raises(ValueError):
+        limits.release(address)
+
+
+def test_zero_means_no_limit() -> None:
+    limits = ConnectionLimits(max_total=0, max_per_client=0)
+    for _ in range(10_000):
+        assert limits.admit("10.0.0.1") is None
+    assert limits.total == limits.held("10.0.0.1") == 10_000
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::ffff", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::1", "::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("?", "?"),
+        ("", ""),
+        ("not an address", "not an address"),
+    ],
+)
+def test_client_key(address: str, key: str) -> None:
+    assert client_key(address) == key
+
+
+def test_one_ipv6_host_cannot_spread_over_its_64() -> None:
+    limits = ConnectionLimits(max_total=0, max_per_client=2)
+    assert limits.admit("2001:db8::1") is None
+    assert limits.admit("2001:db8::2") is None
+    assert limits.admit("2001:db8::ffff:3") == closes.TOO_MANY_CONNECTIONS
+    assert limits.admit("2001:db8:0:1::1") is None  # another /64
+    # An IPv4-mapped address and the IPv4 address are one client.
+    assert limits.admit("192.0.2.7") is None
+    assert limits.admit("::ffff:192.0.2.7") is None
+    assert limits.admit("192.0.2.7") == closes.TOO_MANY_CONNECTIONS
+    limits.release("::ffff:192.0.2.7")
+    assert limits.held("192.0.2.7") == 1
+
+
+ADDRESSES = st.sampled_from(["10.0.0.1", "10.0.0.2", "::ffff:10.0.0.2", "2001:db8::1", "2001:db8::2", "?"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_total=st.integers(0, 5),
+    max_per_client=st.integers(0, 3),
+    steps=st.lists(st.tuples(st.booleans(), ADDRESSES), max_size=60),
+)
+def test_limits_match_a_model(max_total: int, max_per_client: int, steps: list[tuple[bool, str]]) -> None:
+    limits = ConnectionLimits(max_total, max_per_client)
+    open_: list[str] = []  # addresses of admitted, still open connections
+    for connect, address in steps:
+        if connect:
+            same_client = sum(client_key(a) == client_key(address) for a in open_)
+            result = limits.admit(address)
+            if max_per_client and same_client >= max_per_client:
+                assert result == closes.TOO_MANY_CONNECTIONS
+            elif max_total and len(open_) >= max_total:
+                assert result == closes.SERVER_FULL
+            else:
+                assert result is None
+                open_.append(address)
+        elif address in open_:
+            open_.remove(address)
+            limits.release(address)
+        assert limits.total == len(open_)
+        assert not max_total or limits.total <= max_total
+        for a in open_:
+            assert limits.held(a) == sum(client_key(b) == client_key(a) for b in open_)
+            assert not max_per_client or limits.held(a) <= max_per_client
+    for address in open_:
+        limits.release(address)
+    assert (limits.total, limits.clients) == (0, 0)
+
+
+# --- the open-files limit the router asks for -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_connections", "soft", "hard", "set_to", "warns"),
+    [
+        (10_000, 1024, 1_048_576, 10_068, False),  # raised to what is needed
+        (10_000, 1024, 4096, 4096, True),  # raised as far as allowed, and a warning
+        (10_000, 1024, resource.RLIM_INFINITY, 10_068, False),
+        (10_000, 20_000, 20_000, None, False),  # already enough
+        (500, 1024, 1024, None, False),
+        (0, 1024, 1024, None, False),  # no limit asked for: nothing to size
+        (10_000, resource.RLIM_INFINITY, resource.RLIM_INFINITY, None, False),
+    ],
+)
+def test_raise_file_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    max_connections: int, soft: int, hard: int, set_to: int | None, warns: bool,
+) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    with caplog.at_level(logging.WARNING, logger="garin.router"):
+        result = server.raise_file_limit(max_connections, 4)
+    assert calls == ([] if set_to is None else [(set_to, hard)])
+    assert result == (soft if set_to is None else set_to)
+    assert ("ulimit -n" in caplog.text) == warns
+
+
+def test_raise_file_limit_survives_a_refusal(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 65536))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    with caplog.at_level(logging.WARNING, logger="garin.router"):
+        assert server.raise_file_limit(10_000, 4) == 1024
+    assert "may open only 1024 files" in caplog.text
