@@ -57,6 +57,7 @@ SHARD_UNAVAILABLE = Close(TRY_AGAIN_LATER, "room unavailable")
 AUTH_UNAVAILABLE = Close(TRY_AGAIN_LATER, "auth unavailable")
 # Our own code, so clients can tell "do not retry" from a plain policy close.
 BANNED = Close(4003, "banned")
+NO_USERNAME_CLAIM = Close(POLICY, "token has no usable username claim")
 # Connection limits. The handshake is completed and then closed, rather than
 # refused with HTTP 503/429: a browser hides a refused handshake's status from
 # the page (it sees only 1006), but shows it a close code and reason.
@@ -98,6 +99,7 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),
     (SHARD_UNAVAILABLE, "the shard that owns the room could not be reached"),
     (AUTH_UNAVAILABLE, "the JWKS keys have not been fetched yet (GARIN_JWKS_URL unreachable)"),
+    (NO_USERNAME_CLAIM, "GARIN_USERNAME_CLAIM is set and the token's claim is missing or the wrong length"),
     (BANNED, "the token's subject is on the ban list (GARIN_BAN_*, `garin ban`)"),
     (SERVER_FULL, "the router already has GARIN_MAX_CONNECTIONS connections"),
     (TOO_MANY_CONNECTIONS, "the client's address already has GARIN_MAX_CONNECTIONS_PER_IP connections"),

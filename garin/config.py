@@ -138,6 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
             "If set, tokens must carry this `aud`.", _text),
     Setting("jwt_issuer", "GARIN_JWT_ISSUER", "--jwt-issuer", "",
             "If set, tokens must carry this `iss`.", _text),
+    Setting("username_claim", "GARIN_USERNAME_CLAIM", "--username-claim", "",
+            "Token claim (e.g. sub or name) that sets the username, ignoring the join's; "
+            "empty keeps GarinChat's behaviour (the join names the user).", _text),
     Setting("ban_db", "GARIN_BAN_DB", "--ban-db", "garin-bans.sqlite3",
             "SQLite file of the ban list, shared by routers and `garin ban`; empty turns bans off.",
             _text),
@@ -223,6 +226,7 @@ class Config:
     jwks_refresh_s: float
     jwt_audience: str
     jwt_issuer: str
+    username_claim: str
     ban_db: str
     ban_strikes: int
     ban_window_s: float

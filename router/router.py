@@ -20,6 +20,7 @@ from garin.config import Config
 from garin.limits import ConnectionLimits
 from garin.routing import shard_for
 from garin.session import Session
+from router.bans import RouterBans
 from router.frames import text_frame
 from router.shard_link import ShardLink
 from router.websocket import ClientWebSocket
@@ -37,6 +38,10 @@ class Client:
     username: str | None = None
     # The shard has announced our join: we are in the local index.
     confirmed: bool = False
+    # From the token: `sub` (for the ban list) and, with GARIN_USERNAME_CLAIM,
+    # the name the client must chat under.
+    subject: str | None = None
+    claimed_name: str | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +70,7 @@ class Router:
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         self.index = RoomIndex()
         self.stopping = trio.Event()
+        self.bans = RouterBans(config.ban_db, config.ban_policy) if config.ban_db else None
         self._ids = itertools.count(1)
         self.links = [
             ShardLink(i, config.shard_socket(i), router_id, config.shards, self._on_shard_message, self._replay)

@@ -96,7 +96,20 @@ async def _serve(
         return
 
     def check_token(token: str) -> Close | None:
-        return verifier.verify(token, time.time())
+        claims = verifier.claims(token, time.time())
+        if isinstance(claims, Close):
+            return claims
+        subject = claims.get("sub")
+        client.subject = subject if isinstance(subject, str) else None
+        if router.bans is not None and client.subject is not None and router.bans.is_banned(client.subject):
+            return closes.BANNED
+        if config.username_claim:
+            name = claims.get(config.username_claim)
+            limits = config.session_rules.names
+            if not isinstance(name, str) or not limits.username_min <= len(name) <= limits.username_max:
+                return closes.NO_USERNAME_CLAIM
+            client.claimed_name = name
+        return None
 
     session = Session(config.session_rules, check_token, trio.current_time())
     client.session = session
@@ -142,7 +155,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 actions = session.end(item)
         for action in actions:
             if isinstance(action, JoinRoom):
-                router.join(client, action.room, action.username)
+                # With GARIN_USERNAME_CLAIM the token names the user, not the join.
+                router.join(client, action.room, client.claimed_name or action.username)
             elif isinstance(action, Publish):
                 router.publish(client, action.body)
             elif isinstance(action, LeaveRoom):
@@ -152,6 +166,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
             elif isinstance(action, CloseClient):
                 if client.room is not None:
                     router.leave(client)
+                if action.close == closes.RATE_LIMITED and router.bans is not None and client.subject is not None:
+                    router.bans.rate_limited(client.subject)
                 log.info("conn %d (%s): closing %d %s", client.id, client.peer, action.close.code, action.close.reason)
                 await sock.close(action.close)
                 return
@@ -212,6 +228,8 @@ async def serve_router(
         links.start_soon(_stop_on_signal, router)
         if jwks is not None:
             links.start_soon(keep_jwks_fresh, config.jwks_url, jwks, config.jwks_refresh_s)
+        if router.bans is not None:
+            links.start_soon(router.bans.run)
         if lifeline_fd is not None:
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:
