@@ -76,7 +76,7 @@ def run(**options: Any) -> None:
     from garin.supervisor import run_supervisor
 
     config = _load(options)
-    setup_logging(config.log_level, "garin")
+    setup_logging(config.log_level, "garin", config.log_format)
     try:
         code = run_supervisor(config)
     except OSError as exc:
@@ -99,7 +99,9 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
 
     config = _load(options)
     router_id = router_id or os.environ.get("HONCHO_PROCESS_NAME") or str(os.getpid())
-    setup_logging(config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}")
+    setup_logging(
+        config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
+    )
     try:
         trio.run(serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:
@@ -132,7 +134,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     assert index is not None
     if not 0 <= index < config.shards:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
-    setup_logging(config.log_level, f"shard.{index}")
+    setup_logging(config.log_level, f"shard.{index}", config.log_format)
     try:
         trio.run(serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:

@@ -208,6 +208,9 @@ SETTINGS: tuple[Setting, ...] = (
             _seconds(0.1, 600)),
     Setting("log_level", "GARIN_LOG_LEVEL", "--log-level", "info",
             "Log level.", _choice("debug", "info", "warning", "error")),
+    Setting("log_format", "GARIN_LOG_FORMAT", "--log-format", "text",
+            "Log lines as text (for people) or json (one object per line, for log shippers).",
+            _choice("text", "json")),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -254,6 +257,7 @@ class Config:
     max_connections_per_ip: int
     shutdown_timeout_s: float
     log_level: str
+    log_format: str
 
     @property
     def ban_policy(self) -> BanPolicy:

@@ -126,6 +126,8 @@ class GarinServer:
     exit_code: int | None = field(init=False, default=None)
     # Mints client tokens (subject, ttl_s) for servers not on the HMAC secret.
     minter: Callable[[str, float | None], str] | None = None
+    # The whole log, kept by stop() before the work directory is removed.
+    final_log: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         # Short path: Unix socket paths are limited to ~100 characters.
@@ -249,6 +251,7 @@ class GarinServer:
         self.exit_code = code
         assert code == 0, f"garin exited with {code} after SIGTERM:\n{self.log_tail()}"
         assert not self.socket_dir.exists(), f"socket dir {self.socket_dir} left behind"
+        self.final_log = self.log_path.read_text(errors="replace")
         shutil.rmtree(self.workdir, ignore_errors=True)
         return code
 
