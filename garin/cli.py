@@ -55,6 +55,15 @@ def _load(options: dict[str, Any], required: tuple[str, ...] = ("jwt_secret", "a
     return config
 
 
+def _enable_metrics(config: Config, fresh: bool) -> None:
+    """Multi-process metrics must be switched on before prometheus_client loads;
+    `garin run` starts the directory afresh, its children inherit it."""
+    if config.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from garin import metrics
+
+        metrics.enable(str(config.metrics_dir), fresh)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="garin")
 def main() -> None:
@@ -77,6 +86,7 @@ def run(**options: Any) -> None:
 
     config = _load(options)
     setup_logging(config.log_level, "garin", config.log_format)
+    _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
     except OSError as exc:
@@ -94,10 +104,12 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     import trio
 
     from garin.logs import setup_logging
+
+    config = _load(options)
+    _enable_metrics(config, fresh=False)
     from router.server import serve_router
     from router.shard_link import ShardRefused
 
-    config = _load(options)
     router_id = router_id or os.environ.get("HONCHO_PROCESS_NAME") or str(os.getpid())
     setup_logging(
         config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
@@ -124,7 +136,6 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     import trio
 
     from garin.logs import setup_logging
-    from shard.server import serve_shard
 
     config = _load(options, required=())
     if index is None:
@@ -135,6 +146,9 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     if not 0 <= index < config.shards:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
     setup_logging(config.log_level, f"shard.{index}", config.log_format)
+    _enable_metrics(config, fresh=False)
+    from shard.server import serve_shard
+
     try:
         trio.run(serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:

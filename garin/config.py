@@ -208,6 +208,11 @@ SETTINGS: tuple[Setting, ...] = (
             _seconds(0.1, 600)),
     Setting("log_level", "GARIN_LOG_LEVEL", "--log-level", "info",
             "Log level.", _choice("debug", "info", "warning", "error")),
+    Setting("metrics_port", "GARIN_METRICS_PORT", "--metrics-port", "0",
+            "Port for GET /metrics (Prometheus) and GET /health on every router; 0 turns it off.",
+            _int(0, 65535)),
+    Setting("metrics_host", "GARIN_METRICS_HOST", "--metrics-host", "127.0.0.1",
+            "Address of the metrics and health port (keep it private).", _nonempty),
     Setting("log_format", "GARIN_LOG_FORMAT", "--log-format", "text",
             "Log lines as text (for people) or json (one object per line, for log shippers).",
             _choice("text", "json")),
@@ -258,6 +263,8 @@ class Config:
     shutdown_timeout_s: float
     log_level: str
     log_format: str
+    metrics_port: int
+    metrics_host: str
 
     @property
     def ban_policy(self) -> BanPolicy:
@@ -276,6 +283,10 @@ class Config:
             ping_timeout_s=self.ping_timeout_s,
             idle_timeout_s=self.idle_timeout_s,
         )
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.socket_dir) / "metrics"
 
     def shard_socket(self, index: int) -> Path:
         return Path(self.socket_dir) / f"shard-{index}.sock"

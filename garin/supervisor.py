@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,6 +123,7 @@ class Supervisor:
                 start_new_session=True,
             )
             code = await child.process.wait()
+            _metrics_child_died(child.process.pid)
             if self.stopping.is_set():
                 return
             lived = trio.current_time() - started
@@ -133,6 +135,7 @@ class Supervisor:
                 return
             delay = min(0.1 * 2**fast_exits, RESTART_DELAY_MAX_S) if fast_exits else 0.1
             log.warning("%s exited with code %d after %.1fs; restarting in %.1fs", child.name, code, lived, delay)
+            _metrics_restart(child.name)
             await trio.sleep(delay)
 
     async def _stop_children(self, children: list[Child]) -> None:
@@ -151,9 +154,24 @@ class Supervisor:
                     await process.wait()
 
 
+def _metrics_child_died(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from garin import metrics
+
+        metrics.mark_dead(pid)
+
+
+def _metrics_restart(name: str) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from garin import metrics
+
+        metrics.RESTARTS.labels(child=name).inc()
+
+
 def _remove_socket_dir(path: Path) -> None:
     if not path.is_dir():
         return
+    shutil.rmtree(path / "metrics", ignore_errors=True)
     for entry in path.glob("shard-*.sock"):
         entry.unlink(missing_ok=True)
     try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from garin import metrics
 from garin import wire
 from garin.config import Config
 from garin.limits import ConnectionLimits
@@ -76,6 +77,9 @@ class Router:
             ShardLink(i, config.shard_socket(i), router_id, config.shards, self._on_shard_message, self._replay)
             for i in range(config.shards)
         ]
+
+    def shard_health(self) -> dict[str, bool]:
+        return {str(link.index): link.connected for link in self.links}
 
     def new_client(self, peer: str) -> Client:
         client = Client(next(self._ids), peer)
@@ -142,3 +146,4 @@ class Router:
         for member_id, client in members.items():
             if member_id != exclude and client.socket is not None:
                 client.socket.send_frame(frame)
+        metrics.DELIVERIES.inc(len(members) - (exclude in members))

@@ -17,13 +17,17 @@ from garin import closes
 from garin.auth import TokenVerifier
 from garin.closes import Close
 from garin.config import Config
+from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.lifeline import watch_lifeline
 from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, SendPing, Session
+from router.status import serve_status
 from router.router import Client, Router
 from router.websocket import BinaryMessage, ClientWebSocket, Heard, PeerClosed
 
 log = logging.getLogger("garin.router")
+
+METRICS_SAMPLE_S = 1.0
 
 
 def origin_allowed(request: Request, allowed: tuple[str, ...]) -> bool:
@@ -46,6 +50,7 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     # Counted from accept, so a handshake that never ends still holds a slot.
     refusal = router.limits.admit(host)
     client = router.new_client(peer)
+    metrics.CONNECTIONS.inc()
     try:
         async with trio.open_nursery() as nursery:
             sock = ClientWebSocket(stream, nursery, router.config.max_message_bytes, router.config.max_outbox_bytes)
@@ -58,6 +63,7 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     except Exception:
         log.exception("conn %d (%s): internal error", client.id, peer)
     finally:
+        metrics.CONNECTIONS.dec()
         router.forget(client)
         if refusal is None:
             router.limits.release(host)
@@ -154,11 +160,12 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
             else:
                 actions = session.end(item)
         for action in actions:
-            if isinstance(action, JoinRoom):
+            if isinstance(action, Publish):
+                metrics.MESSAGES_IN.inc()
+                router.publish(client, action.body)
+            elif isinstance(action, JoinRoom):
                 # With GARIN_USERNAME_CLAIM the token names the user, not the join.
                 router.join(client, action.room, client.claimed_name or action.username)
-            elif isinstance(action, Publish):
-                router.publish(client, action.body)
             elif isinstance(action, LeaveRoom):
                 router.leave(client)
             elif isinstance(action, SendPing):
@@ -169,8 +176,20 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 if action.close == closes.RATE_LIMITED and router.bans is not None and client.subject is not None:
                     router.bans.rate_limited(client.subject)
                 log.info("conn %d (%s): closing %d %s", client.id, client.peer, action.close.code, action.close.reason)
+                _count_close(action.close)
                 await sock.close(action.close)
                 return
+
+
+_KNOWN_REASONS = {close.reason for close, _ in closes.ALL_CLOSES}
+
+
+def _count_close(close: Close) -> None:
+    # Reasons with a variable part (wsproto's, a field name) share one label.
+    reason = close.reason if close.reason in _KNOWN_REASONS else "other"
+    metrics.CLOSES.labels(code=str(close.code), reason=reason).inc()
+    if close == closes.TOO_SLOW:
+        metrics.SLOW_CONSUMER_DROPS.inc()
 
 
 def raise_file_limit(max_connections: int, shards: int) -> int:
@@ -230,6 +249,9 @@ async def serve_router(
             links.start_soon(keep_jwks_fresh, config.jwks_url, jwks, config.jwks_refresh_s)
         if router.bans is not None:
             links.start_soon(router.bans.run)
+        links.start_soon(_sample_links, router)
+        if config.metrics_port:
+            links.start_soon(serve_status, config.metrics_host, config.metrics_port, router.shard_health)
         if lifeline_fd is not None:
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:
@@ -257,6 +279,16 @@ async def serve_router(
             while any(link.queued and link.connected for link in router.links):
                 await trio.sleep(0.01)
         links.cancel_scope.cancel()
+
+
+async def _sample_links(router: Router) -> None:
+    """Gauges that describe state rather than events: sampled, not counted."""
+    while True:
+        for link in router.links:
+            shard = str(link.index)
+            metrics.LINK_QUEUE.labels(shard=shard).set(link.queued)
+            metrics.SHARD_LINKS_UP.labels(shard=shard).set(1 if link.connected else 0)
+        await trio.sleep(METRICS_SAMPLE_S)
 
 
 async def _stop_on_signal(router: Router) -> None:

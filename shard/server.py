@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from garin import wire
+from garin import metrics, wire
 from garin.config import Config
 from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
@@ -145,8 +145,10 @@ class Shard:
             if isinstance(message, wire.Publish):
                 out = rooms.publish(link_id, message.member, message.body)
             elif isinstance(message, wire.Join):
+                metrics.JOINS.inc()
                 out = rooms.join(link_id, message.member, message.room, message.username)
             elif isinstance(message, wire.Leave):
+                metrics.LEAVES.inc()
                 out = rooms.leave(link_id, message.member)
             elif isinstance(message, wire.Rejoin):
                 out = rooms.rejoin(link_id, message.member, message.room, message.username)
@@ -188,6 +190,7 @@ async def serve_shard(
         listener = trio.SocketListener(sock)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, index)
+            nursery.start_soon(_sample_rooms, shard)
             if lifeline_fd is not None:
                 nursery.start_soon(watch_lifeline, lifeline_fd, nursery.cancel_scope.cancel)
             nursery.start_soon(trio.serve_listeners, shard.handle_link, [listener])
@@ -198,6 +201,14 @@ async def serve_shard(
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+async def _sample_rooms(shard: Shard) -> None:
+    label = str(shard.index)
+    while True:
+        metrics.ROOMS.labels(shard=label).set(len(shard.rooms))
+        metrics.MEMBERS.labels(shard=label).set(shard.rooms.members())
+        await trio.sleep(1.0)
 
 
 async def _is_alive(path: Path) -> bool:
