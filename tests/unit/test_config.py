@@ -52,6 +52,7 @@ def test_defaults() -> None:
     assert (config.username_min, config.username_max) == (3, 32)
     assert (config.room_min, config.room_max) == (3, 64)
     assert config.max_outbox_bytes == 1048576
+    assert (config.shard_hold_bytes, config.shard_hold_timeout_s) == (4 * 1024 * 1024, 10.0)
     assert (config.handshake_timeout_s, config.shutdown_timeout_s) == (10.0, 5.0)
     assert config.log_level == "info"
 
@@ -209,6 +210,9 @@ INVALID = [
     ("GARIN_USERNAME_MIN", "0"), ("GARIN_USERNAME_MAX", "1025"),
     ("GARIN_ROOM_MIN", "-3"), ("GARIN_ROOM_MAX", "big"),
     ("GARIN_MAX_OUTBOX_BYTES", "1023"),
+    ("GARIN_SHARD_HOLD_BYTES", "-1"), ("GARIN_SHARD_HOLD_BYTES", "4MiB"),
+    ("GARIN_SHARD_HOLD_TIMEOUT", "-1"), ("GARIN_SHARD_HOLD_TIMEOUT", "3601"),
+    ("GARIN_SHARD_HOLD_TIMEOUT", "long"),
     ("GARIN_HANDSHAKE_TIMEOUT", "0.05"),
     ("GARIN_SHUTDOWN_TIMEOUT", "601"), ("GARIN_SHUTDOWN_TIMEOUT", "0"),
     ("GARIN_LOG_LEVEL", "verbose"), ("GARIN_LOG_LEVEL", "INFO"), ("GARIN_LOG_LEVEL", ""),
@@ -253,6 +257,10 @@ def test_invalid_option_value_names_the_option(env: str, value: str) -> None:
         ("GARIN_SHARDS", "1", "shards", 1),
         ("GARIN_SHARDS", "256", "shards", 256),
         ("GARIN_MAX_MESSAGE_BYTES", "64", "max_message_bytes", 64),
+        ("GARIN_SHARD_HOLD_BYTES", "0", "shard_hold_bytes", 0),
+        ("GARIN_SHARD_HOLD_BYTES", "65536", "shard_hold_bytes", 65536),
+        ("GARIN_SHARD_HOLD_TIMEOUT", "0", "shard_hold_timeout_s", 0.0),
+        ("GARIN_SHARD_HOLD_TIMEOUT", "2.5s", "shard_hold_timeout_s", 2.5),
         ("GARIN_LOG_LEVEL", "debug", "log_level", "debug"),
         ("GARIN_SOCKET_DIR", "", "socket_dir", f"/tmp/garin-{os.getuid()}-8080"),
         ("ALLOWED_ORIGINS", "*", "allowed_origins", ("*",)),
@@ -399,6 +407,7 @@ ROUND_TRIP = [
     {"GARIN_USERNAME_MIN": "1", "GARIN_USERNAME_MAX": "1", "GARIN_ROOM_MIN": "7",
      "GARIN_ROOM_MAX": "1024", "GARIN_MAX_MESSAGE_BYTES": "64",
      "GARIN_MAX_OUTBOX_BYTES": "1024"},
+    {"GARIN_SHARD_HOLD_BYTES": "0", "GARIN_SHARD_HOLD_TIMEOUT": "0.5"},
 ]
 
 
