@@ -129,7 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Number of shard processes (part of the routing: all processes must agree).",
             _int(1, 256)),
     Setting("routers", "GARIN_ROUTERS", "--routers", "1",
-            "Number of router processes `garin run` starts.", _int(1, 64)),
+            "Number of router processes: `garin run` starts this many, and a starting shard "
+            "waits (2 s at most) for this many to replay their members before it applies "
+            "new events, so set it to match when you run routers yourself.", _int(1, 64)),
     Setting("socket_dir", "GARIN_SOCKET_DIR", "--socket-dir", "",
             "Directory for the shards' Unix sockets (default /tmp/garin-UID-PORT).", _text),
     Setting("auth_timeout_s", "GARIN_AUTH_TIMEOUT", "--auth-timeout", "2",
