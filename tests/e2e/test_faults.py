@@ -66,6 +66,7 @@ from test_processes import (
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("hard_cap")]
 
 T = TypeVar("T")
+GARIN = [sys.executable, "-m", "garin"]
 UNAVAILABLE = (1013, "room unavailable")
 
 
@@ -250,7 +251,7 @@ def test_child_that_always_dies_at_start_stops_run_with_one_clear_line(tmp_path:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     env = base_env(free_port(), str(blocker / "s"))
-    proc = start([sys.executable, "-m", "garin", "run", "--shards", "1"], env, tmp_path)
+    proc = start([*GARIN, "run", "--shards", "1"], env, tmp_path)
     try:
         code = proc.wait(timeout=40)
     finally:
@@ -262,6 +263,33 @@ def test_child_that_always_dies_at_start_stops_run_with_one_clear_line(tmp_path:
     assert "Not a directory" in output  # the shard's own reason, once per attempt
     assert "Traceback" not in output
     assert "garin stopped" in output.splitlines()[-1]
+
+
+def test_second_run_on_the_same_socket_dir_fails_with_one_line_and_leaves_the_first_alone(
+    socket_dir: str, tmp_path: Path,
+) -> None:
+    port = free_port()
+    first = start([*GARIN, "run", "--shards", "2"], base_env(port, socket_dir), tmp_path)
+    try:
+        ws = join(port, "first", "first-room")
+        second = subprocess.run(
+            [*GARIN, "run", "--shards", "2"], env=base_env(free_port(), socket_dir), cwd=tmp_path,
+            capture_output=True, text=True, timeout=30,
+        )
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is in use by another garin" in lines[0], second.stderr
+        assert "GARIN_SOCKET_DIR" in lines[0]
+        # The first server keeps its sockets and serves on.
+        assert sorted(os.listdir(socket_dir)) == ["shard-0.sock", "shard-1.sock"]
+        later = join(port, "later", "first-room")
+        assert recv_json(ws) == {"type": "join", "username": "later", "totalUsers": 2}
+        later.close()
+        ws.close()
+        assert stop(first) == 0
+    finally:
+        output = finish(first)
+    assert "Traceback" not in output
 
 
 # -- a shard dies ----------------------------------------------------------------
@@ -368,9 +396,6 @@ def test_shard_killed_under_traffic_loses_no_client_and_no_held_message(
         late.send(message_frame("hello all"))
         for _, ws in [*members, ("newcomer", newcomer)]:
             expect_message(ws, "latecomer", "hello all")
-
-
-GARIN = [sys.executable, "-m", "garin"]
 
 
 def start_shard(index: int, settings: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
