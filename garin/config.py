@@ -157,7 +157,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Number of shard processes (part of the routing: all processes must agree).",
             _int(1, 256)),
     Setting("routers", "GARIN_ROUTERS", "--routers", "1",
-            "Number of router processes `garin run` starts.", _int(1, 64)),
+            "Number of router processes: `garin run` starts this many, and a starting shard "
+            "waits (2 s at most) for this many to replay their members before it applies "
+            "new events, so set it to match when you run routers yourself.", _int(1, 64)),
     Setting("socket_dir", "GARIN_SOCKET_DIR", "--socket-dir", "",
             "Directory for the shards' Unix sockets (default /tmp/garin-UID-PORT).", _text),
     Setting("auth_timeout_s", "GARIN_AUTH_TIMEOUT", "--auth-timeout", "2",
@@ -194,6 +196,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_outbox_bytes", "GARIN_MAX_OUTBOX_BYTES", "--max-outbox-bytes", "1048576",
             "Bytes queued for a client that is not reading before it is closed (too slow).",
             _int(1024)),
+    # While a shard is unreachable (killed, restarting) each router holds the
+    # events for its rooms and sends them once it is back. 4 MiB and 10 s
+    # cover a supervisor restart (well under a second) with a wide margin,
+    # yet cap the memory one dead shard can cost a router.
+    Setting("shard_hold_bytes", "GARIN_SHARD_HOLD_BYTES", "--shard-hold-bytes", "4194304",
+            "Bytes of events a router holds for an unreachable shard; past that the clients "
+            "in its rooms are closed (1013 room unavailable). 0 holds nothing.", _int(0)),
+    Setting("shard_hold_timeout_s", "GARIN_SHARD_HOLD_TIMEOUT", "--shard-hold-timeout", "10",
+            "Seconds a router waits for an unreachable shard before closing the clients in its "
+            "rooms (1013 room unavailable) and refusing joins there until it is back.",
+            _seconds(0, 3600)),
     Setting("handshake_timeout_s", "GARIN_HANDSHAKE_TIMEOUT", "--handshake-timeout", "10",
             "Seconds to complete the HTTP upgrade.", _seconds(0.1)),
     Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",
@@ -257,6 +270,8 @@ class Config:
     room_min: int
     room_max: int
     max_outbox_bytes: int
+    shard_hold_bytes: int
+    shard_hold_timeout_s: float
     handshake_timeout_s: float
     max_connections: int
     max_connections_per_ip: int

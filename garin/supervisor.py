@@ -4,9 +4,10 @@ Modelled on uvicorn's multiprocess supervisor, but children have roles
 (shard i, router j) and each slot is restarted in place. The supervisor binds
 the public port once and every router inherits the listening socket, so a
 second `garin run` on the same port fails at once instead of silently sharing
-it. Signals only set an event; the stop sequence runs in the main task:
-SIGTERM to every child, wait up to the shutdown timeout, SIGKILL what is
-left, remove the socket directory.
+it; so does one whose socket directory has live shards in it. Signals only
+set an event; the stop sequence runs in the main task: SIGTERM to every
+child, wait up to the shutdown timeout, SIGKILL what is left, remove the
+socket directory.
 """
 
 from __future__ import annotations
@@ -78,7 +79,19 @@ class Supervisor:
         ]
         return shards + routers
 
+    def check_socket_dir(self) -> None:
+        """Refuse a socket directory whose shards are alive: another garin uses it.
+
+        Its routers would otherwise link to the other server's shards, and
+        when our own shards had failed to start, the clean-up at exit would
+        remove the other server's sockets."""
+        for index in range(self.config.shards):
+            path = self.config.shard_socket(index)
+            if _is_listening(path):
+                raise OSError(f"{path} is in use by another garin: give each server its own GARIN_SOCKET_DIR")
+
     async def run(self) -> int:
+        self.check_socket_dir()
         sock = self.bind()
         port = sock.getsockname()[1]
         env = {**os.environ, **self.config.to_env(), "PORT": str(port), "GARIN_PORT": str(port)}
@@ -166,6 +179,16 @@ def _metrics_restart(name: str) -> None:
         from garin import metrics
 
         metrics.RESTARTS.labels(child=name).inc()
+
+
+def _is_listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False  # no file, not a socket, or nobody listening (stale)
+        return True
 
 
 def _remove_socket_dir(path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Every message is one msgpack array `[tag, field, ...]`. The first message on a
 link is the router's `Hello`; the shard answers `Welcome` or `Refuse` (then
-closes). Member ids are chosen by the router and unique only within it; a shard
+closes). The router then replays the members it has on that shard (`Rejoin`,
+needed after a shard restart) and sends `Replayed`; everything after that is
+new. Member ids are chosen by the router and unique only within it; a shard
 keys members by (link, member). Texts sent to clients are built once by the
 shard as UTF-8 bytes and travel as msgpack `bin`, so a router turns them into
 WebSocket frames without decoding them.
@@ -18,7 +20,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+# 2: Replayed.
+PROTOCOL_VERSION = 2
 # One message is at most a client text plus small fields; anything far larger
 # means a corrupt or hostile peer.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -74,6 +77,17 @@ class Leave:
     member: int
 
 
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The router has re-sent (`Rejoin`) every member it has on this shard.
+
+    A shard that has just started applies no other event until every router
+    has replayed (or a grace period has passed), so a join's totalUsers and a
+    held message's recipients include the members of every router."""
+
+    TAG: ClassVar[int] = 5
+
+
 # --- shard -> router -------------------------------------------------------
 
 
@@ -111,7 +125,7 @@ class Deliver:
     text: bytes
 
 
-WireMessage = Hello | Join | Rejoin | Publish | Leave | Welcome | Refuse | Joined | Deliver
+WireMessage = Hello | Join | Rejoin | Publish | Leave | Replayed | Welcome | Refuse | Joined | Deliver
 
 _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
     Hello.TAG: (Hello, (int, str, int, int, str)),
@@ -119,6 +133,7 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
     Rejoin.TAG: (Rejoin, (int, str, str)),
     Publish.TAG: (Publish, (int, str)),
     Leave.TAG: (Leave, (int,)),
+    Replayed.TAG: (Replayed, ()),
     Welcome.TAG: (Welcome, (int, int)),
     Refuse.TAG: (Refuse, (str,)),
     Joined.TAG: (Joined, (str, int, bytes)),

@@ -4,19 +4,23 @@ The router keeps only its own sockets' room index; the shards own the truth.
 A member enters the index when its shard confirms the join (`Joined`), so it
 receives exactly the room's events from its own join announcement on. Every
 event from a shard becomes one frame, written to each local member.
+
+When a shard is unreachable for longer than its link's hold allows, every
+client in that shard's rooms (and every client waiting for a join there) is
+closed with 1013 "room unavailable"; joins to its rooms are refused the same
+way until the link is back. What a link replays after a shard restart is the
+link's business (router/outbox.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import trio
 
-from garin import metrics
-from garin import wire
+from garin import closes, metrics, wire
 from garin.config import Config
 from garin.limits import ConnectionLimits
 from garin.routing import shard_for
@@ -74,7 +78,10 @@ class Router:
         self.bans = RouterBans(config.ban_db, config.ban_policy) if config.ban_db else None
         self._ids = itertools.count(1)
         self.links = [
-            ShardLink(i, config.shard_socket(i), router_id, config.shards, self._on_shard_message, self._replay)
+            ShardLink(
+                i, config.shard_socket(i), router_id, config.shards, self._on_shard_message,
+                self._shard_unavailable, config.shard_hold_bytes, config.shard_hold_timeout_s,
+            )
             for i in range(config.shards)
         ]
 
@@ -98,7 +105,8 @@ class Router:
 
     def join(self, client: Client, room: str, username: str) -> None:
         client.room, client.username, client.confirmed = room, username, False
-        self._link(room).send(wire.Join(client.id, room, username))
+        if not self._link(room).send(wire.Join(client.id, room, username)) and client.socket is not None:
+            client.socket.kick(closes.SHARD_UNAVAILABLE)
 
     def publish(self, client: Client, body: str) -> None:
         assert client.room is not None
@@ -112,17 +120,15 @@ class Router:
         client.room, client.confirmed = None, False
         self._link(room).send(wire.Leave(client.id))
 
-    def _replay(self, shard: int) -> Iterator[wire.WireMessage]:
-        """What a reconnected shard must learn again about our members."""
+    def _shard_unavailable(self, shard: int) -> int:
+        """The hold for `shard` ran out: close every client in its rooms; how many."""
+        closing = 0
         for client in self.clients.values():
             room = client.room
-            if room is None or shard_for(room, self.config.shards) != shard:
-                continue
-            assert client.username is not None
-            if client.confirmed:
-                yield wire.Rejoin(client.id, room, client.username)
-            else:
-                yield wire.Join(client.id, room, client.username)
+            if room is not None and shard_for(room, self.config.shards) == shard and client.socket is not None:
+                client.socket.kick(closes.SHARD_UNAVAILABLE)
+                closing += 1
+        return closing
 
     # -- shard -> clients ---------------------------------------------------
 
@@ -130,6 +136,7 @@ class Router:
         if isinstance(message, wire.Deliver):
             self._fan_out(message.room, message.text, message.exclude)
         elif isinstance(message, wire.Joined):
+            self._link(message.room).outbox.confirm(message.member, message.room)
             client = self.clients.get(message.member)
             if client is not None and client.room == message.room and not client.confirmed:
                 client.confirmed = True

@@ -1,29 +1,32 @@
 """One router's link to one shard: connect, hello, replay, then pump both ways.
 
-Outgoing messages are encoded at once and queued; a single writer task sends
-whatever has queued up with one `send_all`, so a busy link costs one system
-call per batch rather than one per message. While the shard is unreachable
-the queue keeps filling and the link retries; when it is back, the router's
-members of that shard's rooms are replayed first (so counts stay right), then
-the queue flows.
+Outgoing messages go to the link's `Outbox` (router/outbox.py, which decides
+what is held, replayed and dropped); a single writer task sends whatever has
+queued up with one system call, so a busy link costs one call per batch
+rather than one per message. While the shard is unreachable the outbox holds
+its events and the link retries every RETRY_MAX_S at most; when the hold runs
+out, `on_unavailable(index)` lets the router close the shard's clients.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from garin import wire
 from garin.routing import HASH_NAME
+from router.outbox import LinkState, Outbox, Verdict
 
 log = logging.getLogger("garin.router")
 
 HELLO_TIMEOUT_S = 5.0
 RETRY_MIN_S = 0.05
-RETRY_MAX_S = 2.0
+# A restarted shard is back within a second or so; retrying a Unix socket
+# connect twice a second costs nothing and keeps the outage short.
+RETRY_MAX_S = 0.5
 RECEIVE_BYTES = 256 * 1024
 
 
@@ -39,25 +42,53 @@ class ShardLink:
         router_id: str,
         shard_count: int,
         dispatch: Callable[[wire.WireMessage], None],
-        replay: Callable[[int], Iterable[wire.WireMessage]],
+        on_unavailable: Callable[[int], int],
+        hold_bytes: int,
+        hold_timeout_s: float,
     ) -> None:
         self.index = index
         self.path = path
         self._router_id = router_id
         self._shard_count = shard_count
         self._dispatch = dispatch
-        self._replay = replay
-        self._queue: list[bytes] = []
+        self._on_unavailable = on_unavailable
+        self.outbox = Outbox(hold_bytes, hold_timeout_s, trio.current_time())
         self._wake = trio.Event()
         self.connected = False
 
-    def send(self, message: wire.WireMessage) -> None:
-        self._queue.append(wire.encode(message))
-        self._wake.set()
+    def send(self, message: wire.WireMessage) -> bool:
+        """Queue (or hold) `message`; False if it was dropped because the shard
+        is unavailable (the sender's client is being closed)."""
+        verdict = self.outbox.add(message)
+        if verdict is Verdict.QUEUED:
+            self._wake.set()
+            return True
+        if verdict is Verdict.OVERFLOW:
+            self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
+        return False
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self.outbox.queued_bytes
+
+    def _give_up(self, why: str) -> None:
+        closing = self._on_unavailable(self.index)
+        log.warning(
+            "shard %d unreachable, %s: closing its %d clients with 1013 room unavailable "
+            "and refusing joins to its rooms until it is back",
+            self.index, why, closing,
+        )
+
+    def _check_hold(self) -> None:
+        if self.outbox.expire(trio.current_time()):
+            self._give_up(f"down for {self.outbox.hold_timeout_s:g} s")
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep before the next connection attempt, waking for the hold's deadline."""
+        until = trio.current_time() + seconds
+        deadline = self.outbox.deadline
+        await trio.sleep_until(until if deadline is None else min(until, deadline))
+        self._check_hold()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the link up forever; `started` once the first hello succeeds."""
@@ -65,13 +96,14 @@ class ShardLink:
         started = False
         announced_down = False
         while True:
+            self._check_hold()
             try:
                 stream = await trio.open_unix_socket(str(self.path))
             except OSError as exc:
                 if not announced_down:
                     log.info("shard %d not reachable at %s (%s); retrying", self.index, self.path, exc.strerror)
                     announced_down = True
-                await trio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             delay = RETRY_MIN_S
@@ -90,7 +122,9 @@ class ShardLink:
                 log.warning("link to shard %d lost (%s); reconnecting", self.index, error or type(error).__name__)
             finally:
                 self.connected = False
-            await trio.sleep(RETRY_MIN_S)
+            if self.outbox.state is LinkState.UP and self.outbox.link_down(trio.current_time()):
+                self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
+            await self._pause(RETRY_MIN_S)
 
     async def _handshake(self, stream: trio.SocketStream) -> None:
         hello = wire.Hello(wire.PROTOCOL_VERSION, self._router_id, self.index, self._shard_count, HASH_NAME)
@@ -107,14 +141,14 @@ class ShardLink:
                     if not isinstance(message, wire.Welcome) or message.shard_index != self.index:
                         raise wire.WireError(f"expected welcome from shard {self.index}, got {message}")
                     self._decoder = decoder
-                    # Replayed members go before anything queued while down.
-                    self._queue[:0] = [wire.encode(m) for m in self._replay(self.index)]
+                    # Replayed members go before anything held while down.
+                    self.outbox.link_up()
                     self._wake.set()
                     return
 
     async def _pump(self, stream: trio.SocketStream) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write, stream)
+            nursery.start_soon(self._write, stream.socket)
             decoder = self._decoder
             dispatch = self._dispatch
             while True:
@@ -129,12 +163,24 @@ class ShardLink:
                         # it every room of this shard, down.
                         log.exception("shard %d: failed to deliver %s", self.index, type(message).__name__)
 
-    async def _write(self, stream: trio.SocketStream) -> None:
+    async def _write(self, sock: trio.socket.SocketType) -> None:
+        outbox = self.outbox
         while True:
-            if not self._queue:
+            batch = outbox.take()
+            if batch is None:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            batch = b"".join(self._queue)
-            self._queue.clear()
-            await stream.send_all(batch)
+            # Written by hand, not with send_all, to know whether any of the
+            # batch reached the socket: if none did (the shard was already
+            # dead), the outbox sends it again after the restart.
+            sent = 0
+            try:
+                with memoryview(batch) as view:
+                    while sent < len(view):
+                        sent += await sock.send(view[sent:])
+            except BaseException:
+                if sent:
+                    outbox.sent()
+                raise
+            outbox.sent()

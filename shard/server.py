@@ -2,7 +2,8 @@
 
 Each link has a queue of encoded messages and one writer task that sends the
 whole queue with one `send_all`. A message for several links is encoded once.
-The rooms core decides everything; this module only moves bytes.
+The rooms core decides everything, and the replay gate (shard/gate.py) when a
+newly started shard may apply new events; this module only moves bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import logging
 import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 import trio
@@ -19,6 +21,7 @@ from garin import metrics, wire
 from garin.config import Config
 from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
+from shard.gate import REPLAY_GRACE_S, ReplayGate
 from shard.rooms import Outgoing, Rooms
 
 log = logging.getLogger("garin.shard")
@@ -70,6 +73,8 @@ class Shard:
         self.rooms = Rooms()
         self.links: dict[int, Link] = {}
         self._ids = itertools.count(1)
+        self.gate = ReplayGate(config.routers, trio.current_time())
+        self.ready = trio.Event()
 
     def dispatch(self, outgoing: list[Outgoing]) -> None:
         encoded: dict[int, bytes] = {}
@@ -127,21 +132,48 @@ class Shard:
             await stream.send_all(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, self.index)))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.write_forever)
-                self._apply(link.id, pending)
+                await self._apply_gated(link, pending)
                 while True:
                     data = await stream.receive_some(RECEIVE_BYTES)
                     if not data:
                         break
-                    self._apply(link.id, decoder.feed(data))
+                    if self.ready.is_set():
+                        self._apply(link.id, decoder.feed(data))
+                    else:
+                        await self._apply_gated(link, decoder.feed(data))
                 nursery.cancel_scope.cancel()
         finally:
             del self.links[link.id]
             self.dispatch(self.rooms.drop_link(link.id))
             log.info("shard %d: router %s unlinked", self.index, hello.router_id)
 
-    def _apply(self, link_id: int, messages: object) -> None:
+    async def _apply_gated(self, link: Link, messages: Iterable[wire.WireMessage]) -> None:
+        """Apply `messages` in order while the replay gate may still be shut:
+        replays go through, anything else waits for the gate."""
+        for message in messages:
+            if not self.ready.is_set():
+                if type(message) is wire.Replayed:
+                    if self.gate.replayed(link.router_id):
+                        log.debug("shard %d: %d routers replayed; applying events", self.index, self.gate.expected)
+                        self.ready.set()
+                    continue
+                if type(message) is not wire.Rejoin:
+                    await self.ready.wait()
+            self._apply(link.id, (message,))
+
+    async def open_gate_after_grace(self) -> None:
+        await trio.sleep_until(self.gate.deadline)
+        if self.gate.timeout(trio.current_time()) and not self.ready.is_set():
+            log.info(
+                "shard %d: only %d of %d routers (GARIN_ROUTERS) replayed their members within %g s; "
+                "applying events without the rest",
+                self.index, len(self.gate.replayed_by), self.gate.expected, REPLAY_GRACE_S,
+            )
+            self.ready.set()
+
+    def _apply(self, link_id: int, messages: Iterable[wire.WireMessage]) -> None:
         rooms = self.rooms
-        for message in messages:  # type: ignore[attr-defined]
+        for message in messages:
             if isinstance(message, wire.Publish):
                 out = rooms.publish(link_id, message.member, message.body)
             elif isinstance(message, wire.Join):
@@ -152,6 +184,8 @@ class Shard:
                 out = rooms.leave(link_id, message.member)
             elif isinstance(message, wire.Rejoin):
                 out = rooms.rejoin(link_id, message.member, message.room, message.username)
+            elif isinstance(message, wire.Replayed):
+                continue  # the gate is open already
             else:
                 raise wire.WireError(f"unexpected {type(message).__name__} from a router")
             if out:
@@ -193,6 +227,7 @@ async def serve_shard(
             nursery.start_soon(_sample_rooms, shard)
             if lifeline_fd is not None:
                 nursery.start_soon(watch_lifeline, lifeline_fd, nursery.cancel_scope.cancel)
+            nursery.start_soon(shard.open_gate_after_grace)
             nursery.start_soon(trio.serve_listeners, shard.handle_link, [listener])
             log.info("shard %d of %d listening on %s", index, config.shards, path)
             task_status.started(path)

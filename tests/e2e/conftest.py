@@ -86,6 +86,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cap(seconds): hard wall-time cap of one e2e test")
 
 
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    """A fresh GARIN_SOCKET_DIR path (not created), removed afterwards."""
+    # Unix socket paths are limited to ~108 bytes: keep it short.
+    parent = tempfile.mkdtemp(prefix="gp", dir="/tmp")
+    yield os.path.join(parent, "s")
+    shutil.rmtree(parent, ignore_errors=True)
+
+
 # -- names ---------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -121,14 +120,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.fixture
-def socket_dir():
-    # Unix socket paths are limited to ~108 bytes: keep it short.
-    parent = tempfile.mkdtemp(prefix="gp")
-    yield os.path.join(parent, "s")
-    subprocess.run(["rm", "-rf", parent])
-
-
 def test_run_serves_all_shards_and_sigterm_closes_clients_with_1001(socket_dir, tmp_path):
     port = free_port()
     proc = start([sys.executable, "-m", "garin", "run", "--shards", "4"], base_env(port, socket_dir), tmp_path)
@@ -188,8 +179,8 @@ def test_second_run_on_same_port_fails_with_one_line(socket_dir, tmp_path):
     assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_procfile_under_honcho(socket_dir, tmp_path):
-    port = free_port()
+def start_honcho(port: int, socket_dir: str, tmp_path) -> subprocess.Popen:
+    """The Procfile under honcho, configured by an env file as an operator would."""
     env_file = tmp_path / "garin.env"
     env_file.write_text(
         f"JWT_DECODE_SECRET={SECRET}\nALLOWED_ORIGINS={ORIGIN}\nGARIN_HOST=127.0.0.1\n"
@@ -198,7 +189,12 @@ def test_procfile_under_honcho(socket_dir, tmp_path):
     env = base_env(port, socket_dir)
     for key in ("PORT", "GARIN_SOCKET_DIR", "GARIN_HOST", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS", "GARIN_RATE_LIMIT_COUNT"):
         env.pop(key)
-    proc = start([str(BIN / "honcho"), "start", "-f", str(REPO / "Procfile"), "-e", str(env_file), "-d", str(tmp_path)], env, tmp_path)
+    return start([str(BIN / "honcho"), "start", "-f", str(REPO / "Procfile"), "-e", str(env_file), "-d", str(tmp_path)], env, tmp_path)
+
+
+def test_procfile_under_honcho(socket_dir, tmp_path):
+    port = free_port()
+    proc = start_honcho(port, socket_dir, tmp_path)
     try:
         rooms = {}
         for n in range(200):

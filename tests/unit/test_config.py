@@ -55,6 +55,7 @@ def test_defaults() -> None:
     assert (config.username_min, config.username_max) == (3, 32)
     assert (config.room_min, config.room_max) == (3, 64)
     assert config.max_outbox_bytes == 1048576
+    assert (config.shard_hold_bytes, config.shard_hold_timeout_s) == (4 * 1024 * 1024, 10.0)
     assert (config.handshake_timeout_s, config.shutdown_timeout_s) == (10.0, 5.0)
     assert (config.max_connections, config.max_connections_per_ip) == (10000, 100)
     assert config.log_level == "info"
@@ -221,6 +222,9 @@ INVALID = [
     ("GARIN_PING_INTERVAL", "-1"), ("GARIN_PING_INTERVAL", "often"), ("GARIN_PING_INTERVAL", "86401"),
     ("GARIN_PING_TIMEOUT", "0"), ("GARIN_PING_TIMEOUT", "0.001"),
     ("GARIN_IDLE_TIMEOUT", "-5"), ("GARIN_IDLE_TIMEOUT", "1h"),
+    ("GARIN_SHARD_HOLD_BYTES", "-1"), ("GARIN_SHARD_HOLD_BYTES", "4MiB"),
+    ("GARIN_SHARD_HOLD_TIMEOUT", "-1"), ("GARIN_SHARD_HOLD_TIMEOUT", "3601"),
+    ("GARIN_SHARD_HOLD_TIMEOUT", "long"),
     ("GARIN_HANDSHAKE_TIMEOUT", "0.05"),
     ("GARIN_MAX_CONNECTIONS", "-1"), ("GARIN_MAX_CONNECTIONS", "10k"),
     ("GARIN_MAX_CONNECTIONS_PER_IP", "-1"), ("GARIN_MAX_CONNECTIONS_PER_IP", "many"),
@@ -277,6 +281,10 @@ def test_invalid_option_value_names_the_option(env: str, value: str) -> None:
         ("GARIN_PING_TIMEOUT", "0.01", "ping_timeout_s", 0.01),
         ("GARIN_IDLE_TIMEOUT", "0", "idle_timeout_s", 0.0),
         ("GARIN_IDLE_TIMEOUT", "3600", "idle_timeout_s", 3600.0),
+        ("GARIN_SHARD_HOLD_BYTES", "0", "shard_hold_bytes", 0),
+        ("GARIN_SHARD_HOLD_BYTES", "65536", "shard_hold_bytes", 65536),
+        ("GARIN_SHARD_HOLD_TIMEOUT", "0", "shard_hold_timeout_s", 0.0),
+        ("GARIN_SHARD_HOLD_TIMEOUT", "2.5s", "shard_hold_timeout_s", 2.5),
         ("GARIN_LOG_LEVEL", "debug", "log_level", "debug"),
         ("GARIN_SOCKET_DIR", "", "socket_dir", f"/tmp/garin-{os.getuid()}-8080"),
         ("ALLOWED_ORIGINS", "*", "allowed_origins", ("*",)),
@@ -425,6 +433,7 @@ ROUND_TRIP = [
      "GARIN_MAX_OUTBOX_BYTES": "1024"},
     {"GARIN_MAX_BODY_CHARS": "0", "GARIN_PING_INTERVAL": "0", "GARIN_PING_TIMEOUT": "0.25",
      "GARIN_IDLE_TIMEOUT": "90", "GARIN_MAX_CONNECTIONS": "0", "GARIN_MAX_CONNECTIONS_PER_IP": "7"},
+    {"GARIN_SHARD_HOLD_BYTES": "0", "GARIN_SHARD_HOLD_TIMEOUT": "0.5"},
 ]
 
 

@@ -21,6 +21,7 @@ from garin.wire import (
     Publish,
     Refuse,
     Rejoin,
+    Replayed,
     Welcome,
     WireError,
     encode,
@@ -46,6 +47,7 @@ SAMPLES: list[wire.WireMessage] = [
     Leave(1),
     Leave(0),
     Leave(2**64 - 1),
+    Replayed(),
     Welcome(1, 0),
     Welcome(1, 255),
     Refuse("shard count mismatch: router has 4, shard has 8"),
@@ -97,19 +99,20 @@ def test_texts_travel_as_bin(cls: type) -> None:
 
 def test_tags_are_distinct_and_stable() -> None:
     tags = {cls.__name__: cls.TAG for cls in
-            (Hello, Join, Rejoin, Publish, Leave, Welcome, Refuse, Joined, Deliver)}
-    assert tags == {"Hello": 0, "Join": 1, "Rejoin": 2, "Publish": 3, "Leave": 4,
+            (Hello, Join, Rejoin, Publish, Leave, Replayed, Welcome, Refuse, Joined, Deliver)}
+    assert tags == {"Hello": 0, "Join": 1, "Rejoin": 2, "Publish": 3, "Leave": 4, "Replayed": 5,
                     "Welcome": 10, "Refuse": 11, "Joined": 12, "Deliver": 13}
 
 
 def test_protocol_version() -> None:
-    assert wire.PROTOCOL_VERSION == 1
+    assert wire.PROTOCOL_VERSION == 2
 
 
 def test_encoding_is_compact() -> None:
     # Small shapes matter: the link carries every chat message.
     assert len(encode(Publish(1, "hi"))) <= 8
     assert len(encode(Leave(1))) <= 3
+    assert len(encode(Replayed())) <= 2
 
 
 # --- streaming ------------------------------------------------------------------------
@@ -244,6 +247,7 @@ def test_not_an_array(data: bytes) -> None:
         pytest.param((Publish.TAG, 1, "x", "y"), id="Publish long"),
         pytest.param((Leave.TAG,), id="Leave short"),
         pytest.param((Leave.TAG, 1, 2), id="Leave long"),
+        pytest.param((Replayed.TAG, 1), id="Replayed long"),
         pytest.param((Welcome.TAG, 1), id="Welcome short"),
         pytest.param((Refuse.TAG,), id="Refuse short"),
         pytest.param((Refuse.TAG, "a", "b"), id="Refuse long"),
