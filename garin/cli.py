@@ -91,9 +91,8 @@ def run(**options: Any) -> None:
 @_config_options
 def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one router: the WebSocket front (for Procfile / systemd use)."""
-    import trio
-
     from garin.logs import setup_logging
+    from garin.profiling import run_trio
     from router.server import serve_router
     from router.shard_link import ShardRefused
 
@@ -101,7 +100,7 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     router_id = router_id or os.environ.get("HONCHO_PROCESS_NAME") or str(os.getpid())
     setup_logging(config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}")
     try:
-        trio.run(serve_router, config, router_id, listen_fd, lifeline_fd)
+        run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:
         _fail(str(group.exceptions[0]))
     except* OSError as group:
@@ -119,9 +118,8 @@ def _index_from_honcho() -> int | None:
 @_config_options
 def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one shard: owns the rooms that hash to it (for Procfile / systemd use)."""
-    import trio
-
     from garin.logs import setup_logging
+    from garin.profiling import run_trio
     from shard.server import serve_shard
 
     config = _load(options, required=())
@@ -134,7 +132,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
     setup_logging(config.log_level, f"shard.{index}")
     try:
-        trio.run(serve_shard, config, index, lifeline_fd)
+        run_trio(f"shard-{index}", serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:
         _fail(f"shard {index}: {group.exceptions[0]}")
 
