@@ -83,6 +83,11 @@ class ClientWebSocket:
         self.kicked: Close | None = None
         self.dead = False
         self.receive_scope: trio.CancelScope | None = None
+        # Fan-out may write here: the handshake is accepted, no close frame was
+        # sent or received, nobody kicked us and the socket is alive. One flag,
+        # kept up to date where any of those change, so that `send_frame` (run
+        # once per delivery) tests a single attribute.
+        self._fanout = False
 
     # -- handshake ----------------------------------------------------------
 
@@ -104,6 +109,10 @@ class ClientWebSocket:
 
     def accept(self) -> None:
         self.send_bytes(self._ws.send(AcceptConnection()))
+        self._update_fanout()
+
+    def _update_fanout(self) -> None:
+        self._fanout = self.kicked is None and not self.dead and self._ws.state is ConnectionState.OPEN
 
     async def reject(self, status: int, body: str) -> None:
         data = body.encode() + b"\n"
@@ -155,9 +164,11 @@ class ClientWebSocket:
                 elif isinstance(event, Ping):
                     self.send_bytes(self._ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
+                    self._update_fanout()
                     if self._ws.state is ConnectionState.REMOTE_CLOSING:
                         # The peer closed: answer with its own code.
                         self.send_bytes(self._ws.send(event.response()))
+                        self._update_fanout()
                         return PeerClosed(event.code, event.reason or "")
                     # wsproto reports a frame it could not parse (bad UTF-8,
                     # bad opcode) as a close it wants us to send.
@@ -170,9 +181,25 @@ class ClientWebSocket:
     # -- sending ------------------------------------------------------------
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue a pre-encoded frame; never blocks. Used for fan-out."""
-        if self.kicked is None and self._ws.state is ConnectionState.OPEN:
-            self.send_bytes(frame)
+        """Queue a pre-encoded frame; never blocks. Used for fan-out.
+
+        The same as `send_bytes` for an open connection, inlined: this runs
+        once per delivered message.
+        """
+        if not self._fanout:
+            return
+        if self._outbox:
+            self._enqueue(frame)
+            return
+        try:
+            written = os.write(self._fd, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self._die()
+            return
+        if written != len(frame):
+            self._enqueue(memoryview(frame)[written:])
 
     def send_bytes(self, data: bytes | memoryview) -> None:
         if self.dead:
@@ -188,6 +215,9 @@ class ClientWebSocket:
             if written == len(data):
                 return
             data = memoryview(data)[written:]
+        self._enqueue(data)
+
+    def _enqueue(self, data: bytes | memoryview) -> None:
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         if self._outbox_bytes > self._max_outbox_bytes:
@@ -248,6 +278,7 @@ class ClientWebSocket:
 
     def _die(self) -> None:
         self.dead = True
+        self._fanout = False
         self._outbox.clear()
         self._outbox_bytes = 0
         if self.receive_scope is not None:
@@ -257,6 +288,7 @@ class ClientWebSocket:
         """Ask the session task to close this client with `close`."""
         if self.kicked is None:
             self.kicked = close
+        self._fanout = False
         if self.receive_scope is not None:
             self.receive_scope.cancel()
 
@@ -271,6 +303,7 @@ class ClientWebSocket:
         with trio.move_on_after(CLOSE_LINGER_S):
             if self._ws.state is ConnectionState.OPEN:
                 self.send_bytes(self._ws.send(CloseConnection(close.code, close.reason)))
+            self._update_fanout()
             await self.flush()
             if not self.dead:
                 # Half-close and read until the peer hangs up: closing with
@@ -287,6 +320,7 @@ class ClientWebSocket:
 
     async def aclose(self) -> None:
         self.dead = True
+        self._fanout = False
         self._outbox.clear()
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
