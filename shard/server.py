@@ -1,8 +1,10 @@
 """The shard's trio shell: a Unix socket, one task per router link.
 
-Each link has a queue of encoded messages and one writer task that sends the
-whole queue with one `send_all`. A message for several links is encoded once.
-The rooms core decides everything; this module only moves bytes.
+Each link writes through a `BatchWriter`: everything the shard produced for
+a link in one scheduler pass (all the messages one receive returned, and any
+other link's work in the same pass) leaves in one system call at the end of
+the pass, without waking a writer task. A message for several links is
+encoded once. The rooms core decides everything; this module only moves bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import trio
 
 from garin import wire
+from garin.batch_writer import BatchWriter
 from garin.config import Config
 from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
@@ -35,32 +38,10 @@ class Link:
         self.id = link_id
         self.router_id = router_id
         self.stream = stream
-        self.queue: list[bytes] = []
-        self.queued_bytes = 0
-        self.wake = trio.Event()
-        self.overflow = False
+        self.writer = BatchWriter(stream.socket, MAX_LINK_QUEUE_BYTES, f"router {router_id}")
 
     def send(self, data: bytes) -> None:
-        if self.overflow:
-            return
-        self.queue.append(data)
-        self.queued_bytes += len(data)
-        if self.queued_bytes > MAX_LINK_QUEUE_BYTES:
-            self.overflow = True
-        self.wake.set()
-
-    async def write_forever(self) -> None:
-        while True:
-            if self.overflow:
-                raise trio.BrokenResourceError(f"router {self.router_id} is not reading its link")
-            if not self.queue:
-                self.wake = trio.Event()
-                await self.wake.wait()
-                continue
-            batch = b"".join(self.queue)
-            self.queue.clear()
-            self.queued_bytes = 0
-            await self.stream.send_all(batch)
+        self.writer.send(data)
 
 
 class Shard:
@@ -126,7 +107,7 @@ class Shard:
         try:
             await stream.send_all(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, self.index)))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.write_forever)
+                nursery.start_soon(link.writer.run)
                 self._apply(link.id, pending)
                 while True:
                     data = await stream.receive_some(RECEIVE_BYTES)
@@ -135,6 +116,7 @@ class Shard:
                     self._apply(link.id, decoder.feed(data))
                 nursery.cancel_scope.cancel()
         finally:
+            link.writer.close()
             del self.links[link.id]
             self.dispatch(self.rooms.drop_link(link.id))
             log.info("shard %d: router %s unlinked", self.index, hello.router_id)
