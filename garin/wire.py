@@ -12,8 +12,9 @@ This is the only module that touches msgpack.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import astuple, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import msgpack
@@ -126,23 +127,35 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
 }
 
 
+# Per class, a function returning (TAG, field, ...): dataclasses.astuple deep-
+# copies every field and costs more than the packing itself.
+_AS_ARRAY: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+for _cls, _ in _FIELD_TYPES.values():
+    _getter = attrgetter(*(f.name for f in fields(_cls)))
+    _AS_ARRAY[_cls] = (
+        (lambda m, _t=_cls.TAG, _g=_getter: (_t, _g(m)))
+        if len(fields(_cls)) == 1
+        else (lambda m, _t=_cls.TAG, _g=_getter: (_t, *_g(m)))
+    )
+del _cls, _getter
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode(message: WireMessage) -> bytes:
-    return msgpack.packb((message.TAG, *astuple(message)), use_bin_type=True)
+    return _pack(_AS_ARRAY[type(message)](message))
 
 
 def _build(item: Any) -> WireMessage:
     if not isinstance(item, tuple) or not item:
         raise WireError(f"expected a non-empty array, got {item!r:.80}")
-    tag, *fields = item
+    tag, *values = item
     spec = _FIELD_TYPES.get(tag) if type(tag) is int else None
     if spec is None:
         raise WireError(f"unknown message tag {tag!r:.40}")
     cls, types = spec
-    if len(fields) != len(types) or not all(
-        type(value) is kind for value, kind in zip(fields, types)
-    ):
-        raise WireError(f"bad fields for {cls.__name__}: {fields!r:.120}")
-    return cls(*fields)  # type: ignore[no-any-return]
+    if tuple(map(type, values)) != types:
+        raise WireError(f"bad fields for {cls.__name__}: {values!r:.120}")
+    return cls(*values)  # type: ignore[no-any-return]
 
 
 class Decoder:
