@@ -1,7 +1,10 @@
-"""Batched writes for the router <-> shard links: one system call per scheduler pass.
+"""Lean socket I/O for the hot paths: batched writes, one-read receives.
 
-Theory of operation
--------------------
+`BatchWriter` serves the router <-> shard links: one system call per link per
+scheduler pass. `receive_some` is the receive every hot loop uses.
+
+Theory of operation (writes)
+----------------------------
 A link carries many small messages. Writing each at once costs a system call
 per message; handing them to a writer task costs a task wake-up per batch
 (tens of microseconds of trio machinery, at low load once per message). Here
@@ -153,3 +156,42 @@ class BatchWriter:
                 if isinstance(error, trio.BrokenResourceError):
                     raise error
                 raise trio.BrokenResourceError(f"link write failed: {error}") from error
+
+
+async def receive_some(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+    """Wait until `sock` is readable, then read once; b"" at end of stream.
+
+    The hot receive loops' replacement for `SocketStream.receive_some`, which
+    first tries a read (at chat rates it nearly always fails with EAGAIN: a
+    wasted system call and a raised BlockingIOError), and wraps each call in
+    a conflict detector, an error-translating context manager and two more
+    coroutine layers. Errors are trio's: BrokenResourceError for a failed
+    read, ClosedResourceError if our side closed the socket meanwhile.
+    Always a checkpoint (it always waits).
+    """
+    fd = sock.fileno()
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+
+
+async def receive_into(sock: trio.socket.SocketType, buffer: bytearray) -> memoryview:
+    """`receive_some` into a reusable buffer: the link loops read up to 256 KiB
+    at a time, and a fresh bytes object that large is an mmap + munmap per read.
+    The view is valid until the next call; empty at end of stream."""
+    fd = sock.fileno()
+    view = memoryview(buffer)
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            n = os.readv(fd, (buffer,))
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+        return view[:n]

@@ -166,7 +166,7 @@ class Decoder:
             raw=False, use_list=False, max_buffer_size=MAX_MESSAGE_BYTES * 2
         )
 
-    def feed(self, data: bytes) -> Iterator[WireMessage]:
+    def feed(self, data: bytes | memoryview) -> Iterator[WireMessage]:
         try:
             self._unpacker.feed(data)
             for item in self._unpacker:

@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from garin import wire
-from garin.batch_writer import BatchWriter
+from garin.batch_writer import BatchWriter, receive_into
 from garin.routing import HASH_NAME
 
 log = logging.getLogger("garin.router")
@@ -129,8 +129,10 @@ class ShardLink:
                 nursery.start_soon(writer.run)
                 decoder = self._decoder
                 dispatch = self._dispatch
+                sock = stream.socket
+                buffer = bytearray(RECEIVE_BYTES)
                 while True:
-                    data = await stream.receive_some(RECEIVE_BYTES)
+                    data = await receive_into(sock, buffer)
                     if not data:
                         raise trio.BrokenResourceError("shard closed the link")
                     for message in decoder.feed(data):

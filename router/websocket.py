@@ -34,6 +34,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from garin import closes
+from garin.batch_writer import receive_some
 from garin.closes import Close
 
 RECEIVE_BYTES = 64 * 1024
@@ -137,7 +138,7 @@ class ClientWebSocket:
 
     async def _receive_some(self) -> bytes:
         try:
-            return await self._stream.receive_some(RECEIVE_BYTES)
+            return await receive_some(self._sock, RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 

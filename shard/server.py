@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from garin import wire
-from garin.batch_writer import BatchWriter
+from garin.batch_writer import BatchWriter, receive_into
 from garin.config import Config
 from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
@@ -109,8 +109,10 @@ class Shard:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.writer.run)
                 self._apply(link.id, pending)
+                sock = stream.socket
+                buffer = bytearray(RECEIVE_BYTES)
                 while True:
-                    data = await stream.receive_some(RECEIVE_BYTES)
+                    data = await receive_into(sock, buffer)
                     if not data:
                         break
                     self._apply(link.id, decoder.feed(data))
