@@ -63,6 +63,9 @@ class Router:
         self.clients: dict[int, Client] = {}
         self.index = RoomIndex()
         self.stopping = trio.Event()
+        # Where connections start their short-lived helper tasks; set by
+        # serve_router before the first connection is accepted.
+        self.background: trio.Nursery
         self._ids = itertools.count(1)
         self.links = [
             ShardLink(i, config.shard_socket(i), router_id, config.shards, self._on_shard_message, self._replay)

@@ -41,14 +41,17 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
         peer = "?"
     client = router.new_client(peer)
     try:
-        async with trio.open_nursery() as nursery:
-            sock = ClientWebSocket(stream, nursery, router.config.max_message_bytes, router.config.max_outbox_bytes)
-            client.socket = sock
-            try:
-                await _serve(router, verifier, client, sock)
-            finally:
-                await sock.aclose()
-                nursery.cancel_scope.cancel()
+        # A connection's drain task (only while its outbox is non-empty) runs
+        # in the router-wide nursery: no nursery (cancel scope, status, task
+        # list) per connection.
+        sock = ClientWebSocket(
+            stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes
+        )
+        client.socket = sock
+        try:
+            await _serve(router, verifier, client, sock)
+        finally:
+            await sock.aclose()
     except Exception:
         log.exception("conn %d (%s): internal error", client.id, peer)
     finally:
@@ -167,6 +170,7 @@ async def serve_router(
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:
             async with trio.open_nursery() as handlers:
+                router.background = handlers
                 accepting = trio.CancelScope()
 
                 async def accept() -> None:

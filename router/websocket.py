@@ -13,6 +13,7 @@ reading: it is kicked with 1013 "too slow" and never delays anyone else.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from collections import deque
@@ -36,6 +37,8 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from garin import closes
 from garin.batch_writer import receive_some
 from garin.closes import Close
+
+log = logging.getLogger("garin.router")
 
 RECEIVE_BYTES = 64 * 1024
 # Chunks handed to one writev(); far below IOV_MAX (1024).
@@ -248,10 +251,16 @@ class ClientWebSocket:
                 written = 0
 
     async def _drain(self) -> None:
+        # Runs in the router-wide nursery, so nothing may escape from here.
         try:
             while self._outbox and not self.dead:
                 await trio.lowlevel.wait_writable(self._sock)
                 self._write_queued()
+        except (trio.ClosedResourceError, OSError):
+            self._die()  # closed under us (the session ended): nothing more to send
+        except Exception:
+            log.exception("drain failed")
+            self._die()
         finally:
             self._draining = False
             if self._drained is not None:
