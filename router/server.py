@@ -81,6 +81,7 @@ async def _serve(router: Router, verifier: TokenVerifier, client: Client, sock: 
         await sock.reject(403, "origin not allowed")
         return
     sock.accept()
+    del request  # its headers would otherwise live as long as the session
 
     def check_token(token: str) -> Close | None:
         return verifier.verify(token, time.time())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -73,7 +73,9 @@ class ClientWebSocket:
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._nursery = nursery
-        self._ws = WSConnection(ConnectionType.SERVER)
+        # The handshake object (h11 and all) until the upgrade, then only the
+        # wsproto Connection it made: ~3 KiB less per connection.
+        self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
         self._max_message_bytes = max_message_bytes
         self._max_outbox_bytes = max_outbox_bytes
         self._outbox: deque[bytes | memoryview] = deque()
@@ -112,7 +114,12 @@ class ClientWebSocket:
                 return None
 
     def accept(self) -> None:
-        self.send_bytes(self._ws.send(AcceptConnection()))
+        ws = self._ws
+        assert isinstance(ws, WSConnection)
+        self.send_bytes(ws.send(AcceptConnection()))
+        # From here on only the Connection is used; let the handshake go.
+        assert ws.connection is not None
+        self._ws = ws.connection
         self._update_fanout()
 
     def _update_fanout(self) -> None:
