@@ -78,7 +78,8 @@ class ClientWebSocket:
         self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
         self._max_message_bytes = max_message_bytes
         self._max_outbox_bytes = max_outbox_bytes
-        self._outbox: deque[bytes | memoryview] = deque()
+        # Created when something first has to wait (most clients never do).
+        self._outbox: deque[bytes | memoryview] | None = None
         self._outbox_bytes = 0
         self._draining = False
         self._drained: trio.Event | None = None
@@ -229,6 +230,8 @@ class ClientWebSocket:
         self._enqueue(data)
 
     def _enqueue(self, data: bytes | memoryview) -> None:
+        if self._outbox is None:
+            self._outbox = deque()
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         if self._outbox_bytes > self._max_outbox_bytes:
@@ -239,7 +242,9 @@ class ClientWebSocket:
             self._nursery.start_soon(self._drain)
 
     def _write_queued(self) -> None:
-        chunks = [self._outbox[i] for i in range(min(len(self._outbox), WRITEV_CHUNKS))]
+        outbox = self._outbox
+        assert outbox is not None
+        chunks = [outbox[i] for i in range(min(len(outbox), WRITEV_CHUNKS))]
         try:
             written = os.writev(self._fd, chunks)
         except BlockingIOError:
@@ -249,12 +254,12 @@ class ClientWebSocket:
             return
         self._outbox_bytes -= written
         while written:
-            head = self._outbox[0]
+            head = outbox[0]
             if written >= len(head):
                 written -= len(head)
-                self._outbox.popleft()
+                outbox.popleft()
             else:
-                self._outbox[0] = memoryview(head)[written:]
+                outbox[0] = memoryview(head)[written:]
                 written = 0
 
     async def _drain(self) -> None:
@@ -284,6 +289,7 @@ class ClientWebSocket:
     def _too_slow(self) -> None:
         # Keep only a partly written head (its tail must still go out, or
         # the stream is corrupt); the rest will never be read anyway.
+        assert self._outbox is not None
         head = self._outbox[0]
         partial = isinstance(head, memoryview)
         self._outbox.clear()
@@ -296,7 +302,7 @@ class ClientWebSocket:
     def _die(self) -> None:
         self.dead = True
         self._fanout = False
-        self._outbox.clear()
+        self._outbox = None
         self._outbox_bytes = 0
         if self.receive_scope is not None:
             self.receive_scope.cancel()
@@ -338,6 +344,6 @@ class ClientWebSocket:
     async def aclose(self) -> None:
         self.dead = True
         self._fanout = False
-        self._outbox.clear()
+        self._outbox = None
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
