@@ -17,7 +17,7 @@ from garin.auth import TokenVerifier
 from garin.closes import Close
 from garin.config import Config
 from garin.lifeline import watch_lifeline
-from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, Session
+from garin.session import Action, CloseClient, JoinRoom, LeaveRoom, Publish, Session
 from router.router import Client, Router
 from router.websocket import BinaryMessage, ClientWebSocket, PeerClosed
 
@@ -103,9 +103,26 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
             actions = session.end(sock.kicked)
         else:
             deadline = session.deadline if session.deadline is not None else math.inf
+            item: str | BinaryMessage | PeerClosed | Close | None = None
+            pending: list[Action] | None = None
             with trio.CancelScope(deadline=deadline) as scope:
                 sock.receive_scope = scope
-                item = await sock.receive()
+                # One cancel scope for as long as its deadline holds: a
+                # chatting member's messages (whose actions never wait) are
+                # applied in here, without a new scope per message. Anything
+                # else leaves the loop and is handled below, as before.
+                while True:
+                    item = await sock.receive()
+                    if not isinstance(item, str) or sock.dead or sock.kicked is not None:
+                        break
+                    actions = session.receive_text(item, trio.current_time())
+                    if any(isinstance(action, CloseClient) for action in actions):
+                        pending = actions
+                        break
+                    _apply(router, client, actions)
+                    item = None
+                    if (session.deadline if session.deadline is not None else math.inf) != deadline:
+                        break
             sock.receive_scope = None
             now = trio.current_time()
             if sock.dead:
@@ -114,6 +131,10 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 if sock.kicked is not None:
                     continue
                 actions = session.timeout(now)
+            elif item is None:
+                continue  # applied in the loop; the deadline changed
+            elif pending is not None:
+                actions = pending
             elif isinstance(item, str):
                 actions = session.receive_text(item, now)
             elif isinstance(item, PeerClosed):
@@ -126,19 +147,27 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 actions = session.receive_binary(now)
             else:
                 actions = session.end(item)
-        for action in actions:
-            if isinstance(action, JoinRoom):
-                router.join(client, action.room, action.username)
-            elif isinstance(action, Publish):
-                router.publish(client, action.body)
-            elif isinstance(action, LeaveRoom):
+        close = _apply(router, client, actions)
+        if close is not None:
+            if client.room is not None:
                 router.leave(client)
-            elif isinstance(action, CloseClient):
-                if client.room is not None:
-                    router.leave(client)
-                log.info("conn %d (%s): closing %d %s", client.id, client.peer, action.close.code, action.close.reason)
-                await sock.close(action.close)
-                return
+            log.info("conn %d (%s): closing %d %s", client.id, client.peer, close.code, close.reason)
+            await sock.close(close)
+            return
+
+
+def _apply(router: Router, client: Client, actions: list[Action]) -> Close | None:
+    """Apply a session's actions in order; the close to send, if one came."""
+    for action in actions:
+        if isinstance(action, Publish):
+            router.publish(client, action.body)
+        elif isinstance(action, JoinRoom):
+            router.join(client, action.room, action.username)
+        elif isinstance(action, LeaveRoom):
+            router.leave(client)
+        elif isinstance(action, CloseClient):
+            return action.close
+    return None
 
 
 def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
