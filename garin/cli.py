@@ -101,9 +101,8 @@ def run(**options: Any) -> None:
 @_config_options
 def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one router: the WebSocket front (for Procfile / systemd use)."""
-    import trio
-
     from garin.logs import setup_logging
+    from garin.profiling import run_trio
 
     config = _load(options)
     _enable_metrics(config, fresh=False)
@@ -115,7 +114,7 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
         config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
     )
     try:
-        trio.run(serve_router, config, router_id, listen_fd, lifeline_fd)
+        run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:
         _fail(str(group.exceptions[0]))
     except* OSError as group:
@@ -133,9 +132,8 @@ def _index_from_honcho() -> int | None:
 @_config_options
 def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one shard: owns the rooms that hash to it (for Procfile / systemd use)."""
-    import trio
-
     from garin.logs import setup_logging
+    from garin.profiling import run_trio
 
     config = _load(options, required=())
     if index is None:
@@ -150,7 +148,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     from shard.server import serve_shard
 
     try:
-        trio.run(serve_shard, config, index, lifeline_fd)
+        run_trio(f"shard-{index}", serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:
         _fail(f"shard {index}: {group.exceptions[0]}")
 

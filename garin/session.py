@@ -115,7 +115,9 @@ class Session:
         self.room: str | None = None
         self.username: str | None = None
         self.close: Close | None = None
-        self._recent: deque[float] = deque(maxlen=max(rules.rate_limit_count, 1))
+        # Times of the last rate_limit_count messages; made at the first
+        # message (a deque is ~0.7 KiB, and many members never speak).
+        self._recent: deque[float] | None = None
 
     # -- deadlines ------------------------------------------------------------
 
@@ -261,6 +263,8 @@ class Session:
             return self._end(closes.BODY_TOO_LONG)
         if self.rules.rate_limit_count > 0:
             recent = self._recent
+            if recent is None:
+                recent = self._recent = deque(maxlen=self.rules.rate_limit_count)
             if (
                 len(recent) == recent.maxlen
                 and now - recent[0] < self.rules.rate_limit_window_s

@@ -14,8 +14,9 @@ This is the only module that touches msgpack.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import astuple, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import msgpack
@@ -141,24 +142,41 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
 }
 
 
+# Per class, a function returning (TAG, field, ...): dataclasses.astuple deep-
+# copies every field and costs more than the packing itself.
+def _array_maker(cls: Any) -> Callable[[Any], tuple[Any, ...]]:
+    tag = cls.TAG
+    names = [f.name for f in fields(cls)]
+    if not names:
+        return lambda m: (tag,)
+    getter = attrgetter(*names)
+    if len(names) == 1:
+        return lambda m: (tag, getter(m))
+    return lambda m: (tag, *getter(m))
+
+
+_AS_ARRAY: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    cls: _array_maker(cls) for cls, _ in _FIELD_TYPES.values()
+}
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode(message: WireMessage) -> bytes:
-    data: bytes = msgpack.packb((message.TAG, *astuple(message)), use_bin_type=True)
+    data: bytes = _pack(_AS_ARRAY[type(message)](message))
     return data
 
 
 def _build(item: Any) -> WireMessage:
     if not isinstance(item, tuple) or not item:
         raise WireError(f"expected a non-empty array, got {item!r:.80}")
-    tag, *fields = item
+    tag, *values = item
     spec = _FIELD_TYPES.get(tag) if type(tag) is int else None
     if spec is None:
         raise WireError(f"unknown message tag {tag!r:.40}")
     cls, types = spec
-    if len(fields) != len(types) or not all(
-        type(value) is kind for value, kind in zip(fields, types)
-    ):
-        raise WireError(f"bad fields for {cls.__name__}: {fields!r:.120}")
-    return cls(*fields)  # type: ignore[no-any-return]
+    if tuple(map(type, values)) != types:
+        raise WireError(f"bad fields for {cls.__name__}: {values!r:.120}")
+    return cls(*values)  # type: ignore[no-any-return]
 
 
 class Decoder:
@@ -169,7 +187,7 @@ class Decoder:
             raw=False, use_list=False, max_buffer_size=MAX_MESSAGE_BYTES * 2
         )
 
-    def feed(self, data: bytes) -> Iterator[WireMessage]:
+    def feed(self, data: bytes | memoryview) -> Iterator[WireMessage]:
         try:
             self._unpacker.feed(data)
             for item in self._unpacker:

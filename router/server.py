@@ -20,7 +20,7 @@ from garin.config import Config
 from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.lifeline import watch_lifeline
-from garin.session import CloseClient, JoinRoom, LeaveRoom, Publish, SendPing, Session
+from garin.session import Action, CloseClient, JoinRoom, LeaveRoom, Publish, SendPing, Session
 from router.status import serve_status
 from router.router import Client, Router
 from router.websocket import BinaryMessage, ClientWebSocket, Heard, PeerClosed
@@ -52,14 +52,17 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     client = router.new_client(peer)
     metrics.CONNECTIONS.inc()
     try:
-        async with trio.open_nursery() as nursery:
-            sock = ClientWebSocket(stream, nursery, router.config.max_message_bytes, router.config.max_outbox_bytes)
-            client.socket = sock
-            try:
-                await _serve(router, verifier, client, sock, refusal)
-            finally:
-                await sock.aclose()
-                nursery.cancel_scope.cancel()
+        # A connection's drain task (only while its outbox is non-empty) runs
+        # in the router-wide nursery: no nursery (cancel scope, status, task
+        # list) per connection.
+        sock = ClientWebSocket(
+            stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes
+        )
+        client.socket = sock
+        try:
+            await _serve(router, verifier, client, sock, refusal)
+        finally:
+            await sock.aclose()
     except Exception:
         log.exception("conn %d (%s): internal error", client.id, peer)
     finally:
@@ -100,6 +103,7 @@ async def _serve(
         log.info("conn %d (%s): closing %d %s", client.id, client.peer, refusal.code, refusal.reason)
         await sock.close(refusal)
         return
+    del request  # its headers would otherwise live as long as the session
 
     def check_token(token: str) -> Close | None:
         claims = verifier.claims(token, time.time())
@@ -134,9 +138,26 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
             actions = session.end(sock.kicked)
         else:
             deadline = session.deadline if session.deadline is not None else math.inf
+            item: str | BinaryMessage | Heard | PeerClosed | Close | None = None
+            pending: list[Action] | None = None
             with trio.CancelScope(deadline=deadline) as scope:
                 sock.receive_scope = scope
-                item = await sock.receive()
+                # One cancel scope for as long as its deadline holds: a
+                # chatting member's messages (whose actions never wait) are
+                # applied in here, without a new scope per message. Anything
+                # else leaves the loop and is handled below, as before.
+                while True:
+                    item = await sock.receive()
+                    if not isinstance(item, str) or sock.dead or sock.kicked is not None:
+                        break
+                    actions = session.receive_text(item, trio.current_time())
+                    if any(isinstance(action, CloseClient) for action in actions):
+                        pending = actions
+                        break
+                    _apply(router, client, sock, actions)
+                    item = None
+                    if (session.deadline if session.deadline is not None else math.inf) != deadline:
+                        break
             sock.receive_scope = None
             now = trio.current_time()
             if sock.dead:
@@ -145,6 +166,10 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 if sock.kicked is not None:
                     continue
                 actions = session.timeout(now)
+            elif item is None:
+                continue  # applied in the loop; the deadline changed
+            elif pending is not None:
+                actions = pending
             elif isinstance(item, str):
                 actions = session.receive_text(item, now)
             elif isinstance(item, Heard):
@@ -159,26 +184,34 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 actions = session.receive_binary(now)
             else:
                 actions = session.end(item)
-        for action in actions:
-            if isinstance(action, Publish):
-                metrics.MESSAGES_IN.inc()
-                router.publish(client, action.body)
-            elif isinstance(action, JoinRoom):
-                # With GARIN_USERNAME_CLAIM the token names the user, not the join.
-                router.join(client, action.room, client.claimed_name or action.username)
-            elif isinstance(action, LeaveRoom):
+        close = _apply(router, client, sock, actions)
+        if close is not None:
+            if client.room is not None:
                 router.leave(client)
-            elif isinstance(action, SendPing):
-                sock.ping()
-            elif isinstance(action, CloseClient):
-                if client.room is not None:
-                    router.leave(client)
-                if action.close == closes.RATE_LIMITED and router.bans is not None and client.subject is not None:
-                    router.bans.rate_limited(client.subject)
-                log.info("conn %d (%s): closing %d %s", client.id, client.peer, action.close.code, action.close.reason)
-                _count_close(action.close)
-                await sock.close(action.close)
-                return
+            if close == closes.RATE_LIMITED and router.bans is not None and client.subject is not None:
+                router.bans.rate_limited(client.subject)
+            log.info("conn %d (%s): closing %d %s", client.id, client.peer, close.code, close.reason)
+            _count_close(close)
+            await sock.close(close)
+            return
+
+
+def _apply(router: Router, client: Client, sock: ClientWebSocket, actions: list[Action]) -> Close | None:
+    """Apply a session's actions in order; the close to send, if one came."""
+    for action in actions:
+        if isinstance(action, Publish):
+            metrics.MESSAGES_IN.inc()
+            router.publish(client, action.body)
+        elif isinstance(action, JoinRoom):
+            # With GARIN_USERNAME_CLAIM the token names the user, not the join.
+            router.join(client, action.room, client.claimed_name or action.username)
+        elif isinstance(action, LeaveRoom):
+            router.leave(client)
+        elif isinstance(action, SendPing):
+            sock.ping()
+        elif isinstance(action, CloseClient):
+            return action.close
+    return None
 
 
 _KNOWN_REASONS = {close.reason for close, _ in closes.ALL_CLOSES}
@@ -256,6 +289,7 @@ async def serve_router(
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:
             async with trio.open_nursery() as handlers:
+                router.background = handlers
                 accepting = trio.CancelScope()
 
                 async def accept() -> None:

@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--body-bytes", type=int, default=0,
                       help="pad message bodies to at least this many characters (unpadded: ~20)")
     load.add_argument("--procs", type=int, default=1, help="client worker processes the members are split over")
+    load.add_argument("--client", choices=("trio-websocket", "lean"), default="trio-websocket",
+                      help="client WebSocket implementation: trio-websocket (a real client library, ~35 us CPU "
+                           "per received message) or lean (bench_lean.py, a few us: use it to load the server "
+                           "harder than trio-websocket can on a small machine)")
     load.add_argument("--connect-concurrency", type=int, default=100,
                       help="connections each worker opens at once")
 
@@ -178,7 +182,7 @@ def make_plans(args: argparse.Namespace, url: str, origin: str, minter: TokenMin
             index=k, url=url, origin=origin, members=tuple(share), interval_s=args.interval,
             body_pad=args.body_bytes, connect_concurrency=args.connect_concurrency,
             connect_timeout_s=args.connect_timeout, close_timeout_s=CLOSE_TIMEOUT_S,
-            hard_deadline=hard_deadline,
+            hard_deadline=hard_deadline, client=args.client,
         )
         for k, share in enumerate(shares)
     ]

@@ -33,12 +33,14 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
+from collections.abc import Callable
 
 import trio
 import trio_websocket
 
 # Latency buckets: the same function as bench_stats.bucket_of, inlined in the hot loop.
 from bench_stats import BUCKETS_PER_E
+from bench_lean import Pump, open_lean_websocket
 
 RECEIVE_BUFFER_BYTES = 64 * 1024
 # trio-websocket's default queue of 1 message makes its reader task hand over
@@ -69,6 +71,7 @@ class WorkerPlan:
     connect_timeout_s: float
     close_timeout_s: float
     hard_deadline: float  # monotonic; the worker gives up on its own by then
+    client: str = "trio-websocket"  # or "lean": bench_lean.LeanWebSocket
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,8 @@ class Worker:
         self.go = trio.Event()
         self.times: Times | None = None
         self.closing = trio.Event()
+        # --client lean: one task reads every member's socket.
+        self.pump = Pump() if plan.client == "lean" else None
 
     def _settle(self) -> None:
         self.settled += 1
@@ -236,14 +241,7 @@ class Worker:
             t0 = time.monotonic()
             if s.first_start is None:
                 s.first_start = t0
-            async with trio_websocket.open_websocket_url(
-                self.plan.url,
-                extra_headers=self.headers,  # type: ignore[arg-type]  # str pairs work too
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                receive_buffer_size=RECEIVE_BUFFER_BYTES,
-                connect_timeout=self.plan.connect_timeout_s,
-                disconnect_timeout=DISCONNECT_TIMEOUT_S,
-            ) as ws:
+            async with self._open() as ws:
                 t1 = time.monotonic()
                 await ws.send_message(json.dumps({"type": "auth", "body": spec.token}))
                 await ws.send_message(
@@ -265,11 +263,18 @@ class Worker:
                 s.last_joined = max(s.last_joined or t2, t2)
                 self._settle()
                 async with trio.open_nursery() as inner:
-                    inner.start_soon(self._receive, ws, spec, inner.cancel_scope)
-                    if spec.sender >= 0:
-                        inner.start_soon(self._send, ws, spec)
-                    await self.closing.wait()
-                    inner.cancel_scope.cancel()
+                    if self.pump is not None:
+                        self.pump.add(ws, self._text_handler(spec), self._closed_handler(inner.cancel_scope))
+                    else:
+                        inner.start_soon(self._receive, ws, spec, inner.cancel_scope)
+                    try:
+                        if spec.sender >= 0:
+                            inner.start_soon(self._send, ws, spec)
+                        await self.closing.wait()
+                        inner.cancel_scope.cancel()
+                    finally:
+                        if self.pump is not None:
+                            self.pump.remove(ws)
         except Exception as exc:
             if holding:
                 self.connect_limit.release()
@@ -283,6 +288,20 @@ class Worker:
             if self.done == len(self.plan.members):
                 self.all_done.set()
 
+    def _open(self) -> Any:
+        if self.plan.client == "lean":
+            return open_lean_websocket(
+                self.plan.url, self.plan.origin, self.plan.connect_timeout_s, DISCONNECT_TIMEOUT_S
+            )
+        return trio_websocket.open_websocket_url(
+            self.plan.url,
+            extra_headers=self.headers,  # type: ignore[arg-type]  # str pairs work too
+            message_queue_size=MESSAGE_QUEUE_SIZE,
+            receive_buffer_size=RECEIVE_BUFFER_BYTES,
+            connect_timeout=self.plan.connect_timeout_s,
+            disconnect_timeout=DISCONNECT_TIMEOUT_S,
+        )
+
     async def _await_own_join(self, ws: trio_websocket.WebSocketConnection, username: str) -> None:
         while True:
             msg = json.loads(await ws.get_message())
@@ -291,45 +310,59 @@ class Worker:
             if kind == "join" and msg.get("username") == username:
                 return
 
-    async def _receive(
-        self, ws: trio_websocket.WebSocketConnection, spec: MemberSpec, scope: trio.CancelScope
-    ) -> None:
+    def _text_handler(self, spec: MemberSpec) -> Callable[[str, int], None]:
+        """What one member does with each text it receives (at `now_us`)."""
         s = self.stats
-        get = ws.get_message
         loads = json.loads
-        now_ns = time.monotonic_ns
         record = s.record
         room = spec.room
         last_seq: dict[int, int] = {}
+
+        def on_text(text: str, now_us: int) -> None:
+            try:
+                msg = loads(text)
+                kind = msg["type"]
+            except (ValueError, KeyError, TypeError):
+                s.bad_frames += 1
+                return
+            if kind != "message":
+                s.events[kind] = s.events.get(kind, 0) + 1
+                return
+            try:
+                sender, seq, sent_us = msg["body"].split(":", 3)[:3]
+                sender_id, seq_no, sent = int(sender), int(seq), int(sent_us)
+            except (KeyError, AttributeError, ValueError):
+                s.foreign += 1
+                return
+            if seq_no <= last_seq.get(sender_id, -1):
+                s.duplicates += 1
+                return
+            last_seq[sender_id] = seq_no
+            if self.times is not None:
+                record(room, now_us, sent)
+
+        return on_text
+
+    def _closed_handler(self, scope: trio.CancelScope) -> Callable[[Any], None]:
+        def on_closed(reason: Any) -> None:
+            if not self.closing.is_set():
+                self.stats.count(self.stats.disconnects, _error_kind(trio_websocket.ConnectionClosed(reason)))
+            scope.cancel()
+
+        return on_closed
+
+    async def _receive(
+        self, ws: trio_websocket.WebSocketConnection, spec: MemberSpec, scope: trio.CancelScope
+    ) -> None:
+        get = ws.get_message
+        now_ns = time.monotonic_ns
+        on_text = self._text_handler(spec)
         try:
             while True:
                 text = await get()
-                now_us = now_ns() // 1000
-                try:
-                    msg = loads(text)
-                    kind = msg["type"]
-                except (ValueError, KeyError, TypeError):
-                    s.bad_frames += 1
-                    continue
-                if kind != "message":
-                    s.events[kind] = s.events.get(kind, 0) + 1
-                    continue
-                try:
-                    sender, seq, sent_us = msg["body"].split(":", 3)[:3]
-                    sender_id, seq_no, sent = int(sender), int(seq), int(sent_us)
-                except (KeyError, AttributeError, ValueError):
-                    s.foreign += 1
-                    continue
-                if seq_no <= last_seq.get(sender_id, -1):
-                    s.duplicates += 1
-                    continue
-                last_seq[sender_id] = seq_no
-                if self.times is not None:
-                    record(room, now_us, sent)
+                on_text(text, now_ns() // 1000)
         except trio_websocket.ConnectionClosed as exc:
-            if not self.closing.is_set():
-                s.count(s.disconnects, _error_kind(exc))
-            scope.cancel()
+            self._closed_handler(scope)(exc.reason)
 
     async def _send(self, ws: trio_websocket.WebSocketConnection, spec: MemberSpec) -> None:
         await self.go.wait()
@@ -406,6 +439,8 @@ async def _run(plan: WorkerPlan, conn: Connection) -> None:
             t_connect = command[1]
             await trio.sleep_until(worker.clock.at(t_connect))
             cpu0 = time.process_time()
+            if worker.pump is not None:
+                nursery.start_soon(worker.pump.run)
             for spec in plan.members:
                 nursery.start_soon(worker.member, spec)
             with trio.move_on_at(worker.clock.at(t_connect + plan.connect_timeout_s)):

@@ -179,7 +179,7 @@ def build_result(
         worker_cpu.append(round((cpu[times.window_end] - cpu[times.window_start]) / duration, 3))
     busy = (w1.machine[0] - w0.machine[0]) / max(1, w1.machine[1] - w0.machine[1])
     client = {
-        "procs": args.procs,
+        "procs": args.procs, "impl": args.client,
         "cpu_share_per_proc": worker_cpu,
         "max_proc_cpu_share": max(worker_cpu),
         "cpu_cores_total": round(sum(worker_cpu), 3),
@@ -281,7 +281,7 @@ def build_result(
             "url": run.url, "origin": run.origin, "spawn": args.spawn,
             "shards": args.shards if args.spawn else None, "routers": args.routers if args.spawn else None,
             "rooms": args.rooms, "members": args.members, "senders": args.senders,
-            "interval_s": args.interval, "body_bytes": args.body_bytes, "procs": args.procs,
+            "interval_s": args.interval, "body_bytes": args.body_bytes, "procs": args.procs, "client": args.client,
             "warmup_s": args.warmup, "duration_s": args.duration, "drain_s": round(times.drain_end - times.window_end, 3),
             "connect_concurrency": args.connect_concurrency,
         },
@@ -349,7 +349,7 @@ def print_summary(result: dict[str, Any]) -> None:
     cfg = result["config"]
     lines = [
         f"garin bench  {cfg['rooms']} rooms x {cfg['members']} members, {cfg['senders']} sender(s)/room every "
-        f"{cfg['interval_s']:g}s, {cfg['procs']} client proc(s), window {cfg['duration_s']:g}s",
+        f"{cfg['interval_s']:g}s, {cfg['procs']} {cfg.get('client', 'trio-websocket')} client proc(s), window {cfg['duration_s']:g}s",
         f"  connect    {c['joined']}/{c['connections']} joined in {fmt(c['all_joined_s'], 's')} "
         f"({fmt(c['joins_per_s'])}/s), errors {c['errors']}, per member p50 {fmt(c['total_ms']['p50'], ' ms')} "
         f"p99 {fmt(c['total_ms']['p99'], ' ms')}",

@@ -79,7 +79,7 @@ class SpawnedServer:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith("GARIN_") and k not in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS")
+            if (not k.startswith("GARIN_") or k == "GARIN_PROFILE") and k not in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS")
         }
         env.update(
             JWT_DECODE_SECRET=self.secret,

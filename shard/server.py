@@ -1,7 +1,8 @@
 """The shard's trio shell: a Unix socket, one task per router link.
 
-Each link has a queue of encoded messages and one writer task that sends the
-whole queue with one `send_all`. A message for several links is encoded once.
+Each link writes through a `BatchWriter` (garin/batch_writer.py): everything
+the shard produced for a link in one scheduler pass leaves in one system call
+at the end of the pass, without waking a writer task. A message for several links is encoded once.
 The rooms core decides everything, and the replay gate (shard/gate.py) when a
 newly started shard may apply new events; this module only moves bytes.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import trio
 
 from garin import metrics, wire
+from garin.batch_writer import BatchWriter, receive_into
 from garin.config import Config
 from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
@@ -38,32 +40,10 @@ class Link:
         self.id = link_id
         self.router_id = router_id
         self.stream = stream
-        self.queue: list[bytes] = []
-        self.queued_bytes = 0
-        self.wake = trio.Event()
-        self.overflow = False
+        self.writer = BatchWriter(stream.socket, MAX_LINK_QUEUE_BYTES, f"router {router_id}")
 
     def send(self, data: bytes) -> None:
-        if self.overflow:
-            return
-        self.queue.append(data)
-        self.queued_bytes += len(data)
-        if self.queued_bytes > MAX_LINK_QUEUE_BYTES:
-            self.overflow = True
-        self.wake.set()
-
-    async def write_forever(self) -> None:
-        while True:
-            if self.overflow:
-                raise trio.BrokenResourceError(f"router {self.router_id} is not reading its link")
-            if not self.queue:
-                self.wake = trio.Event()
-                await self.wake.wait()
-                continue
-            batch = b"".join(self.queue)
-            self.queue.clear()
-            self.queued_bytes = 0
-            await self.stream.send_all(batch)
+        self.writer.send(data)
 
 
 class Shard:
@@ -131,18 +111,21 @@ class Shard:
         try:
             await stream.send_all(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, self.index)))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.write_forever)
+                nursery.start_soon(link.writer.run)
                 await self._apply_gated(link, pending)
+                sock = stream.socket
+                buffer = bytearray(RECEIVE_BYTES)
                 while True:
-                    data = await stream.receive_some(RECEIVE_BYTES)
-                    if not data:
+                    chunk = await receive_into(sock, buffer)
+                    if not chunk:
                         break
                     if self.ready.is_set():
-                        self._apply(link.id, decoder.feed(data))
+                        self._apply(link.id, decoder.feed(chunk))
                     else:
-                        await self._apply_gated(link, decoder.feed(data))
+                        await self._apply_gated(link, decoder.feed(chunk))
                 nursery.cancel_scope.cancel()
         finally:
+            link.writer.close()
             del self.links[link.id]
             self.dispatch(self.rooms.drop_link(link.id))
             log.info("shard %d: router %s unlinked", self.index, hello.router_id)

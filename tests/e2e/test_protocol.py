@@ -18,7 +18,7 @@ from typing import Any
 
 import jwt
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 
 from garin.routing import shard_for
@@ -543,7 +543,13 @@ def test_valid_token_without_exp_is_accepted(clients: Clients) -> None:
 def test_fragmented_frame_over_the_limit_closes(clients: Clients) -> None:
     ws = _at_stage(clients, "joined")
     half = MAX_MESSAGE_BYTES // 2 + 1
-    ws.send(["a" * half, "b" * half])
+    try:
+        ws.send(["a" * half, "b" * half])
+    except ConnectionClosed:
+        # The server may close as soon as it has read past the limit, while
+        # the rest of the second fragment is still on its way: a race, not a
+        # failure. The close frame it got is checked below all the same.
+        pass
     expect_close(ws, 1009, "message too big")
 
 

@@ -52,11 +52,20 @@ class FakeRouter:
     """One router's end of a link to an in-process Shard."""
 
     def __init__(self, shard: Shard, nursery: trio.Nursery, router_id: str) -> None:
-        self.stream, theirs = trio.testing.memory_stream_pair()
+        # A real socket pair: the shard's links write with os.write on its fd.
+        ours, mine = trio.socket.socketpair()
+        self.stream, theirs = trio.SocketStream(ours), trio.SocketStream(mine)
         self.router_id = router_id
         self.decoder = wire.Decoder()
         self.pending: list[wire.WireMessage] = []
         nursery.start_soon(shard.handle_link, theirs)
+        nursery.start_soon(self._close_when_cancelled)
+
+    async def _close_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stream.socket.close()
 
     async def link(self, *replay: wire.WireMessage) -> None:
         hello = wire.Hello(wire.PROTOCOL_VERSION, self.router_id, 0, 1, "crc32")

@@ -399,3 +399,17 @@ def test_close_is_frozen_and_hashable() -> None:
     with pytest.raises(AttributeError):
         closes.BYE.code = 1001  # type: ignore[misc]
     assert hash(Close(1008, "x")) == hash(Close(1008, "x"))
+
+
+def _dumps(obj: dict[str, object]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(username=TEXT, body=TEXT, total=st.integers(min_value=0, max_value=2**40))
+def test_server_texts_are_byte_for_byte_json_dumps(username: str, body: str, total: int) -> None:
+    # The templates must give exactly what the compact json.dumps gives.
+    assert message_text(username, body) == _dumps({"type": "message", "username": username, "body": body})
+    assert join_text(username, total) == _dumps({"type": "join", "username": username, "totalUsers": total})
+    assert userleave_text(username, total) == _dumps(
+        {"type": "userleave", "username": username, "totalUsers": total})

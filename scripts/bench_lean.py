@@ -1,0 +1,316 @@
+"""A lean client WebSocket for the load generator (`bench.py --client lean`).
+
+Why: trio-websocket spends about 35 us of client CPU per received message
+(a reader task, wsproto events, a memory channel hand-off per frame). At
+50k deliveries/s that is nearly two cores, so on a 2-core machine the load
+generator, not the server, sets every limit. This client reads whole socket
+buffers and cuts the frames out itself, which costs a few microseconds per
+message, so the server can be measured at the rates it is meant for.
+
+It is NOT a general WebSocket client: no extensions, no fragmented sends, and
+it trusts the server (a garin router or any RFC 6455 server) to send
+well-formed unmasked frames. It speaks exactly the client side of RFC 6455
+that a GarinChat member needs: an upgrade request, masked text frames out,
+text/close/ping frames in, and a closing handshake. It raises
+trio-websocket's exception types so the worker's error reporting is the same
+for both clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import select
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError
+
+RECEIVE_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _mask(payload: bytes) -> bytes:
+    """Mask key + masked payload (RFC 6455 5.3), with one big-int XOR."""
+    n = len(payload)
+    key = random.getrandbits(32).to_bytes(4, "little")
+    if not n:
+        return key
+    stream = (key * ((n >> 2) + 1))[:n]
+    masked = int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")
+    return key + masked.to_bytes(n, "little")
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return header + _mask(payload)
+
+
+class LeanWebSocket:
+    def __init__(self, stream: trio.SocketStream, leftover: bytes) -> None:
+        self._stream = stream
+        self._buf = b""
+        self._messages: deque[str] = deque()
+        self._parts: list[bytes] = []
+        self._send_lock = trio.Lock()
+        self._pongs: list[bytes] = []
+        self.closed: CloseReason | None = None  # set once the server's close frame (or EOF) arrived
+        self._close_sent = False
+        if leftover:
+            self._parse(leftover)
+
+    def fileno(self) -> int:
+        return self._stream.socket.fileno()
+
+    # -- receiving ----------------------------------------------------------
+
+    async def get_message(self) -> str:
+        messages = self._messages
+        while not messages:
+            if self.closed is not None:
+                await self._answer_close()
+                raise ConnectionClosed(self.closed)
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self.closed = CloseReason(1006, None)
+                continue
+            self._parse(data)
+            if self._pongs:
+                pongs, self._pongs = self._pongs, []
+                for payload in pongs:
+                    await self._send_frame(0xA, payload)
+        return messages.popleft()
+
+    def _parse(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        size = len(buf)
+        pos = 0
+        messages = self._messages
+        while size - pos >= 2:
+            b0 = buf[pos]
+            n = buf[pos + 1]
+            if n & 0x80:
+                raise HandshakeError("server sent a masked frame")
+            head = 2
+            if n == 126:
+                if size - pos < 4:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif n == 127:
+                if size - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            end = pos + head + n
+            if end > size:
+                break
+            opcode = b0 & 0x0F
+            if b0 == 0x81:  # the common case: a whole text message in one frame
+                messages.append(buf[pos + head : end].decode())
+            elif opcode in (0x0, 0x1, 0x2):
+                self._parts.append(buf[pos + head : end])
+                if b0 & 0x80:
+                    payload = b"".join(self._parts)
+                    self._parts.clear()
+                    messages.append(payload.decode(errors="replace"))
+            elif opcode == 0x8:
+                payload = buf[pos + head : end]
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.closed = CloseReason(code, payload[2:].decode(errors="replace") or None)
+            elif opcode == 0x9:
+                self._pongs.append(buf[pos + head : end])
+            pos = end
+        self._buf = buf[pos:] if pos < size else b""
+
+    # -- sending ------------------------------------------------------------
+
+    async def _send_frame(self, opcode: int, payload: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(client_frame(opcode, payload))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if self.closed is None:
+                    self.closed = CloseReason(1006, None)
+                raise ConnectionClosed(self.closed) from None
+
+    async def send_message(self, text: str) -> None:
+        if self.closed is not None or self._close_sent:
+            raise ConnectionClosed(self.closed)
+        await self._send_frame(0x1, text.encode())
+
+    # -- closing ------------------------------------------------------------
+
+    async def _answer_close(self) -> None:
+        if self._close_sent or self.closed is None or self.closed.code == 1006:
+            return
+        self._close_sent = True
+        code = self.closed.code if self.closed.code not in (1005, 1006) else 1000
+        try:
+            await self._send_frame(0x8, code.to_bytes(2, "big"))
+        except ConnectionClosed:
+            pass
+
+    async def aclose(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            if not self._close_sent and self.closed is None:
+                self._close_sent = True
+                try:
+                    await self._send_frame(0x8, (1000).to_bytes(2, "big"))
+                except ConnectionClosed:
+                    pass
+            while self.closed is None:  # wait for the server's close (or EOF)
+                try:
+                    data = await self._stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                self._parse(data)
+        await self._stream.aclose()
+
+
+async def _handshake(url: str, origin: str) -> LeanWebSocket:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise HandshakeError(f"the lean client speaks ws:// only, not {url!r}")
+    port = parts.port or 80
+    try:
+        stream = await trio.open_tcp_stream(parts.hostname, port)
+    except OSError as exc:
+        raise HandshakeError() from exc
+    try:
+        key = base64.b64encode(os.urandom(16))
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Origin: {origin}\r\n\r\n"
+        ).encode()
+        await stream.send_all(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                raise HandshakeError() from ConnectionError("server closed during the upgrade")
+            data += chunk
+            if len(data) > MAX_HEADER_BYTES:
+                raise HandshakeError() from ConnectionError("upgrade response too large")
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        status = lines[0].split(b" ", 2)
+        code = int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
+        headers = tuple(
+            (name.strip().lower(), value.strip())
+            for name, _, value in (line.partition(b":") for line in lines[1:])
+        )
+        if code != 101:
+            raise ConnectionRejected(code, headers, rest)
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+        if dict(headers).get(b"sec-websocket-accept") != accept:
+            raise HandshakeError() from ConnectionError("bad Sec-WebSocket-Accept")
+        return LeanWebSocket(stream, rest)
+    except BaseException:
+        await stream.aclose()
+        raise
+
+
+@asynccontextmanager
+async def open_lean_websocket(
+    url: str, origin: str, connect_timeout: float, disconnect_timeout: float
+) -> AsyncIterator[LeanWebSocket]:
+    try:
+        with trio.fail_after(connect_timeout):
+            ws = await _handshake(url, origin)
+    except trio.TooSlowError:
+        raise ConnectionTimeout() from None
+    try:
+        yield ws
+    finally:
+        with trio.CancelScope(shield=True):
+            await ws.aclose(disconnect_timeout)
+
+
+class Pump:
+    """Reads every registered member socket from ONE task through one epoll set.
+
+    A task per connection costs a trio wake-up (~10 us of Python) per received
+    message; here one wake-up serves every socket that became readable, and
+    each is read with one non-blocking `os.read` of up to RECEIVE_BYTES. The
+    epoll set's own fd is what trio waits on. Members are handed over after
+    their join (`add`) and taken back before their closing handshake
+    (`remove`); sending stays with the member's own task.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._members: dict[int, tuple[LeanWebSocket, Callable[[str, int], None], Callable[[CloseReason], None]]] = {}
+
+    def add(
+        self, ws: LeanWebSocket, on_text: Callable[[str, int], None], on_closed: Callable[[CloseReason], None]
+    ) -> None:
+        now_us = time.monotonic_ns() // 1000
+        while ws._messages:
+            on_text(ws._messages.popleft(), now_us)
+        if ws.closed is not None:
+            on_closed(ws.closed)
+            return
+        fd = ws.fileno()
+        self._members[fd] = (ws, on_text, on_closed)
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def remove(self, ws: LeanWebSocket) -> None:
+        fd = ws.fileno()
+        if self._members.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    async def run(self) -> None:
+        epoll = self._epoll
+        members = self._members
+        read = os.read
+        now_ns = time.monotonic_ns
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _ in epoll.poll(0):
+                    entry = members.get(fd)
+                    if entry is None:
+                        continue
+                    ws, on_text, on_closed = entry
+                    try:
+                        data = read(fd, RECEIVE_BYTES)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if data:
+                        ws._parse(data)
+                    else:
+                        ws.closed = CloseReason(1006, None)
+                    now_us = now_ns() // 1000
+                    messages = ws._messages
+                    while messages:
+                        on_text(messages.popleft(), now_us)
+                    if ws.closed is not None:
+                        self.remove(ws)
+                        on_closed(ws.closed)
+        finally:
+            epoll.close()

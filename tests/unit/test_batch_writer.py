@@ -1,0 +1,113 @@
+"""garin.batch_writer: one write per scheduler pass, backlog in order, errors raised."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from garin.batch_writer import BatchWriter, LinkOverflow
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[trio.socket.SocketType, socket.socket]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    b.setblocking(False)
+    ours = trio.socket.from_stdlib_socket(a)
+    try:
+        yield ours, b
+    finally:
+        ours.close()
+        b.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+async def test_one_pass_is_one_write(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
+    ours, peer = pair
+    writer = BatchWriter(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        writer.send(b"a")
+        writer.send(b"bc")
+        assert writer.queued == 3
+        await trio.sleep(0)  # the pass ends: the flusher writes
+        assert writer.queued == 0
+        # Both messages arrived, and as one write (one recv sees them all).
+        assert peer.recv(100) == b"abc"
+        writer.send(b"d")
+        await trio.sleep(0)
+        assert peer.recv(100) == b"d"
+        nursery.cancel_scope.cancel()
+    writer.close()
+
+
+async def test_backlog_goes_out_in_order_when_the_peer_reads(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
+    ours, peer = pair
+    writer = BatchWriter(ours)
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    sent = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        for i in range(64):  # far more than a socket buffer
+            writer.send(chunk)
+            sent += chunk
+            await trio.sleep(0)
+        assert writer.queued > 0
+        received = b""
+        with trio.fail_after(10):
+            while len(received) < len(sent):
+                received += _read_all(peer)
+                await trio.sleep(0.001)
+        assert received == sent
+        assert writer.queued == 0
+        nursery.cancel_scope.cancel()
+    writer.close()
+
+
+async def test_a_broken_peer_raises_from_run(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
+    ours, peer = pair
+    writer = BatchWriter(ours)
+    peer.close()
+    with pytest.raises(ExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            writer.send(b"x")
+            await trio.sleep_forever()
+    assert info.group_contains(trio.BrokenResourceError)
+    writer.close()
+
+
+async def test_overflow_raises_link_overflow(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
+    ours, peer = pair
+    writer = BatchWriter(ours, max_queued_bytes=10, peer="router 7")
+    with pytest.raises(ExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            writer.send(b"x" * 11)
+            await trio.sleep_forever()
+    assert info.group_contains(LinkOverflow, match="router 7 is not reading")
+    writer.close()
+
+
+async def test_closed_writer_never_writes(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
+    ours, peer = pair
+    writer = BatchWriter(ours)
+    writer.send(b"lost")
+    writer.close()
+    writer.send(b"also lost")
+    await trio.sleep(0)
+    assert _read_all(peer) == b""
