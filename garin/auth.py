@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,14 +33,14 @@ PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "
 MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 
-def _quiet_key_warning() -> warnings.catch_warnings:
+@contextmanager
+def _quiet_key_warning() -> Iterator[None]:
     """Short secrets are refused by the config unless the operator opted in
     (GARIN_ALLOW_WEAK_SECRET), and garin says so at start; PyJWT's own
     warning would repeat it on every token."""
-    caught = warnings.catch_warnings()
-    caught.__enter__()
-    warnings.simplefilter("ignore", InsecureKeyLengthWarning)
-    return caught
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        yield
 
 
 def _time_claim(claims: dict[str, Any], name: str) -> float | None | Close:
@@ -164,26 +165,24 @@ class TokenVerifier:
         key = self._keys.key_for(kid if isinstance(kid, str) else None)
         if key is None:
             return closes.INVALID_TOKEN
-        caught = _quiet_key_warning()
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
-                # GarinChat (golang-jwt) ignores `aud` unless configured; so do we.
-                options={
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": self._audience is not None,
-                },
-            )
+            with _quiet_key_warning():
+                claims: dict[str, Any] = jwt.decode(
+                    token,
+                    key,
+                    algorithms=self._algorithms,
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    # GarinChat (golang-jwt) ignores `aud` unless configured; so do we.
+                    options={
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
+                        "verify_aud": self._audience is not None,
+                    },
+                )
         except jwt.InvalidTokenError:
             return closes.INVALID_TOKEN
-        finally:
-            caught.__exit__(None, None, None)
         exp = _time_claim(claims, "exp")
         nbf = _time_claim(claims, "nbf")
         if isinstance(exp, Close):
@@ -203,8 +202,5 @@ def make_token(
     claims: dict[str, Any] = {"sub": subject, "name": subject, "iat": int(now)}
     if ttl_s is not None:
         claims["exp"] = int(now + ttl_s)
-    caught = _quiet_key_warning()
-    try:
+    with _quiet_key_warning():
         return jwt.encode(claims, secret.encode(), algorithm=algorithm)
-    finally:
-        caught.__exit__(None, None, None)

@@ -6,7 +6,9 @@ the event loop. WAL mode lets several routers and the CLI use the file at once.
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -25,9 +27,19 @@ CREATE TABLE IF NOT EXISTS bans (
 class BanStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        with closing(self._connect()) as db, db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(SCHEMA)
+        # Two routers creating a new file at once: switching to WAL fails at
+        # once with "database is locked" (the busy timeout does not apply), so
+        # retry briefly; the other process's switch will have succeeded.
+        for attempt in range(50):
+            try:
+                with closing(self._connect()) as db, db:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.02 + random.random() * 0.05)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=5.0)

@@ -41,7 +41,12 @@ class RouterBans:
             self._writes_in.send_nowait((subject, until, now))
 
     async def run(self) -> None:
-        self._store = await trio.to_thread.run_sync(BanStore, self.path)
+        while self._store is None:
+            try:
+                self._store = await trio.to_thread.run_sync(BanStore, self.path)
+            except Exception as exc:  # unwritable path, locked file: keep serving without bans
+                log.error("cannot open the ban list %s: %s; retrying", self.path, exc)
+                await trio.sleep(REFRESH_S * 5)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_forever)
             while True:

@@ -77,6 +77,8 @@ class Router:
         self.router_id = router_id
         self.clients: dict[int, Client] = {}
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
+        # Built once: every connection's session and token check read it.
+        self.session_rules = config.session_rules
         self.index = RoomIndex()
         self.stopping = trio.Event()
         self.bans = RouterBans(config.ban_db, config.ban_policy) if config.ban_db else None

@@ -115,13 +115,13 @@ async def _serve(
             return closes.BANNED
         if config.username_claim:
             name = claims.get(config.username_claim)
-            limits = config.session_rules.names
+            limits = router.session_rules.names
             if not isinstance(name, str) or not limits.username_min <= len(name) <= limits.username_max:
                 return closes.NO_USERNAME_CLAIM
             client.claimed_name = name
         return None
 
-    session = Session(config.session_rules, check_token, trio.current_time())
+    session = Session(router.session_rules, check_token, trio.current_time())
     client.session = session
     try:
         await _chat(router, client, sock, session)

@@ -74,6 +74,14 @@ def rss_kib(pid: int) -> int | None:
     return 0  # a zombie has no VmRSS line
 
 
+def open_fds(pid: int) -> int | None:
+    """How many file descriptors the process holds (None if it is gone or not ours)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -57,6 +57,9 @@ class SpawnedServer:
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     known_pids: set[int] = field(default_factory=set)
+    # Applied last, over the benchmark's settings (scripts/soak.py turns the
+    # rate limit and the other abuse limits back on).
+    env_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -98,6 +101,7 @@ class SpawnedServer:
             GARIN_SOCKET_DIR=str(self.workdir / "s"),
             GARIN_LOG_LEVEL=self.log_level,
         )
+        env.update(self.env_overrides)
         # The repo root on the path, in case garin is not installed in this Python.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -20,7 +20,7 @@ from garin.auth import make_token
 from garin.routing import shard_for
 
 # tests/e2e is on sys.path (pytest's default "prepend" import mode).
-from conftest import RawClient
+from conftest import RawClient, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET = "processes-test-secret-0123456789abcdef"
 ORIGIN = "http://allowed.test"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(port: int, socket_dir: str, **extra: str) -> dict[str, str]:

@@ -71,3 +71,21 @@ def test_store_survives_reopening_and_updates_in_place(tmp_path) -> None:
     again.add("carol", FOREVER, "second", now=1)
     assert again.active(1000) == {"carol": FOREVER}
     assert again.listing(0)[0][2] == "second"
+
+
+def _open_store(path: str) -> None:
+    BanStore(path).add("x", None, "race", now=0)
+
+
+def test_two_processes_creating_the_store_at_once(tmp_path) -> None:
+    import multiprocessing
+
+    for trial in range(10):
+        path = str(tmp_path / f"race-{trial}.sqlite3")
+        context = multiprocessing.get_context("fork")
+        procs = [context.Process(target=_open_store, args=(path,)) for _ in range(3)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=30)
+        assert [proc.exitcode for proc in procs] == [0, 0, 0]
