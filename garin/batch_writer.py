@@ -40,7 +40,12 @@ class Flusher(trio.abc.Instrument):
         if self.pending:
             pending, self.pending = self.pending, []
             for writer in pending:
-                writer._flush()
+                try:
+                    writer._flush()
+                except Exception as exc:
+                    # trio drops an instrument that raises, and then no link
+                    # would ever flush again: fail this one link instead.
+                    writer._fail(exc)
 
 
 _FLUSHER: trio.lowlevel.RunVar[Flusher] = trio.lowlevel.RunVar("garin_flusher")

@@ -111,3 +111,30 @@ async def test_closed_writer_never_writes(pair: tuple[trio.socket.SocketType, so
     writer.send(b"also lost")
     await trio.sleep(0)
     assert _read_all(peer) == b""
+
+
+async def test_an_unexpected_flush_error_fails_only_that_link(
+    pair: tuple[trio.socket.SocketType, socket.socket],
+) -> None:
+    ours, peer = pair
+    broken = BatchWriter(ours)
+    healthy_ours, healthy_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    healthy_ours.setblocking(False)
+    healthy_trio = trio.socket.from_stdlib_socket(healthy_ours)
+    healthy = BatchWriter(healthy_trio)
+    try:
+        broken.send("not bytes")  # type: ignore[arg-type]  # join() raises TypeError in the flusher
+        healthy.send(b"ok")
+        with pytest.raises(ExceptionGroup) as info:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(broken.run)
+                await trio.sleep(0)
+                # The flusher survived: the other link still flushes.
+                assert healthy_peer.recv(10) == b"ok"
+                await trio.sleep_forever()
+        assert info.group_contains(trio.BrokenResourceError)
+    finally:
+        broken.close()
+        healthy.close()
+        healthy_trio.close()
+        healthy_peer.close()
