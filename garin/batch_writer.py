@@ -25,16 +25,22 @@ the link's owner sees a broken link exactly as with a plain `send_all`.
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import trio
 
+
+class Flushable(Protocol):
+    def _flush(self) -> None: ...
+
+    def _fail(self, error: BaseException) -> None: ...
 
 
 class Flusher(trio.abc.Instrument):
     """Flushes the writers that have queued data, once per scheduler pass."""
 
     def __init__(self) -> None:
-        self.pending: list[BatchWriter] = []
+        self.pending: list[Flushable] = []
 
     def before_io_wait(self, timeout: float) -> None:
         if self.pending:

@@ -1,9 +1,11 @@
 """One router's link to one shard: connect, hello, replay, then pump both ways.
 
 Outgoing messages go to the link's `Outbox` (router/outbox.py, which decides
-what is held, replayed and dropped); a single writer task sends whatever has
-queued up with one system call, so a busy link costs one call per batch
-rather than one per message. While the shard is unreachable the outbox holds
+what is held, replayed and dropped). Whatever queued up during one trio
+scheduler pass leaves in one non-blocking write from the pass's end (the
+`Flusher` instrument of garin/batch_writer.py), so a busy link costs one
+system call per batch and no task switch; only a write the kernel could not
+take whole wakes the link's writer task. While the shard is unreachable the outbox holds
 its events and the link retries every RETRY_MAX_S at most; when the hold runs
 out, `on_unavailable(index)` lets the router close the shard's clients.
 """
@@ -11,12 +13,14 @@ out, `on_unavailable(index)` lets the router close the shard's clients.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from garin import wire
+from garin.batch_writer import current_flusher, receive_into
 from garin.routing import HASH_NAME
 from router.outbox import LinkState, Outbox, Verdict
 
@@ -55,13 +59,23 @@ class ShardLink:
         self.outbox = Outbox(hold_bytes, hold_timeout_s, trio.current_time())
         self._wake = trio.Event()
         self.connected = False
+        self._flusher = current_flusher()
+        self._listed = False
+        # The socket's fd while the writer runs, else -1.
+        self._fd = -1
+        # The part of the batch in flight the kernel has not taken yet.
+        self._tail: memoryview | None = None
+        self._partly_sent = False
+        self._error: BaseException | None = None
 
     def send(self, message: wire.WireMessage) -> bool:
         """Queue (or hold) `message`; False if it was dropped because the shard
         is unavailable (the sender's client is being closed)."""
         verdict = self.outbox.add(message)
         if verdict is Verdict.QUEUED:
-            self._wake.set()
+            if not self._listed and self._fd >= 0:
+                self._listed = True
+                self._flusher.pending.append(self)
             return True
         if verdict is Verdict.OVERFLOW:
             self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
@@ -143,7 +157,6 @@ class ShardLink:
                     self._decoder = decoder
                     # Replayed members go before anything held while down.
                     self.outbox.link_up()
-                    self._wake.set()
                     return
 
     async def _pump(self, stream: trio.SocketStream) -> None:
@@ -151,8 +164,10 @@ class ShardLink:
             nursery.start_soon(self._write, stream.socket)
             decoder = self._decoder
             dispatch = self._dispatch
+            sock = stream.socket
+            buffer = bytearray(RECEIVE_BYTES)
             while True:
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = await receive_into(sock, buffer)
                 if not data:
                     raise trio.BrokenResourceError("shard closed the link")
                 for message in decoder.feed(data):
@@ -163,24 +178,72 @@ class ShardLink:
                         # it every room of this shard, down.
                         log.exception("shard %d: failed to deliver %s", self.index, type(message).__name__)
 
+    def _schedule(self) -> None:
+        if not self._listed and self._fd >= 0:
+            self._listed = True
+            self._flusher.pending.append(self)
+
+    def _flush(self) -> None:
+        """The flusher's call at the end of a scheduler pass: write the queued
+        batch now, without blocking; hand a remainder to the writer task."""
+        self._listed = False
+        if self._fd < 0 or self._tail is not None or self._error is not None:
+            return
+        batch = self.outbox.take()
+        if batch is None:
+            return
+        try:
+            written = os.write(self._fd, batch)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            # Nothing of the batch went: the outbox sends it again after relinking.
+            self._fail(exc)
+            return
+        if written == len(batch):
+            self.outbox.sent()
+            return
+        self._partly_sent = written > 0
+        self._tail = memoryview(batch)[written:]
+        self._wake.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake.set()
+
     async def _write(self, sock: trio.socket.SocketType) -> None:
-        outbox = self.outbox
-        while True:
-            batch = outbox.take()
-            if batch is None:
-                self._wake = trio.Event()
+        """Finish batches the kernel could not take at once; raise when a write fails."""
+        self._tail, self._partly_sent, self._error = None, False, None
+        self._fd = sock.fileno()
+        self._schedule()  # the replay and anything held while down
+        try:
+            while True:
                 await self._wake.wait()
-                continue
-            # Written by hand, not with send_all, to know whether any of the
-            # batch reached the socket: if none did (the shard was already
-            # dead), the outbox sends it again after the restart.
-            sent = 0
-            try:
-                with memoryview(batch) as view:
-                    while sent < len(view):
-                        sent += await sock.send(view[sent:])
-            except BaseException:
-                if sent:
-                    outbox.sent()
-                raise
-            outbox.sent()
+                self._wake = trio.Event()
+                while self._tail is not None and self._error is None:
+                    await trio.lowlevel.wait_writable(sock)
+                    try:
+                        written = os.write(self._fd, self._tail)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        self._error = exc
+                        break
+                    self._partly_sent = True
+                    if written < len(self._tail):
+                        self._tail = self._tail[written:]
+                    else:
+                        self._tail = None
+                        self._partly_sent = False
+                        self.outbox.sent()
+                        self._schedule()
+                if self._error is not None:
+                    raise trio.BrokenResourceError(f"link write failed: {self._error}") from self._error
+        finally:
+            if self._partly_sent:
+                # Part of the batch reached the shard: it counts as sent.
+                self.outbox.sent()
+            self._fd = -1
+            self._tail = None
+            self._partly_sent = False
