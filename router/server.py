@@ -156,7 +156,10 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                         break
                     _apply(router, client, sock, actions)
                     item = None
-                    if (session.deadline if session.deadline is not None else math.inf) != deadline:
+                    # Activity only moves the idle and keepalive deadlines
+                    # later: keep this scope (firing early costs one no-op
+                    # `timeout`), and leave only if a deadline came sooner.
+                    if (session.deadline if session.deadline is not None else math.inf) < deadline:
                         break
             sock.receive_scope = None
             now = trio.current_time()
