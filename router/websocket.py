@@ -96,6 +96,10 @@ class ClientWebSocket:
         self._drained: trio.Event | None = None
         self._parts: list[str] = []
         self._part_chars = 0
+        # Bytes went into `_ws` that `events()` has not run dry on: parse
+        # before the next read. (An events() pass over an empty buffer costs
+        # a generator and a header parse attempt, once per message.)
+        self._unparsed = True
         # Set by the writing side; the owner's receive scope is cancelled so
         # the session task notices at once.
         self.kicked: Close | None = None
@@ -112,7 +116,7 @@ class ClientWebSocket:
     async def handshake(self) -> Request | None:
         """Read the HTTP upgrade. None if the peer left or sent garbage (answered 400)."""
         while True:
-            for event in self._ws.events():
+            for event in self._ws.events() if self._unparsed else ():
                 if isinstance(event, Request):
                     return event
             data = await self._receive_some()
@@ -171,7 +175,7 @@ class ClientWebSocket:
         the session should end with it.
         """
         while True:
-            for event in self._ws.events():
+            for event in self._ws.events() if self._unparsed else ():
                 if isinstance(event, TextMessage):
                     self._parts.append(event.data)
                     self._part_chars += len(event.data)
@@ -200,10 +204,12 @@ class ClientWebSocket:
                     # wsproto reports a frame it could not parse (bad UTF-8,
                     # bad opcode) as a close it wants us to send.
                     return Close(event.code, event.reason or "protocol error")
+            self._unparsed = False
             data = await self._receive_some()
             if not data:
                 return PeerClosed(1006, "")
             self._ws.receive_data(data)
+            self._unparsed = True
 
     # -- sending ------------------------------------------------------------
 
