@@ -41,8 +41,12 @@ class Flusher(trio.abc.Instrument):
 
     def __init__(self) -> None:
         self.pending: list[Flushable] = []
+        # Counts scheduler passes, so that a writer can tell whether it
+        # already wrote in this one (router fan-out coalesces on it).
+        self.pass_no = 0
 
     def before_io_wait(self, timeout: float) -> None:
+        self.pass_no += 1
         if self.pending:
             pending, self.pending = self.pending, []
             for writer in pending:

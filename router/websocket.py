@@ -37,7 +37,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from garin import closes
-from garin.batch_writer import receive_some
+from garin.batch_writer import current_flusher, receive_some
 from garin.closes import Close
 from router.frames import PING_FRAME
 
@@ -110,13 +110,18 @@ class ClientWebSocket:
         # kept up to date where any of those change, so that `fan_out` (run
         # once per delivery) tests a single attribute.
         self._fanout = False
+        # Fan-out coalescing: the scheduler pass of this socket's last fan-out
+        # write, and frames fanned out to it later in that same pass, which
+        # the flusher writes as one at the pass's end.
+        self._pass = -1
+        self._later: list[bytes] | None = None
 
     # -- handshake ----------------------------------------------------------
 
     async def handshake(self) -> Request | None:
         """Read the HTTP upgrade. None if the peer left or sent garbage (answered 400)."""
         while True:
-            for event in self._ws.events() if self._unparsed else ():
+            for event in self._ws.events():
                 if isinstance(event, Request):
                     return event
             data = await self._receive_some()
@@ -308,6 +313,18 @@ class ClientWebSocket:
             self._outbox_bytes = len(head)
         self.kick(closes.TOO_SLOW)
 
+    def _flush(self) -> None:
+        """The flusher's call at the end of a pass: the frames held back by
+        `fan_out`, in one write. Dropped if the connection started closing
+        meanwhile (nothing may follow a close frame)."""
+        later, self._later = self._later, None
+        if later and self._fanout:
+            self.send_bytes(later[0] if len(later) == 1 else b"".join(later))
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("fan-out flush failed: %r", error)
+        self._die()
+
     def _die(self) -> None:
         self.dead = True
         self._fanout = False
@@ -364,15 +381,30 @@ def fan_out(members: Iterable[tuple[int, ClientWebSocket]], frame: bytes, exclud
     `send_bytes`' write-first path for a whole room, inlined, with one flag
     test per member: this loop is where a router spends most of its time at
     high fan-out. A member whose kernel buffer is full queues the rest.
+
+    A member written to earlier in this scheduler pass gets the frame at the
+    pass's end instead, together with any others that follow it: a burst (a
+    batch of joins into a big room, several messages read from a shard link
+    at once) costs each member two writes, not one per frame.
     """
     write = os.write
     size = len(frame)
+    flusher = current_flusher()
+    pass_no = flusher.pass_no
     for member_id, ws in members:
         if member_id == exclude or not ws._fanout:
             continue
         if ws._outbox:
             ws._enqueue(frame)
             continue
+        if ws._pass == pass_no:
+            if ws._later is None:
+                ws._later = [frame]
+                flusher.pending.append(ws)
+            else:
+                ws._later.append(frame)
+            continue
+        ws._pass = pass_no
         try:
             written = write(ws._fd, frame)
         except BlockingIOError:
