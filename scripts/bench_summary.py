@@ -45,6 +45,7 @@ def numbers(run: dict[str, Any]) -> dict[str, float | None]:
         "shard_us": shards / dps * 1e6 if dps else None,
         "p50_ms": run["latency_ms"]["p50"],
         "p99_ms": run["latency_ms"]["p99"],
+        "max_ms": run["latency_ms"]["max"],
         "lost": run["traffic"]["lost"],
         "rss_kib_per_conn": srv.get("rss_per_connection_kib"),
         "joins_per_s": run["connect"]["joins_per_s"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's performance numbers and docs/perf.png, in about 12 minutes.
+# The README's performance numbers and docs/perf.png, in about 15 minutes.
 #
 #   scripts/perf_suite.sh [OUT_DIR]          # default bench-results/suite
 #   BEFORE=/path/to/older/garin/checkout scripts/perf_suite.sh
@@ -51,6 +51,14 @@ IDLE=(--rooms 10 --members 1000 --senders 0 --warmup 0 --duration 1 --drain 0 --
 run mem10k "$HERE" "${IDLE[@]}"
 [ -n "${BEFORE:-}" ] && run mem10k-before "$BEFORE" "${IDLE[@]}"
 
+# Scale: one room of 10,000 members; every message reaches all of them (max = last delivery).
+ROOM10K=(--rooms 1 --members 10000 --senders 1 --interval 1 --warmup 1 --duration 5 --drain 3 --connect-timeout 120)
+run room10k "$HERE" "${ROOM10K[@]}"
+
+# The floor: the same writes without garin (one os.write per delivery).
+for i in 1 2 3; do timeout 60 "$PY" scripts/bench_floor.py > "$OUT/floor-$i.log" 2>&1 || echo "   floor failed" >&2; done
+cat "$OUT"/floor-*.log >&2
+
 groups=()
 [ -n "${BEFORE:-}" ] && groups+=("cpu:before=$OUT/target-before-*.json")
 groups+=("cpu:1 router=$OUT/target-r1-*.json" "cpu:2 routers=$OUT/target-r2-*.json"
@@ -58,5 +66,5 @@ groups+=("cpu:1 router=$OUT/target-r1-*.json" "cpu:2 routers=$OUT/target-r2-*.js
 [ -n "${BEFORE:-}" ] && groups+=("ladder:before, 1 router=$OUT/ladder-before-*.json")
 groups+=("ladder:1 router=$OUT/ladder-r1-*.json" "ladder:2 routers=$OUT/ladder-r2-*.json")
 [ -n "${BEFORE:-}" ] && groups+=("rss:before=$OUT/mem10k-before.json")
-groups+=("rss:now=$OUT/mem10k.json" "connect 1 router=$OUT/conn-r1-*.json" "connect 2 routers=$OUT/conn-r2-*.json")
+groups+=("rss:now=$OUT/mem10k.json" "room of 10,000=$OUT/room10k.json" "connect 1 router=$OUT/conn-r1-*.json" "connect 2 routers=$OUT/conn-r2-*.json")
 "$PY" scripts/bench_summary.py --plot "$OUT/perf.png" "${groups[@]}"
