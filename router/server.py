@@ -11,7 +11,6 @@ import time
 from functools import partial
 
 import trio
-from wsproto.events import Request
 
 from garin import closes
 from garin.auth import TokenVerifier
@@ -23,6 +22,7 @@ from garin.lifeline import watch_lifeline
 from garin.session import Action, CloseClient, JoinRoom, LeaveRoom, Publish, SendPing, Session
 from router.status import serve_status
 from router.router import Client, Router
+from router.handshake import Upgrade
 from router.websocket import BinaryMessage, ClientWebSocket, Heard, PeerClosed
 
 log = logging.getLogger("garin.router")
@@ -30,13 +30,10 @@ log = logging.getLogger("garin.router")
 METRICS_SAMPLE_S = 1.0
 
 
-def origin_allowed(request: Request, allowed: tuple[str, ...]) -> bool:
+def origin_allowed(request: Upgrade, allowed: tuple[str, ...]) -> bool:
     if "*" in allowed:
         return True
-    for name, value in request.extra_headers:
-        if name.lower() == b"origin":
-            return value.decode("latin-1").rstrip("/") in allowed
-    return False
+    return request.origin is not None and request.origin.rstrip("/") in allowed
 
 
 async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.SocketStream) -> None:
@@ -96,7 +93,7 @@ async def _serve(
         log.info("conn %d (%s): refused, origin not allowed", client.id, client.peer)
         await sock.reject(403, "origin not allowed")
         return
-    sock.accept()
+    sock.accept(request)
     if refusal is not None:
         # Over a connection limit: a close frame, which (unlike an HTTP
         # status) a browser shows the page.
