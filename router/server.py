@@ -41,41 +41,28 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
-        await _close_quietly(stream)  # gone before we could look at it
+        stream.socket.close()  # gone before we could look at it
         return
     peer = f"{host}:{port}"
     # Counted from accept, so a handshake that never ends still holds a slot.
     refusal = router.limits.admit(host)
     client = router.new_client(peer)
     metrics.CONNECTIONS.inc()
+    # A connection's drain task (only while its outbox is non-empty) runs in
+    # the router-wide nursery: no nursery (cancel scope, status, task list)
+    # per connection.
+    sock = ClientWebSocket(stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
+    client.socket = sock
     try:
-        # A connection's drain task (only while its outbox is non-empty) runs
-        # in the router-wide nursery: no nursery (cancel scope, status, task
-        # list) per connection.
-        sock = ClientWebSocket(
-            stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes
-        )
-        client.socket = sock
-        try:
-            await _serve(router, verifier, client, sock, refusal)
-        finally:
-            await sock.aclose()
+        await _serve(router, verifier, client, sock, refusal)
     except Exception:
         log.exception("conn %d (%s): internal error", client.id, peer)
     finally:
+        sock.hang_up()
         metrics.CONNECTIONS.dec()
         router.forget(client)
         if refusal is None:
             router.limits.release(host)
-        await _close_quietly(stream)
-
-
-async def _close_quietly(stream: trio.SocketStream) -> None:
-    with trio.CancelScope(shield=True):
-        try:
-            await stream.aclose()
-        except Exception:
-            pass
 
 
 async def _serve(
@@ -139,10 +126,10 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
             pending: list[Action] | None = None
             with trio.CancelScope(deadline=deadline) as scope:
                 sock.receive_scope = scope
-                # One cancel scope for as long as its deadline holds: a
-                # chatting member's messages (whose actions never wait) are
-                # applied in here, without a new scope per message. Anything
-                # else leaves the loop and is handled below, as before.
+                # One cancel scope for all text frames (auth, join, chat: their
+                # actions never wait) whose deadline moves with the session's,
+                # not a new scope per message or state. Anything else leaves
+                # the loop and is handled below.
                 while True:
                     item = await sock.receive()
                     if not isinstance(item, str) or sock.dead or sock.kicked is not None:
@@ -153,8 +140,7 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                         break
                     _apply(router, client, sock, actions)
                     item = None
-                    if (session.deadline if session.deadline is not None else math.inf) != deadline:
-                        break
+                    scope.deadline = session.deadline if session.deadline is not None else math.inf
             sock.receive_scope = None
             now = trio.current_time()
             if sock.dead:
@@ -163,8 +149,6 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                 if sock.kicked is not None:
                     continue
                 actions = session.timeout(now)
-            elif item is None:
-                continue  # applied in the loop; the deadline changed
             elif pending is not None:
                 actions = pending
             elif isinstance(item, str):
@@ -180,6 +164,7 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
             elif isinstance(item, BinaryMessage):
                 actions = session.receive_binary(now)
             else:
+                assert item is not None  # only a timeout or a kick leaves the loop without one
                 actions = session.end(item)
         close = _apply(router, client, sock, actions)
         if close is not None:

@@ -69,7 +69,6 @@ class ClientWebSocket:
         max_message_bytes: int,
         max_outbox_bytes: int,
     ) -> None:
-        self._stream = stream
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._nursery = nursery
@@ -321,14 +320,16 @@ class ClientWebSocket:
                         raise
                 while await self._receive_some():
                     pass
-        await self.aclose()
+        self.hang_up()
 
-    async def aclose(self) -> None:
+    def hang_up(self) -> None:
+        """Close the socket now. Synchronous (closing never blocks): no
+        shielded scope or checkpoint, and a cancel cannot interrupt it; trio
+        wakes any task waiting on the socket (a drain) with ClosedResourceError."""
         self.dead = True
         self._fanout = False
         self._outbox = None
-        with trio.CancelScope(shield=True):
-            await self._stream.aclose()
+        self._sock.close()
 
 
 def fan_out(members: Iterable[tuple[int, ClientWebSocket]], frame: bytes, exclude: int) -> None:
