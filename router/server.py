@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import resource
 import signal
 import socket as stdlib_socket
 import time
-from functools import partial
 
 import trio
 
@@ -28,6 +29,9 @@ from router.websocket import BinaryMessage, ClientWebSocket, Heard, PeerClosed
 log = logging.getLogger("garin.router")
 
 METRICS_SAMPLE_S = 1.0
+# As trio.serve_listeners does.
+ACCEPT_CAPACITY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+ACCEPT_RETRY_S = 0.1
 
 
 def origin_allowed(request: Upgrade, allowed: tuple[str, ...]) -> bool:
@@ -37,7 +41,8 @@ def origin_allowed(request: Upgrade, allowed: tuple[str, ...]) -> bool:
 
 
 async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.SocketStream) -> None:
-    """Run one connection; nothing it does can raise into the accept loop."""
+    """Run one connection and close its socket (nobody else does); nothing it
+    does can raise into the accept loop."""
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
@@ -233,6 +238,25 @@ def raise_file_limit(max_connections: int, shards: int) -> int:
     return soft
 
 
+async def _accept_loop(
+    router: Router, verifier: TokenVerifier, listener: trio.SocketListener, handlers: trio.Nursery
+) -> None:
+    """trio.serve_listeners' loop, without the aclose_forcefully it wraps
+    around each handler (a raised Cancelled: ~30 us a connection, for a
+    socket handle_client has always closed already)."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                raise
+            # Out of file descriptors or memory: wait for some to be freed.
+            log.error("accept failed (%s); retrying in %.1f s", os.strerror(exc.errno), ACCEPT_RETRY_S)
+            await trio.sleep(ACCEPT_RETRY_S)
+        else:
+            handlers.start_soon(handle_client, router, verifier, stream)
+
+
 def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
     sock = stdlib_socket.socket(fileno=fd)
     sock.setblocking(False)
@@ -276,7 +300,9 @@ async def serve_router(
 
                 async def accept() -> None:
                     with accepting:
-                        await trio.serve_listeners(partial(handle_client, router, verifier), listeners, handler_nursery=handlers)
+                        async with trio.open_nursery() as loops:
+                            for listener in listeners:
+                                loops.start_soon(_accept_loop, router, verifier, listener, handlers)
 
                 handlers.start_soon(accept)
                 log.info("router %s listening on %s:%d, %d shards", router_id, config.host, port, config.shards)
