@@ -100,8 +100,12 @@ class ClientWebSocket:
     async def handshake(self) -> Upgrade | None:
         """Read the HTTP upgrade. None if the peer left or sent garbage (answered 400)."""
         head = b""
+        # In a burst the request is usually queued by the time we accept:
+        # read it now, without a trip through epoll and the scheduler.
+        data = self._read_now()
         while True:
-            data = await self._receive_some()
+            if data is None:
+                data = await self._receive_some()
             if not data:
                 return None
             # Search only the new bytes (and the three before them).
@@ -109,6 +113,7 @@ class ClientWebSocket:
             head += data
             end = head.find(HEAD_END, start)
             if end < 0 and len(head) <= MAX_HEAD_BYTES:
+                data = None
                 continue
             request = parse_upgrade(head[:end]) if 0 <= end <= MAX_HEAD_BYTES else TOO_BIG
             if isinstance(request, BadRequest):
@@ -138,6 +143,15 @@ class ClientWebSocket:
         try:
             return await receive_some(self._sock, RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    def _read_now(self) -> bytes | None:
+        """What is already queued (b"" at end of stream), or None: nothing yet."""
+        try:
+            return os.read(self._fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
             return b""
 
     async def receive(self) -> str | BinaryMessage | Heard | PeerClosed | Close:
