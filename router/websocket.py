@@ -28,7 +28,16 @@ from garin import closes
 from garin.batch_writer import receive_some
 from garin.closes import Close
 from router.frames import PING_FRAME
-from router.handshake import HEAD_END, MAX_HEAD_BYTES, TOO_BIG, BadRequest, Upgrade, accept_response, parse_upgrade, refusal
+from router.handshake import (
+    HEAD_END,
+    MAX_HEAD_BYTES,
+    TOO_BIG,
+    BadRequest,
+    Upgrade,
+    accept_response,
+    parse_upgrade,
+    refusal,
+)
 
 log = logging.getLogger("garin.router")
 
@@ -131,7 +140,8 @@ class ClientWebSocket:
         self._update_fanout()
 
     def _update_fanout(self) -> None:
-        self._fanout = self.kicked is None and not self.dead and self._ws is not None and self._ws.state is ConnectionState.OPEN
+        ws = self._ws
+        self._fanout = self.kicked is None and not self.dead and ws is not None and ws.state is ConnectionState.OPEN
 
     async def reject(self, status: int, body: str) -> None:
         self.send_bytes(refusal(status, body))
