@@ -12,6 +12,7 @@ beyond reading a key file at start.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
+from jwt.types import Options
 from jwt.warnings import InsecureKeyLengthWarning
 
 from garin import closes
@@ -143,10 +145,27 @@ class TokenVerifier:
         if isinstance(keys, str):
             keys = StaticKey(keys.encode())
         self._keys = keys
+        # A static key needs no `kid`: skip get_unverified_header, which
+        # parses the whole token once more before jwt.decode does.
+        self._static_key = keys.key if isinstance(keys, StaticKey) else None
+        # PyJWT warns only about a short key; a long enough HMAC secret (the
+        # usual case) skips the per-token warnings filter.
+        self._quiet = not (
+            algorithm in MIN_SECRET_BYTES
+            and isinstance(self._static_key, bytes)
+            and len(self._static_key) >= MIN_SECRET_BYTES[algorithm]
+        )
         self._algorithms = [algorithm]
         self._leeway_s = leeway_s
         self._audience = audience or None
         self._issuer = issuer or None
+        # GarinChat (golang-jwt) ignores `aud` unless configured; so do we.
+        self._options: Options = {
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "verify_aud": self._audience is not None,
+        }
 
     def verify(self, token: str, now: float) -> Close | None:
         """None if the token is valid at wall-clock time `now`, else the close."""
@@ -157,29 +176,25 @@ class TokenVerifier:
         """The token's claims if it is valid at wall-clock time `now`, else the close."""
         if isinstance(self._keys, JwksKeys) and not self._keys.loaded:
             return closes.AUTH_UNAVAILABLE
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            return closes.INVALID_TOKEN
-        kid = header.get("kid")
-        key = self._keys.key_for(kid if isinstance(kid, str) else None)
+        key = self._static_key
         if key is None:
-            return closes.INVALID_TOKEN
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.InvalidTokenError:
+                return closes.INVALID_TOKEN
+            kid = header.get("kid")
+            key = self._keys.key_for(kid if isinstance(kid, str) else None)
+            if key is None:
+                return closes.INVALID_TOKEN
         try:
-            with _quiet_key_warning():
+            with _quiet_key_warning() if self._quiet else contextlib.nullcontext():
                 claims: dict[str, Any] = jwt.decode(
                     token,
                     key,
                     algorithms=self._algorithms,
                     audience=self._audience,
                     issuer=self._issuer,
-                    # GarinChat (golang-jwt) ignores `aud` unless configured; so do we.
-                    options={
-                        "verify_exp": False,
-                        "verify_nbf": False,
-                        "verify_iat": False,
-                        "verify_aud": self._audience is not None,
-                    },
+                    options=self._options,
                 )
         except jwt.InvalidTokenError:
             return closes.INVALID_TOKEN

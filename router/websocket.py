@@ -21,25 +21,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Pong,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from garin import closes
 from garin.batch_writer import current_flusher, receive_some
 from garin.closes import Close
 from router.frames import PING_FRAME
+from router.handshake import (
+    HEAD_END,
+    MAX_HEAD_BYTES,
+    TOO_BIG,
+    BadRequest,
+    Upgrade,
+    accept_response,
+    parse_upgrade,
+    refusal,
+)
 
 log = logging.getLogger("garin.router")
 
@@ -80,13 +78,12 @@ class ClientWebSocket:
         max_message_bytes: int,
         max_outbox_bytes: int,
     ) -> None:
-        self._stream = stream
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._nursery = nursery
-        # The handshake object (h11 and all) until the upgrade, then only the
-        # wsproto Connection it made: ~3 KiB less per connection.
-        self._ws: WSConnection | Connection = WSConnection(ConnectionType.SERVER)
+        # Made by `accept`: wsproto's frame layer (router/handshake.py did the HTTP).
+        self._ws: Connection | None = None
+        self._early = b""
         self._max_message_bytes = max_message_bytes
         self._max_outbox_bytes = max_outbox_bytes
         # Created when something first has to wait (most clients never do).
@@ -118,51 +115,45 @@ class ClientWebSocket:
 
     # -- handshake ----------------------------------------------------------
 
-    async def handshake(self) -> Request | None:
+    async def handshake(self) -> Upgrade | None:
         """Read the HTTP upgrade. None if the peer left or sent garbage (answered 400)."""
+        head = b""
+        # In a burst the request is usually queued by the time we accept:
+        # read it now, without a trip through epoll and the scheduler.
+        data = self._read_now()
         while True:
-            for event in self._ws.events():
-                if isinstance(event, Request):
-                    return event
-            data = await self._receive_some()
+            if data is None:
+                data = await self._receive_some()
             if not data:
                 return None
-            try:
-                self._ws.receive_data(data)
-            except RemoteProtocolError as exc:
-                if exc.event_hint is not None:
-                    await self._send_event_and_flush(exc.event_hint)
+            # Search only the new bytes (and the three before them).
+            start = max(0, len(head) - 3)
+            head += data
+            end = head.find(HEAD_END, start)
+            if end < 0 and len(head) <= MAX_HEAD_BYTES:
+                data = None
+                continue
+            request = parse_upgrade(head[:end]) if 0 <= end <= MAX_HEAD_BYTES else TOO_BIG
+            if isinstance(request, BadRequest):
+                self.send_bytes(request.response)
+                await self.flush()
                 return None
+            # Frames a client sent without waiting for our answer.
+            self._early = head[end + len(HEAD_END):]
+            return request
 
-    def accept(self) -> None:
-        ws = self._ws
-        assert isinstance(ws, WSConnection)
-        self.send_bytes(ws.send(AcceptConnection()))
-        # From here on only the Connection is used; let the handshake go.
-        assert ws.connection is not None
-        self._ws = ws.connection
+    def accept(self, request: Upgrade) -> None:
+        self.send_bytes(accept_response(request.key))
+        self._ws = Connection(ConnectionType.SERVER, None, self._early)
+        self._early = b""
         self._update_fanout()
 
     def _update_fanout(self) -> None:
-        self._fanout = self.kicked is None and not self.dead and self._ws.state is ConnectionState.OPEN
+        ws = self._ws
+        self._fanout = self.kicked is None and not self.dead and ws is not None and ws.state is ConnectionState.OPEN
 
     async def reject(self, status: int, body: str) -> None:
-        data = body.encode() + b"\n"
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(data)).encode()),
-        ]
-        out = self._ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
-        out += self._ws.send(RejectData(data=data, body_finished=True))
-        self.send_bytes(out)
-        await self.flush()
-
-    async def _send_event_and_flush(self, event: object) -> None:
-        try:
-            data = self._ws.send(event)  # type: ignore[arg-type]
-        except LocalProtocolError:
-            return
-        self.send_bytes(data)
+        self.send_bytes(refusal(status, body))
         await self.flush()
 
     # -- receiving ----------------------------------------------------------
@@ -173,14 +164,25 @@ class ClientWebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
+    def _read_now(self) -> bytes | None:
+        """What is already queued (b"" at end of stream), or None: nothing yet."""
+        try:
+            return os.read(self._fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
     async def receive(self) -> str | BinaryMessage | Heard | PeerClosed | Close:
         """The next complete client message, a sign of life, or why there will be none.
 
         A `Close` means the client broke a transport rule (too big, bad UTF-8):
         the session should end with it.
         """
+        ws = self._ws
+        assert ws is not None, "receive() before accept()"
         while True:
-            for event in self._ws.events() if self._unparsed else ():
+            for event in ws.events() if self._unparsed else ():
                 if isinstance(event, TextMessage):
                     self._parts.append(event.data)
                     self._part_chars += len(event.data)
@@ -195,15 +197,15 @@ class ClientWebSocket:
                 elif isinstance(event, BytesMessage):
                     return BinaryMessage()
                 elif isinstance(event, Ping):
-                    self.send_bytes(self._ws.send(event.response()))
+                    self.send_bytes(ws.send(event.response()))
                     return HEARD
                 elif isinstance(event, Pong):
                     return HEARD
                 elif isinstance(event, CloseConnection):
                     self._update_fanout()
-                    if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
                         # The peer closed: answer with its own code.
-                        self.send_bytes(self._ws.send(event.response()))
+                        self.send_bytes(ws.send(event.response()))
                         self._update_fanout()
                         return PeerClosed(event.code, event.reason or "")
                     # wsproto reports a frame it could not parse (bad UTF-8,
@@ -213,7 +215,7 @@ class ClientWebSocket:
             data = await self._receive_some()
             if not data:
                 return PeerClosed(1006, "")
-            self._ws.receive_data(data)
+            ws.receive_data(data)
             self._unparsed = True
 
     # -- sending ------------------------------------------------------------
@@ -350,7 +352,7 @@ class ClientWebSocket:
     async def close(self, close: Close) -> None:
         """Send a close frame, let it reach the peer, then hang up (bounded)."""
         with trio.move_on_after(CLOSE_LINGER_S):
-            if self._ws.state is ConnectionState.OPEN:
+            if self._ws is not None and self._ws.state is ConnectionState.OPEN:
                 self.send_bytes(self._ws.send(CloseConnection(close.code, close.reason)))
             self._update_fanout()
             await self.flush()
@@ -365,14 +367,16 @@ class ClientWebSocket:
                         raise
                 while await self._receive_some():
                     pass
-        await self.aclose()
+        self.hang_up()
 
-    async def aclose(self) -> None:
+    def hang_up(self) -> None:
+        """Close the socket now. Synchronous (closing never blocks): no
+        shielded scope or checkpoint, and a cancel cannot interrupt it; trio
+        wakes any task waiting on the socket (a drain) with ClosedResourceError."""
         self.dead = True
         self._fanout = False
         self._outbox = None
-        with trio.CancelScope(shield=True):
-            await self._stream.aclose()
+        self._sock.close()
 
 
 def fan_out(members: Iterable[tuple[int, ClientWebSocket]], frame: bytes, exclude: int) -> None:

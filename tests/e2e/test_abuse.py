@@ -338,6 +338,24 @@ def test_a_handshake_that_never_completes_is_dropped(abuse_server: GarinServer, 
         expect_join(ws, name, 1)
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20_000,  # never ends: 16 KiB cap
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\r\n",
+    ],
+    ids=["oversize-unfinished", "oversize", "not-an-upgrade"],
+)
+def test_a_bad_request_head_is_answered_400(abuse_server: GarinServer, request_head: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", abuse_server.port), timeout=RECV_TIMEOUT_S) as sock:
+        sock.sendall(request_head)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer == b"HTTP/1.1 400 \r\ncontent-length: 0\r\n\r\n"
+
+
 # -- hostile JSON ---------------------------------------------------------------------------
 
 DEEP = 100_000

@@ -41,14 +41,15 @@ async def members() -> AsyncIterator[list[tuple[ClientWebSocket, socket.socket]]
             peer.setblocking(False)
             ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), nursery, 1 << 16, 1 << 20)
             peer.sendall(UPGRADE)
-            assert await ws.handshake() is not None
-            ws.accept()
+            request = await ws.handshake()
+            assert request is not None
+            ws.accept(request)
             await trio.sleep(0)
             assert b"101" in b"".join(read_available(peer))
             out.append((ws, peer))
         yield out
         for ws, peer in out:
-            await ws.aclose()
+            ws.hang_up()
             peer.close()
 
 
