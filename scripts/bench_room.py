@@ -14,7 +14,9 @@ every member has seen the last join (`"totalUsers":N`), member 0 sends
 script records when each member's socket received it: the time to the first,
 the median and the last delivery, per message. Members are not parsed as
 WebSocket streams, only searched for the markers, so the client stays far
-cheaper than the server. Loopback only; every phase has a deadline.
+cheaper than the server. They do not answer pings: against a running server,
+turn keepalive off (GARIN_PING_INTERVAL=0) and allow long auth and join
+timeouts, as --spawn does. Loopback only; every phase has a deadline.
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ def upgrade_request(host: str, port: int) -> bytes:
 
 
 class Member:
-    __slots__ = ("sock", "tail", "seen")
+    __slots__ = ("sock", "tail", "seen", "closed")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.tail = b""  # the end of the last read, for markers split across reads
         self.seen = False
+        self.closed = False
 
 
 def drain_until(members: dict[int, Member], marker: bytes, deadline: float, poller: select.epoll) -> list[float]:
@@ -73,6 +76,7 @@ def drain_until(members: dict[int, Member], marker: bytes, deadline: float, poll
                 data = b""
             if not data:
                 poller.unregister(fd)
+                m.closed = True
                 if not m.seen:
                     m.seen = True
                     left -= 1
@@ -107,7 +111,13 @@ def main() -> int:
 
     server = None
     if args.spawn:
-        server = SpawnedServer(sys.executable, args.shards, args.routers, "warning")
+        # While the room fills, each join is announced to everyone in it: a
+        # newcomer's auth and join wait behind that, longer than GarinChat's
+        # 2 s. And these members never answer keepalive pings.
+        server = SpawnedServer(
+            sys.executable, args.shards, args.routers, "warning",
+            env_overrides={"GARIN_AUTH_TIMEOUT": "60", "GARIN_JOIN_TIMEOUT": "60", "GARIN_PING_INTERVAL": "0"},
+        )
         server.start()
         url, secret = server.url, server.secret
         server.wait_ready(TokenMinter(secret, 3600))
@@ -146,7 +156,11 @@ def main() -> int:
         joined_times = drain_until(members, full, end, poller)
         build_s = time.monotonic() - t0
         if len(joined_times) < args.members:
-            raise TimeoutError(f"only {len(joined_times)} of {args.members} members saw the room full")
+            closed = sum(1 for m in members.values() if m.closed)
+            raise TimeoutError(
+                f"only {len(joined_times)} of {args.members} members saw the room full ({closed} closed)"
+                + (f"; server log: {server.log_problems()[-3:]}" if server is not None else "")
+            )
         result["room_built_s"] = round(build_s, 3)
         print(f"room   {args.members} members joined and saw every join in {build_s:.1f} s "
               f"({args.members * (args.members + 1) // 2:,} join frames)")
