@@ -102,6 +102,12 @@ TokenCheck = Callable[[str], Close | None]
 
 
 class Session:
+    # One per connection: slots keep it small (README, Performance: memory).
+    __slots__ = (
+        "rules", "_check_token", "state", "_state_deadline", "_heard_at", "_sent_at",
+        "_ping_sent_at", "room", "username", "close", "_recent",
+    )
+
     def __init__(self, rules: SessionRules, check_token: TokenCheck, now: float):
         self.rules = rules
         self._check_token = check_token
