@@ -153,7 +153,9 @@ SETTINGS: tuple[Setting, ...] = (
             "How long an automatic ban lasts, seconds.", _seconds(1, 365 * 86400)),
     Setting("allowed_origins", "ALLOWED_ORIGINS", "--allowed-origins", None,
             "Comma list of browser origins allowed to connect; * allows any.", _origins),
-    Setting("shards", "GARIN_SHARDS", "--shards", "4",
+    # 2: on the measured 2-core host, 2 shards cost least per delivery (README,
+    # Performance); shards use a fifth of garin's CPU, routers the rest.
+    Setting("shards", "GARIN_SHARDS", "--shards", "2",
             "Number of shard processes (part of the routing: all processes must agree).",
             _int(1, 256)),
     Setting("routers", "GARIN_ROUTERS", "--routers", "1",

@@ -44,7 +44,7 @@ def test_defaults() -> None:
     assert config.jwt_algorithm == "HS256"
     assert config.jwt_leeway_s == 0.0
     assert config.allowed_origins == (ORIGIN,)
-    assert (config.shards, config.routers) == (4, 1)
+    assert (config.shards, config.routers) == (2, 1)
     assert config.socket_dir == f"/tmp/garin-{os.getuid()}-8080"
     assert (config.auth_timeout_s, config.join_timeout_s) == (2.0, 2.0)
     assert (config.rate_limit_count, config.rate_limit_window_s) == (1, 1.0)
@@ -110,7 +110,7 @@ def test_session_rules() -> None:
 PRECEDENCE = [
     ("port", "PORT", "1001", "1002", "1003", 8080),
     ("host", "GARIN_HOST", "10.0.0.1", "10.0.0.2", "10.0.0.3", "0.0.0.0"),
-    ("shards", "GARIN_SHARDS", "2", "3", "5", 4),
+    ("shards", "GARIN_SHARDS", "6", "3", "5", 2),
     ("auth_timeout_s", "GARIN_AUTH_TIMEOUT", "0.5", "1.5", "2.5", 2.0),
     ("log_level", "GARIN_LOG_LEVEL", "debug", "warning", "error", "info"),
     ("jwt_algorithm", "GARIN_JWT_ALGORITHM", "HS384", "HS512", "HS256", "HS256"),
