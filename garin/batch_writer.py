@@ -31,31 +31,46 @@ import trio
 
 
 class Flushable(Protocol):
-    def _flush(self) -> None: ...
+    def _flush(self) -> bool:
+        """Write what is queued; True if that may have woken a task (a
+        partial write handed to a writer task, a failure, a kick)."""
+        ...
 
     def _fail(self, error: BaseException) -> None: ...
+
+
+def _nothing() -> None:
+    pass
 
 
 class Flusher(trio.abc.Instrument):
     """Flushes the writers that have queued data, once per scheduler pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self.pending: list[Flushable] = []
         # Counts scheduler passes, so that a writer can tell whether it
         # already wrote in this one (router fan-out coalesces on it).
         self.pass_no = 0
+        self._token = token
 
     def before_io_wait(self, timeout: float) -> None:
         self.pass_no += 1
         if self.pending:
             pending, self.pending = self.pending, []
+            woke = False
             for writer in pending:
                 try:
-                    writer._flush()
+                    woke = writer._flush() or woke
                 except Exception as exc:
                     # trio drops an instrument that raises, and then no link
                     # would ever flush again: fail this one link instead.
                     writer._fail(exc)
+                    woke = True
+            if woke and timeout > 0:
+                # trio chose how long to wait for I/O before calling us: a
+                # task woken here would sleep until some unrelated event.
+                # Writing trio's wakeup fd ends that wait at once.
+                self._token.run_sync_soon(_nothing)
 
 
 _FLUSHER: trio.lowlevel.RunVar[Flusher] = trio.lowlevel.RunVar("garin_flusher")
@@ -66,7 +81,7 @@ def current_flusher() -> Flusher:
     try:
         return _FLUSHER.get()
     except LookupError:
-        flusher = Flusher()
+        flusher = Flusher(trio.lowlevel.current_trio_token())
         trio.lowlevel.add_instrument(flusher)
         _FLUSHER.set(flusher)
         return flusher
@@ -124,11 +139,11 @@ class BatchWriter:
         self._tail = None
         self._wake.set()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
         """Called by the flusher: write the queue now, without blocking."""
         self._listed = False
         if self._tail is not None or self._error is not None or not self._queue:
-            return
+            return False
         data = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
@@ -138,10 +153,12 @@ class BatchWriter:
             written = 0
         except OSError as exc:
             self._fail(exc)
-            return
+            return True
         if written < len(data):
             self._tail = memoryview(data)[written:]
             self._wake.set()
+            return True
+        return False
 
     async def run(self) -> None:
         """Finish writes the kernel could not take at once; raise if the link broke."""

@@ -183,15 +183,16 @@ class ShardLink:
             self._listed = True
             self._flusher.pending.append(self)
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
         """The flusher's call at the end of a scheduler pass: write the queued
-        batch now, without blocking; hand a remainder to the writer task."""
+        batch now, without blocking; hand a remainder to the writer task
+        (True: that task was woken)."""
         self._listed = False
         if self._fd < 0 or self._tail is not None or self._error is not None:
-            return
+            return False
         batch = self.outbox.take()
         if batch is None:
-            return
+            return False
         try:
             written = os.write(self._fd, batch)
         except BlockingIOError:
@@ -199,13 +200,14 @@ class ShardLink:
         except OSError as exc:
             # Nothing of the batch went: the outbox sends it again after relinking.
             self._fail(exc)
-            return
+            return True
         if written == len(batch):
             self.outbox.sent()
-            return
+            return False
         self._partly_sent = written > 0
         self._tail = memoryview(batch)[written:]
         self._wake.set()
+        return True
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:

@@ -322,13 +322,16 @@ class ClientWebSocket:
             self._outbox_bytes = len(head)
         self.kick(closes.TOO_SLOW)
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
         """The flusher's call at the end of a pass: the frames held back by
-        `fan_out`, in one write. Dropped if the connection started closing
-        meanwhile (nothing may follow a close frame)."""
+        `fan_out`, in one write. Dropped if the client was kicked, the peer
+        closed or the socket died meanwhile (`close` flushes them before its
+        close frame). True if a drain task was started or the session woken."""
         later, self._later = self._later, None
-        if later and self._fanout:
-            self.send_bytes(later[0] if len(later) == 1 else b"".join(later))
+        if not later or not self._fanout:
+            return False
+        self.send_bytes(later[0] if len(later) == 1 else b"".join(later))
+        return bool(self._outbox) or self.dead or self.kicked is not None
 
     def _fail(self, error: BaseException) -> None:
         log.error("fan-out flush failed: %r", error)
@@ -360,6 +363,7 @@ class ClientWebSocket:
         """Send a close frame, let it reach the peer, then hang up (bounded)."""
         with trio.move_on_after(CLOSE_LINGER_S):
             if self._ws is not None and self._ws.state is ConnectionState.OPEN:
+                self._flush()  # frames fanned out earlier in this pass go first
                 self.send_bytes(self._ws.send(CloseConnection(close.code, close.reason)))
             self._update_fanout()
             await self.flush()

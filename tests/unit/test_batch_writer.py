@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -138,3 +139,38 @@ async def test_an_unexpected_flush_error_fails_only_that_link(
         healthy.close()
         healthy_trio.close()
         healthy_peer.close()
+
+
+async def test_a_partial_flush_finishes_without_any_other_event() -> None:
+    # The flusher runs after trio chose how long to wait for I/O: the writer
+    # task it wakes must run now, not at some unrelated later event. Here
+    # nothing else happens: a reader thread drains the socket and reports back.
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    data = b"x" * 300_000
+    token = trio.lowlevel.current_trio_token()
+    received = trio.Event()
+
+    def read_all() -> None:
+        got = 0
+        while got < len(data):
+            chunk = peer.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        token.run_sync_soon(received.set)
+
+    writer = BatchWriter(trio.socket.from_stdlib_socket(ours))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await trio.sleep(0)
+            threading.Thread(target=read_all, daemon=True).start()
+            writer.send(data)
+            with trio.fail_after(10):  # a hang guard: without the fix, this expires
+                await received.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        peer.close()

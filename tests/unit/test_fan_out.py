@@ -4,6 +4,7 @@ first frame, the rest of a burst coalesced into one more write, in order."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -82,3 +83,53 @@ async def test_frames_held_for_the_pass_end_are_dropped_once_the_member_closes(
     ws.kick(closes.TOO_SLOW)  # closing: only the close frame may follow
     await trio.sleep(0)
     assert read_available(peer) == [text_frame(b'{"n":1}')]
+
+
+async def test_a_held_burst_too_big_for_the_socket_reaches_the_member_without_any_other_event() -> None:
+    # The rest of a partly written burst goes to a drain task started from the
+    # flusher; it must run at once, not at some unrelated later event.
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    small, big = text_frame(b'{"n":0}'), text_frame(b"x" * 60000)
+    token = trio.lowlevel.current_trio_token()
+    received = trio.Event()
+
+    def read_all() -> None:
+        got = 0
+        while got < len(small) + len(big):
+            chunk = peer.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        token.run_sync_soon(received.set)
+
+    async with trio.open_nursery() as nursery:
+        ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), nursery, 1 << 16, 1 << 24)
+        peer.sendall(UPGRADE)
+        request = await ws.handshake()
+        assert request is not None
+        ws.accept(request)
+        await trio.sleep(0)
+        assert b"101" in peer.recv(4096)
+        threading.Thread(target=read_all, daemon=True).start()
+        fan_out([(0, ws)], small, exclude=-1)
+        fan_out([(0, ws)], big, exclude=-1)  # held for the pass end, then partly written
+        with trio.fail_after(10):  # a hang guard: without the fix, this expires
+            await received.wait()
+        ws.hang_up()
+        peer.close()
+
+
+async def test_close_sends_the_frames_held_in_this_pass_before_the_close_frame(
+    members: list[tuple[ClientWebSocket, socket.socket]],
+) -> None:
+    ws, peer = members[0]
+    room = [(0, ws)]
+    first, second = text_frame(b'{"n":1}'), text_frame(b'{"n":2}')
+    fan_out(room, first, exclude=-1)
+    fan_out(room, second, exclude=-1)
+    peer.shutdown(socket.SHUT_WR)  # the peer hangs up after our close frame
+    await ws.close(closes.IDLE_TIMEOUT)
+    data = b"".join(read_available(peer))
+    assert data.startswith(first + second)
+    assert data[len(first + second)] == 0x88  # then the close frame
