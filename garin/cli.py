@@ -59,9 +59,9 @@ def _enable_metrics(config: Config, fresh: bool) -> None:
     """Multi-process metrics must be switched on before prometheus_client loads;
     `garin run` starts the directory afresh, its children inherit it."""
     if config.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from garin import metrics
+        from garin.metrics_setup import enable
 
-        metrics.enable(str(config.metrics_dir), fresh)
+        enable(str(config.metrics_dir), fresh)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -4,8 +4,9 @@ Every process (routers, shards, the supervisor) updates its own metrics;
 with metrics on, prometheus-client's multi-process mode keeps them in
 memory-mapped files in one directory, and whichever router answers a scrape
 sums them all. PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client
-is first imported, so `enable()` runs early in each process (from the CLI),
-and every import of this module's metrics comes after it.
+is first imported (it picks its value storage then), so
+`garin.metrics_setup.enable()` runs early in each process, from the CLI, and
+this module is imported only after it.
 
 Counters are bumped once per event, never per delivered frame in a loop:
 `DELIVERIES.inc(n)` once per fan-out keeps the hot path free of them.
@@ -14,23 +15,10 @@ Counters are bumped once per event, never per delivered frame in a loop:
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+from prometheus_client import Counter, Gauge
 
-
-def enable(directory: str, fresh: bool) -> None:
-    """Turn on multi-process mode (before anything imports prometheus_client)."""
-    path = Path(directory)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if fresh and path.exists():
-        shutil.rmtree(path)  # counters from a previous run would be summed in
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.environ[ENV] = str(path)
-
-
-from prometheus_client import Counter, Gauge  # noqa: E402  (after enable() by design)
+from garin.metrics_setup import ENV
 
 CONNECTIONS = Gauge("garin_connections", "Open client connections.", multiprocess_mode="livesum")
 JOINS = Counter("garin_joins", "Room joins announced.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,3 +124,21 @@ def test_health_reports_unreachable_shards(tmp_path) -> None:
     finally:
         router.terminate()
         assert router.wait(timeout=15) == 0
+
+
+def test_restarts_are_counted_per_child() -> None:
+    from test_faults import replaced, roles
+
+    port = free_port()
+    with running_server(GARIN_METRICS_PORT=str(port)) as server:
+        assert server.process is not None
+        shard = roles(server.process.pid)["shard 0"]
+        os.kill(shard, signal.SIGKILL)
+        replaced(server, "shard 0", shard)
+
+        def counted() -> str | None:
+            text = get(f"http://127.0.0.1:{port}/metrics")[1]
+            return text if sample(text, "garin_restarts_total", child="shard 0") == 1 else None
+
+        text = eventually(counted)
+        assert sample(text, "garin_restarts_total", child="shard 1") == 0
