@@ -76,7 +76,7 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (BYE, "the client sent a message with an empty body (it leaves its room)"),
     (SHUTDOWN, "the server is stopping (SIGTERM / Ctrl-C)"),
     (BINARY_FRAME, "the client sent a binary frame"),
-    (Close(INVALID_DATA, "(from wsproto"), "a text frame was not valid UTF-8"),
+    (Close(INVALID_DATA, "(the UTF-8 decoder's message"), "a text frame (or a close reason) was not valid UTF-8"),
     (AUTH_TIMEOUT, "no auth message within the auth timeout of connecting"),
     (JOIN_TIMEOUT, "no join within the join timeout of auth (or of userleave)"),
     (INVALID_TOKEN, "bad signature, wrong or `none` alg, garbage, not yet valid"),

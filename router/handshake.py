@@ -3,7 +3,7 @@
 wsproto's H11Handshake runs the request through h11, a general HTTP/1.1
 state machine, then wsproto's own checks: about a sixth of a router's CPU
 per connection. A WebSocket upgrade is one GET with no body, so a pure
-function over the request head does it; wsproto still handles the frames.
+function over the request head does it; router/frames_in.py parses the frames.
 
 Refusals keep the bytes h11 wrote for them (statuses, headers, an empty
 reason phrase), so clients see what they always did.

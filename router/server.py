@@ -211,7 +211,7 @@ _KNOWN_REASONS = {close.reason for close, _ in closes.ALL_CLOSES}
 
 
 def _count_close(close: Close) -> None:
-    # Reasons with a variable part (wsproto's, a field name) share one label.
+    # Reasons with a variable part (the frame parser's, a field name) share one label.
     reason = close.reason if close.reason in _KNOWN_REASONS else "other"
     metrics.CLOSES.labels(code=str(close.code), reason=reason).inc()
     if close == closes.TOO_SLOW:

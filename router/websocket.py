@@ -1,4 +1,4 @@
-"""A server-side WebSocket built on wsproto, with a bounded outbox.
+"""A server-side WebSocket with a bounded outbox (frames parsed by router/frames_in.py).
 
 Why not trio-websocket's connection object: it runs a reader task and a
 message channel per connection (about 20 KiB each), writes through an
@@ -18,16 +18,14 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import trio
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from garin import closes
 from garin.batch_writer import current_flusher, receive_some
 from garin.closes import Close
-from router.frames import PING_FRAME
+from router.frames import PING_FRAME, close_frame, pong_frame
+from router.frames_in import HEARD, BinaryMessage, FrameParser, Heard, PeerClosed, Ping
 from router.handshake import (
     HEAD_END,
     MAX_HEAD_BYTES,
@@ -49,32 +47,18 @@ WRITEV_CHUNKS = 64
 CLOSE_LINGER_S = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class PeerClosed:
-    """The peer closed (1006 if it just hung up); the session is over."""
+__all__ = ["HEARD", "BinaryMessage", "ClientWebSocket", "Heard", "PeerClosed", "fan_out"]
 
-    code: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class BinaryMessage:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Heard:
-    """A ping, a pong or part of a message: the peer is alive, nothing to act on."""
-
-
-HEARD = Heard()
+# The closing handshake (RFC 6455 7), as wsproto's ConnectionState named it.
+# Before `accept` the state is None.
+OPEN, REMOTE_CLOSING, LOCAL_CLOSING, CLOSED = 1, 2, 3, 4
 
 
 class ClientWebSocket:
     # One per connection: slots instead of a dict, about 0.3 KiB less each.
     __slots__ = (
-        "_sock", "_fd", "_nursery", "_ws", "_early", "_max_message_bytes", "_max_outbox_bytes",
-        "_outbox", "_outbox_bytes", "_draining", "_drained", "_parts", "_part_chars", "_unparsed",
+        "_sock", "_fd", "_nursery", "_frames", "_state", "_early", "_max_message_bytes", "_max_outbox_bytes",
+        "_outbox", "_outbox_bytes", "_draining", "_drained", "_unparsed",
         "kicked", "dead", "receive_scope", "_fanout", "_pass", "_later",
     )
 
@@ -88,8 +72,10 @@ class ClientWebSocket:
         self._sock = stream.socket
         self._fd = stream.socket.fileno()
         self._nursery = nursery
-        # Made by `accept`: wsproto's frame layer (router/handshake.py did the HTTP).
-        self._ws: Connection | None = None
+        # Made by `accept` (router/handshake.py did the HTTP): the incoming
+        # frame parser, and where the closing handshake stands.
+        self._frames: FrameParser | None = None
+        self._state: int | None = None
         self._early = b""
         self._max_message_bytes = max_message_bytes
         self._max_outbox_bytes = max_outbox_bytes
@@ -98,11 +84,8 @@ class ClientWebSocket:
         self._outbox_bytes = 0
         self._draining = False
         self._drained: trio.Event | None = None
-        self._parts: list[str] = []
-        self._part_chars = 0
-        # Bytes went into `_ws` that `events()` has not run dry on: parse
-        # before the next read. (An events() pass over an empty buffer costs
-        # a generator and a header parse attempt, once per message.)
+        # Bytes went into `_frames` that it has not run dry on: parse before
+        # the next read.
         self._unparsed = True
         # Set by the writing side; the owner's receive scope is cancelled so
         # the session task notices at once.
@@ -151,13 +134,13 @@ class ClientWebSocket:
 
     def accept(self, request: Upgrade) -> None:
         self.send_bytes(accept_response(request.key))
-        self._ws = Connection(ConnectionType.SERVER, None, self._early)
+        self._frames = FrameParser(self._max_message_bytes, self._early)
+        self._state = OPEN
         self._early = b""
         self._update_fanout()
 
     def _update_fanout(self) -> None:
-        ws = self._ws
-        self._fanout = self.kicked is None and not self.dead and ws is not None and ws.state is ConnectionState.OPEN
+        self._fanout = self.kicked is None and not self.dead and self._state == OPEN
 
     async def reject(self, status: int, body: str) -> None:
         self.send_bytes(refusal(status, body))
@@ -186,44 +169,39 @@ class ClientWebSocket:
         A `Close` means the client broke a transport rule (too big, bad UTF-8):
         the session should end with it.
         """
-        ws = self._ws
-        assert ws is not None, "receive() before accept()"
+        frames = self._frames
+        assert frames is not None, "receive() before accept()"
         while True:
-            for event in ws.events() if self._unparsed else ():
-                if isinstance(event, TextMessage):
-                    self._parts.append(event.data)
-                    self._part_chars += len(event.data)
-                    if self._part_chars > self._max_message_bytes:
-                        return closes.TOO_BIG_FRAME
-                    if not event.message_finished:
-                        return HEARD
-                    text = "".join(self._parts)
-                    self._parts.clear()
-                    self._part_chars = 0
-                    return text
-                elif isinstance(event, BytesMessage):
-                    return BinaryMessage()
-                elif isinstance(event, Ping):
-                    self.send_bytes(ws.send(event.response()))
-                    return HEARD
-                elif isinstance(event, Pong):
-                    return HEARD
-                elif isinstance(event, CloseConnection):
+            event = frames.next_event() if self._unparsed else None
+            if event is None:
+                self._unparsed = False
+                data = await self._receive_some()
+                if not data:
+                    return PeerClosed(1006, "")
+                frames.feed(data)
+                self._unparsed = True
+                continue
+            if type(event) is str or type(event) is Heard or type(event) is BinaryMessage:
+                return event
+            if type(event) is Ping:
+                if self._state == OPEN:
+                    self.send_bytes(pong_frame(event.payload))
+                return HEARD
+            if type(event) is PeerClosed:
+                if self._state == LOCAL_CLOSING:
+                    self._state = CLOSED
                     self._update_fanout()
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        # The peer closed: answer with its own code.
-                        self.send_bytes(ws.send(event.response()))
-                        self._update_fanout()
-                        return PeerClosed(event.code, event.reason or "")
-                    # wsproto reports a frame it could not parse (bad UTF-8,
-                    # bad opcode) as a close it wants us to send.
                     return Close(event.code, event.reason or "protocol error")
-            self._unparsed = False
-            data = await self._receive_some()
-            if not data:
-                return PeerClosed(1006, "")
-            ws.receive_data(data)
-            self._unparsed = True
+                # The peer closed: answer with its own code.
+                self._state = REMOTE_CLOSING
+                self._update_fanout()
+                self.send_bytes(close_frame(event.code, event.reason))
+                self._state = CLOSED
+                return event
+            # A frame that broke a rule (bad UTF-8, bad opcode): the parser
+            # says which close to send, as wsproto did.
+            assert isinstance(event, Close)
+            return event
 
     # -- sending ------------------------------------------------------------
 
@@ -362,9 +340,10 @@ class ClientWebSocket:
     async def close(self, close: Close) -> None:
         """Send a close frame, let it reach the peer, then hang up (bounded)."""
         with trio.move_on_after(CLOSE_LINGER_S):
-            if self._ws is not None and self._ws.state is ConnectionState.OPEN:
+            if self._state == OPEN:
                 self._flush()  # frames fanned out earlier in this pass go first
-                self.send_bytes(self._ws.send(CloseConnection(close.code, close.reason)))
+                self.send_bytes(close_frame(close.code, close.reason))
+                self._state = LOCAL_CLOSING
             self._update_fanout()
             await self.flush()
             if not self.dead:

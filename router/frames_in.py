@@ -1,0 +1,325 @@
+"""Client-to-server WebSocket frames: a small pure parser (RFC 6455 5-7).
+
+It replaces wsproto's `Connection` on the receiving side, which cost about
+1.7 KiB per connection and tens of microseconds per message (a generator, a
+deque, named tuples and a copy of every payload). This one is a plain object
+with slots and no buffers until bytes arrive. Feed it what the socket read;
+`next_event()` returns what the client did, in the shapes `ClientWebSocket.
+receive()` hands on, or None when it needs more bytes.
+
+It checks exactly what wsproto checked, in the same order, and reports a
+broken rule with wsproto's close code and reason: 1002 for framing errors
+(unmasked, reserved bits, unknown opcode, long or fragmented control frames,
+a continuation with nothing to continue or a new message inside one, bad
+close codes, a one-byte close payload), 1007 for text that is not UTF-8
+(decoded incrementally across reads and fragments) and close reasons that are
+not. Like wsproto it hands on a text frame's payload as it arrives, so a huge
+declared length is never buffered: the characters received are counted
+against the message limit (1009) as they come.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Final
+
+from garin import closes
+from garin.closes import Close
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer closed (1006 if it just hung up); the session is over."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryMessage:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """A ping, a pong or part of a message: the peer is alive, nothing to act on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """The peer pinged: answer with a pong carrying `payload`."""
+
+    payload: bytes
+
+
+HEARD: Final = Heard()
+BINARY: Final = BinaryMessage()
+
+Event = str | Heard | BinaryMessage | Ping | PeerClosed | Close
+
+_CONTINUATION, _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+# wsproto's reasons name opcodes by their enum's repr.
+_OPCODE_REPR = {
+    _CONTINUATION: "<Opcode.CONTINUATION: 0>",
+    _TEXT: "<Opcode.TEXT: 1>",
+    _BINARY: "<Opcode.BINARY: 2>",
+    _CLOSE: "<Opcode.CLOSE: 8>",
+    _PING: "<Opcode.PING: 9>",
+    _PONG: "<Opcode.PONG: 10>",
+}
+PROTOCOL_ERROR = 1002
+NO_STATUS_RCVD = 1005
+# Codes a peer may send (RFC 6455 7.4): the defined ones below 3000 that are
+# not local-only (1005, 1006, 1015), and anything from 3000 to 4999.
+_SENDABLE_BELOW_3000 = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
+_KNOWN_CODES = _SENDABLE_BELOW_3000 | {1005, 1006, 1015}
+
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def unmask(data: bytes, key: bytes) -> bytes:
+    """XOR `data` with the repeating 4-byte `key`, as one big-integer operation."""
+    n = len(data)
+    if not n:
+        return b""
+    stream = (key * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
+
+
+def _protocol_error(reason: str) -> Close:
+    return Close(PROTOCOL_ERROR, reason)
+
+
+class FrameParser:
+    """Server side of one connection's incoming frames. Pure: no I/O, no trio."""
+
+    __slots__ = (
+        "_buf", "_pos", "_max_chars", "_done",
+        "_remaining", "_key", "_fin", "_message", "_decoder", "_parts", "_chars",
+    )
+
+    def __init__(self, max_message_chars: int, data: bytes = b"") -> None:
+        self._buf = data
+        self._pos = 0
+        self._max_chars = max_message_chars
+        # A close frame arrived or a rule was broken: nothing more is parsed.
+        self._done = False
+        # Payload bytes still to come of the data frame being read (0: at a
+        # header), its masking key rotated to the next byte, and its FIN bit.
+        self._remaining = 0
+        self._key = b""
+        self._fin = False
+        # The data message in progress: its opcode (None: between messages),
+        # and for text, the decoder (made only when a message spans chunks),
+        # the text so far and its length in characters.
+        self._message: int | None = None
+        self._decoder: codecs.IncrementalDecoder | None = None
+        self._parts: list[str] | None = None
+        self._chars = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._pos < len(self._buf):
+            self._buf = self._buf[self._pos:] + data
+        else:
+            self._buf = data
+        self._pos = 0
+
+    def next_event(self) -> Event | None:
+        """What the next bytes mean, or None when more are needed.
+
+        A str is a complete text message; HEARD a pong, a fragment or part of
+        a frame; BINARY any frame of a binary message; Ping a ping to answer;
+        PeerClosed the peer's close frame; Close a broken rule (the caller
+        closes with it). After a PeerClosed or Close, always None.
+        """
+        if self._done:
+            return None
+        if self._remaining:
+            return self._payload()
+        buf = self._buf
+        pos = self._pos
+        available = len(buf) - pos
+        if available < 2:
+            return None
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        opcode = b0 & 0x0F
+        if opcode not in _OPCODE_REPR:
+            return self._fail(_protocol_error(f"Invalid opcode {opcode:#x}"))
+        fin = b0 & 0x80
+        control = opcode & 0x08
+        if control and not fin:
+            return self._fail(_protocol_error("Invalid attempt to fragment control frame"))
+        length = b1 & 0x7F
+        head = 2
+        if control and length > 125:
+            return self._fail(_protocol_error("Control frame with payload len > 125"))
+        if length == 126:
+            if available < 4:
+                return None
+            length = int.from_bytes(buf[pos + 2:pos + 4], "big")
+            if length <= 125:
+                return self._fail(_protocol_error("Payload length used 2 bytes when 1 would have sufficed"))
+            head = 4
+        elif length == 127:
+            if available < 10:
+                return None
+            length = int.from_bytes(buf[pos + 2:pos + 10], "big")
+            if length <= 0xFFFF:
+                return self._fail(_protocol_error("Payload length used 8 bytes when 2 would have sufficed"))
+            if length >> 63:
+                return self._fail(_protocol_error("8-byte payload length with non-zero MSB"))
+            head = 10
+        if b0 & 0x70:
+            return self._fail(_protocol_error("Reserved bit set unexpectedly"))
+        if not b1 & 0x80:
+            return self._fail(_protocol_error("server received unexpected unmasked frame"))
+        if available < head + 4:
+            return None
+        key = buf[pos + head:pos + head + 4]
+        start = pos + head + 4
+        if control:
+            end = start + length
+            if end > len(buf):
+                return None  # control payloads are at most 125 bytes: wait for all of it
+            self._consumed(end)
+            payload = unmask(buf[start:end], key)
+            if opcode == _PING:
+                return Ping(payload)
+            if opcode == _PONG:
+                return HEARD
+            return self._close(payload)
+        # A data frame: wsproto checks its place in the message once it has
+        # some payload (or an empty one), so do the same.
+        if length and start == len(buf):
+            return None
+        message = self._message
+        if message is None:
+            if opcode == _CONTINUATION:
+                return self._fail(_protocol_error("unexpected CONTINUATION"))
+            self._message = message = opcode
+        elif opcode != _CONTINUATION:
+            return self._fail(_protocol_error(f"expected CONTINUATION, got {_OPCODE_REPR[opcode]}"))
+        self._fin = bool(fin)
+        self._key = key
+        self._pos = start
+        if message == _BINARY:
+            # The session closes on any binary frame: report it now and skip
+            # its payload rather than keep it.
+            self._remaining = length
+            self._skip()
+            if fin and not self._remaining:
+                self._message = None
+            return BINARY
+        end = start + length
+        if fin and self._parts is None and end <= len(buf):
+            # The common case: a whole message in one frame, all of it here.
+            self._consumed(end)
+            self._message = None
+            try:
+                text = unmask(buf[start:end], key).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return self._fail(Close(closes.INVALID_DATA, str(exc)))
+            if len(text) > self._max_chars:
+                return self._fail(closes.TOO_BIG_FRAME)
+            return text
+        if opcode == _TEXT:
+            self._decoder = _Utf8Decoder()
+            if self._parts is None:
+                self._parts = []
+        self._remaining = length
+        return self._payload()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _consumed(self, end: int) -> None:
+        if end >= len(self._buf):
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._pos = end
+
+    def _fail(self, close: Close) -> Close:
+        self._stop()
+        return close
+
+    def _stop(self) -> None:
+        self._done = True
+        self._buf = b""
+        self._pos = 0
+        self._parts = None
+        self._decoder = None
+
+    def _take(self) -> bytes:
+        """Up to the rest of the current data frame's payload, unmasked."""
+        buf = self._buf
+        pos = self._pos
+        take = min(len(buf) - pos, self._remaining)
+        chunk = buf[pos:pos + take]
+        self._consumed(pos + take)
+        self._remaining -= take
+        key = self._key
+        data = unmask(chunk, key)
+        turn = take & 3
+        if turn:
+            self._key = key[turn:] + key[:turn]
+        return data
+
+    def _skip(self) -> None:
+        take = min(len(self._buf) - self._pos, self._remaining)
+        self._consumed(self._pos + take)
+        self._remaining -= take
+
+    def _payload(self) -> Event | None:
+        """Part (or the rest) of a data frame's payload, which has begun."""
+        if self._pos == len(self._buf) and self._remaining:
+            return None
+        if self._message == _BINARY:
+            self._skip()
+            if not self._remaining and self._fin:
+                self._message = None
+            return HEARD
+        data = self._take()
+        finished = self._fin and not self._remaining
+        decoder = self._decoder
+        assert decoder is not None and self._parts is not None
+        try:
+            text = decoder.decode(data, finished)
+        except UnicodeDecodeError as exc:
+            return self._fail(Close(closes.INVALID_DATA, str(exc)))
+        if text:
+            self._parts.append(text)
+            self._chars += len(text)
+            if self._chars > self._max_chars:
+                return self._fail(closes.TOO_BIG_FRAME)
+        if not finished:
+            return HEARD
+        text = "".join(self._parts)
+        self._message = None
+        self._decoder = None
+        self._parts = None
+        self._chars = 0
+        return text
+
+    def _close(self, payload: bytes) -> PeerClosed | Close:
+        if not payload:
+            self._stop()
+            return PeerClosed(NO_STATUS_RCVD, "")
+        if len(payload) == 1:
+            return self._fail(_protocol_error("CLOSE with 1 byte payload"))
+        code = int.from_bytes(payload[:2], "big")
+        if code < 1000 or code > 4999:
+            return self._fail(_protocol_error("CLOSE with invalid code"))
+        if code in (1005, 1006, 1015):
+            return self._fail(_protocol_error("remote CLOSE with local-only reason"))
+        if code < 3000 and code not in _KNOWN_CODES:
+            return self._fail(_protocol_error("CLOSE with unknown reserved code"))
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._fail(Close(closes.INVALID_DATA, "Error decoding CLOSE reason: " + str(exc)))
+        self._stop()
+        return PeerClosed(code, reason)
