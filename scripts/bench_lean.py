@@ -186,6 +186,17 @@ class LeanWebSocket:
         await self._stream.aclose()
 
 
+def upgrade_request(host: str, port: int, path: str, origin: str, key: bytes | None = None) -> bytes:
+    """The HTTP request that opens a WebSocket (`key`: base64 of 16 bytes; fresh if None)."""
+    if key is None:
+        key = base64.b64encode(os.urandom(16))
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {origin}\r\n\r\n"
+    ).encode()
+
+
 async def _handshake(url: str, origin: str) -> LeanWebSocket:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "ws" or not parts.hostname:
@@ -200,12 +211,7 @@ async def _handshake(url: str, origin: str) -> LeanWebSocket:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Origin: {origin}\r\n\r\n"
-        ).encode()
-        await stream.send_all(request)
+        await stream.send_all(upgrade_request(parts.hostname, port, path, origin, key))
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = await stream.receive_some(RECEIVE_BYTES)

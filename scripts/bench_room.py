@@ -22,7 +22,6 @@ timeouts, as --spawn does. Loopback only; every phase has a deadline.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import resource
@@ -36,16 +35,8 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lean import client_frame  # noqa: E402
+from bench_lean import client_frame, upgrade_request  # noqa: E402
 from bench_server import ORIGIN, SpawnedServer, TokenMinter  # noqa: E402
-
-
-def upgrade_request(host: str, port: int) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n\r\n"
-    ).encode()
 
 
 class Member:
@@ -58,15 +49,18 @@ class Member:
         self.closed = False
 
 
-def drain_until(members: dict[int, Member], marker: bytes, deadline: float, poller: select.epoll) -> list[float]:
-    """Read every member until each has received `marker`; the arrival times."""
-    for m in members.values():
-        m.seen = False
+def drain_until(
+    members: dict[int, Member], marker: bytes | None, deadline: float, poller: select.epoll
+) -> list[float]:
+    """Read every member until each has received `marker` (None: only drain
+    until the deadline); the arrival times."""
+    if marker is not None:
+        for m in members.values():
+            m.seen = False
     times: list[float] = []
     left = len(members)
-    keep = len(marker) - 1
-    while left and time.monotonic() < deadline:
-        for fd, _ in poller.poll(0.2):
+    while (left or marker is None) and time.monotonic() < deadline:
+        for fd, _ in poller.poll(0.2 if marker is not None else max(0.0, deadline - time.monotonic())):
             m = members[fd]
             try:
                 data = os.read(fd, 1 << 20)
@@ -81,11 +75,12 @@ def drain_until(members: dict[int, Member], marker: bytes, deadline: float, poll
                     m.seen = True
                     left -= 1
                 continue
-            if not m.seen and marker in (m.tail + data):
-                m.seen = True
-                left -= 1
-                times.append(time.monotonic())
-            m.tail = data[-keep:]
+            if marker is not None and not m.seen:
+                if marker in (m.tail + data):
+                    m.seen = True
+                    left -= 1
+                    times.append(time.monotonic())
+                m.tail = data[-(len(marker) - 1):]
     return times
 
 
@@ -140,7 +135,7 @@ def main() -> int:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             name = f"m{i:05d}"
             sock.sendall(
-                upgrade_request(host, port)
+                upgrade_request(host, port, "/", ORIGIN)
                 + client_frame(0x1, json.dumps({"type": "auth", "body": tokens(name)}).encode())
                 + client_frame(0x1, json.dumps({"type": "join", "username": name, "room": "bigroom"}).encode())
             )
@@ -149,7 +144,7 @@ def main() -> int:
             poller.register(sock.fileno(), select.EPOLLIN)
             if i % args.connect_batch == args.connect_batch - 1:
                 # Drain between bursts, or the join announcements pile up unread.
-                drain_until(members, b"\x00never", time.monotonic() + 0.05, poller)
+                drain_until(members, None, time.monotonic() + 0.05, poller)
             if time.monotonic() > end:
                 raise TimeoutError("connecting took longer than --timeout")
         full = b'"totalUsers":%d}' % args.members
