@@ -73,9 +73,7 @@ class ShardLink:
         is unavailable (the sender's client is being closed)."""
         verdict = self.outbox.add(message)
         if verdict is Verdict.QUEUED:
-            if not self._listed and self._fd >= 0:
-                self._listed = True
-                self._flusher.pending.append(self)
+            self._schedule()
             return True
         if verdict is Verdict.OVERFLOW:
             self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
@@ -179,6 +177,7 @@ class ShardLink:
                         log.exception("shard %d: failed to deliver %s", self.index, type(message).__name__)
 
     def _schedule(self) -> None:
+        """Have the flusher write the outbox at the end of this pass (if linked)."""
         if not self._listed and self._fd >= 0:
             self._listed = True
             self._flusher.pending.append(self)
