@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 2: Replayed.
-PROTOCOL_VERSION = 2
+# 2: Replayed. 3: solo rooms (Joined.solo, Revoke, Released).
+PROTOCOL_VERSION = 3
 # One message is at most a client text plus small fields; anything far larger
 # means a corrupt or hostile peer.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -89,6 +89,15 @@ class Replayed:
     TAG: ClassVar[int] = 5
 
 
+@dataclass(frozen=True, slots=True)
+class Released:
+    """Answer to `Revoke`: this router has stopped fanning `room` out itself;
+    its messages to the room come as `Publish` from here on."""
+
+    TAG: ClassVar[int] = 6
+    room: str
+
+
 # --- shard -> router -------------------------------------------------------
 
 
@@ -108,12 +117,17 @@ class Refuse:
 @dataclass(frozen=True, slots=True)
 class Joined:
     """`member` (on the receiving router) is now in `room`; send `text` to all
-    the router's members of the room, the joiner included."""
+    the router's members of the room, the joiner included.
+
+    `solo`: every member of the room is on the receiving router, and stays so
+    until a `Revoke`; the router may fan its members' messages out itself
+    instead of sending `Publish`."""
 
     TAG: ClassVar[int] = 12
     room: str
     member: int
     text: bytes
+    solo: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +140,18 @@ class Deliver:
     text: bytes
 
 
-WireMessage = Hello | Join | Rejoin | Publish | Leave | Replayed | Welcome | Refuse | Joined | Deliver
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """A member of another router is joining solo `room`: stop fanning it out
+    locally and answer `Released`. The shard holds that join until then."""
+
+    TAG: ClassVar[int] = 14
+    room: str
+
+
+WireMessage = (
+    Hello | Join | Rejoin | Publish | Leave | Replayed | Released | Welcome | Refuse | Joined | Deliver | Revoke
+)
 
 _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
     Hello.TAG: (Hello, (int, str, int, int, str)),
@@ -135,10 +160,12 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
     Publish.TAG: (Publish, (int, str)),
     Leave.TAG: (Leave, (int,)),
     Replayed.TAG: (Replayed, ()),
+    Released.TAG: (Released, (str,)),
     Welcome.TAG: (Welcome, (int, int)),
     Refuse.TAG: (Refuse, (str,)),
-    Joined.TAG: (Joined, (str, int, bytes)),
+    Joined.TAG: (Joined, (str, int, bytes, bool)),
     Deliver.TAG: (Deliver, (str, int, bytes)),
+    Revoke.TAG: (Revoke, (str,)),
 }
 
 

@@ -88,7 +88,8 @@ class Outbox:
     def add(self, message: wire.WireMessage) -> Verdict:
         if self.state is LinkState.UNAVAILABLE:
             return Verdict.REFUSED
-        if type(message) is not wire.Publish:
+        kind = type(message)
+        if kind is not wire.Publish and kind is not wire.Released:
             assert isinstance(message, (wire.Join, wire.Rejoin, wire.Leave)), message
             self._marks.append(message)
         self._data += wire.encode(message)

@@ -5,6 +5,14 @@ A member enters the index when its shard confirms the join (`Joined`), so it
 receives exactly the room's events from its own join announcement on. Every
 event from a shard becomes one frame, written to each local member.
 
+A room whose members are all here is "solo" (shard/rooms.py explains): the
+shard says so in `Joined`, and until it sends `Revoke` the router fans its
+members' messages out itself, without the round trip. A member that sent a
+message through the shard (before its join was confirmed) keeps doing so
+until it leaves, so its messages cannot overtake each other. When a link
+drops, its rooms stop being solo: the restarted shard, or another router,
+may not agree any more.
+
 When a shard is unreachable for longer than its link's hold allows, every
 client in that shard's rooms (and every client waiting for a join there) is
 closed with 1013 "room unavailable"; joins to its rooms are refused the same
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from garin import closes, metrics, wire
+from garin import closes, metrics, protocol, wire
 from garin.config import Config
 from garin.limits import ConnectionLimits
 from garin.routing import shard_for
@@ -37,6 +45,10 @@ log = logging.getLogger("garin.router")
 class Client:
     id: int
     peer: str
+    # This membership's id in Join/Publish/Leave, new for every join (0: not
+    # in a room), so a `Joined` is matched to the join it answers, not an
+    # earlier one of the same client.
+    member: int = 0
     socket: ClientWebSocket | None = None
     session: Session | None = None
     room: str | None = None
@@ -47,6 +59,9 @@ class Client:
     # the name the client must chat under.
     subject: str | None = None
     claimed_name: str | None = None
+    # Sent a message through the shard since joining: not fanned out locally
+    # until the next join.
+    via_shard: bool = False
 
 
 @dataclass(slots=True)
@@ -57,15 +72,23 @@ class RoomIndex:
     delivery."""
 
     rooms: dict[str, dict[int, ClientWebSocket]] = field(default_factory=dict)
+    # Rooms whose every member is here (the shard said so in `Joined`).
+    solo: set[str] = field(default_factory=set)
 
-    def add(self, room: str, client: Client) -> None:
+    def add(self, room: str, client: Client, solo: bool) -> None:
         assert client.socket is not None  # set before the client can join
-        self.rooms.setdefault(room, {})[client.id] = client.socket
+        self.rooms.setdefault(room, {})[client.member] = client.socket
+        if solo:
+            self.solo.add(room)
+        else:
+            self.solo.discard(room)
 
     def remove(self, room: str, client: Client) -> None:
         members = self.rooms.get(room)
-        if members is not None and members.pop(client.id, None) is not None and not members:
+        if members is not None and members.pop(client.member, None) is not None and not members:
             del self.rooms[room]
+            # The next join's `Joined` says whether it still is.
+            self.solo.discard(room)
 
     def members(self, room: str) -> dict[int, ClientWebSocket]:
         return self.rooms.get(room, {})
@@ -76,6 +99,8 @@ class Router:
         self.config = config
         self.router_id = router_id
         self.clients: dict[int, Client] = {}
+        # Clients in a room (confirmed or not) by member id.
+        self.members: dict[int, Client] = {}
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules
@@ -86,10 +111,12 @@ class Router:
         # serve_router before the first connection is accepted.
         self.background: trio.Nursery
         self._ids = itertools.count(1)
+        self._member_ids = itertools.count(1)
         self.links = [
             ShardLink(
                 i, config.shard_socket(i), router_id, config.shards, self._on_shard_message,
                 self._shard_unavailable, config.shard_hold_bytes, config.shard_hold_timeout_s,
+                on_down=self._link_down,
             )
             for i in range(config.shards)
         ]
@@ -113,21 +140,31 @@ class Router:
         return self.links[shard_for(room, self.config.shards)]
 
     def join(self, client: Client, room: str, username: str) -> None:
-        client.room, client.username, client.confirmed = room, username, False
-        if not self._link(room).send(wire.Join(client.id, room, username)) and client.socket is not None:
+        client.room, client.username, client.confirmed, client.via_shard = room, username, False, False
+        client.member = next(self._member_ids)
+        self.members[client.member] = client
+        if not self._link(room).send(wire.Join(client.member, room, username)) and client.socket is not None:
             client.socket.kick(closes.SHARD_UNAVAILABLE)
 
     def publish(self, client: Client, body: str) -> None:
-        assert client.room is not None
-        self._link(client.room).send(wire.Publish(client.id, body))
+        room = client.room
+        assert room is not None
+        if client.confirmed and not client.via_shard and room in self.index.solo:
+            assert client.username is not None
+            self._fan_out(room, protocol.message_text(client.username, body), client.member)
+            return
+        client.via_shard = True
+        self._link(room).send(wire.Publish(client.member, body))
 
     def leave(self, client: Client) -> None:
         room = client.room
         assert room is not None
         if client.confirmed:
             self.index.remove(room, client)
-        client.room, client.confirmed = None, False
-        self._link(room).send(wire.Leave(client.id))
+        member = client.member
+        del self.members[member]
+        client.room, client.confirmed, client.member = None, False, 0
+        self._link(room).send(wire.Leave(member))
 
     def _shard_unavailable(self, shard: int) -> int:
         """The hold for `shard` ran out: close every client in its rooms; how many."""
@@ -139,6 +176,10 @@ class Router:
                 closing += 1
         return closing
 
+    def _link_down(self, shard: int) -> None:
+        count = self.config.shards
+        self.index.solo = {room for room in self.index.solo if shard_for(room, count) != shard}
+
     # -- shard -> clients ---------------------------------------------------
 
     def _on_shard_message(self, message: wire.WireMessage) -> None:
@@ -146,11 +187,14 @@ class Router:
             self._fan_out(message.room, message.text, message.exclude)
         elif isinstance(message, wire.Joined):
             self._link(message.room).outbox.confirm(message.member, message.room)
-            client = self.clients.get(message.member)
-            if client is not None and client.room == message.room and not client.confirmed:
+            client = self.members.get(message.member)
+            if client is not None and not client.confirmed:
                 client.confirmed = True
-                self.index.add(message.room, client)
+                self.index.add(message.room, client, message.solo)
             self._fan_out(message.room, message.text, -1)
+        elif isinstance(message, wire.Revoke):
+            self.index.solo.discard(message.room)
+            self._link(message.room).send(wire.Released(message.room))
         else:
             log.warning("unexpected message from a shard: %s", type(message).__name__)
 

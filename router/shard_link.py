@@ -8,6 +8,7 @@ system call per batch and no task switch; only a write the kernel could not
 take whole wakes the link's writer task. While the shard is unreachable the outbox holds
 its events and the link retries every RETRY_MAX_S at most; when the hold runs
 out, `on_unavailable(index)` lets the router close the shard's clients.
+`on_down(index)` hears of every lost link at once, before the next event.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ShardLink:
         on_unavailable: Callable[[int], int],
         hold_bytes: int,
         hold_timeout_s: float,
+        on_down: Callable[[int], None] | None = None,
     ) -> None:
         self.index = index
         self.path = path
@@ -56,6 +58,7 @@ class ShardLink:
         self._shard_count = shard_count
         self._dispatch = dispatch
         self._on_unavailable = on_unavailable
+        self._on_down = on_down
         self.outbox = Outbox(hold_bytes, hold_timeout_s, trio.current_time())
         self._wake = trio.Event()
         self.connected = False
@@ -134,6 +137,8 @@ class ShardLink:
                 log.warning("link to shard %d lost (%s); reconnecting", self.index, error or type(error).__name__)
             finally:
                 self.connected = False
+                if self._on_down is not None:
+                    self._on_down(self.index)
             if self.outbox.state is LinkState.UP and self.outbox.link_down(trio.current_time()):
                 self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
             await self._pause(RETRY_MIN_S)

@@ -11,6 +11,26 @@ Every method returns `Outgoing` pairs (link, message) in the order they must be
 sent. Texts are built once per event and shared by all links. Per-room order is
 the order of calls, and a link's messages are sent in order, so every recipient
 sees one sender's messages in the order they were sent.
+
+Solo rooms
+----------
+Relaying a chat message through the shard costs a router a system call, an
+encode and a decode, and a wake-up for the answer, and the shard as much
+again: about half of garin's CPU per message. When every member of a room is
+on one router, the shard has nothing to add, so a room that a join creates is
+granted "solo" to the joiner's link (`Joined.solo`): its router fans its
+members' messages out itself and sends no `Publish`. Joins and leaves still
+come here, so the shard always knows the members.
+
+A join from another link to a solo room must not become visible while the
+solo router may still fan out without it (its member would miss messages sent
+after its join was announced). So `handle()` sends `Revoke` to the solo link
+and holds the join, and any later event of that member, until the router
+answers `Released` (its later messages arrive as `Publish`, after the answer)
+or its link goes away; then the held events apply in order. A router that
+does not answer is unlinked by the shell (`overdue()`). A room is granted solo
+only when created, never again later: a grant to a router with messages of
+its members in flight here could reorder them.
 """
 
 from __future__ import annotations
@@ -21,6 +41,7 @@ from garin import protocol, wire
 
 Outgoing = tuple[int, wire.WireMessage]
 MemberKey = tuple[int, int]
+RouterEvent = wire.Join | wire.Rejoin | wire.Publish | wire.Leave
 
 
 @dataclass(slots=True)
@@ -28,12 +49,23 @@ class Room:
     name: str
     usernames: dict[MemberKey, str] = field(default_factory=dict)
     per_link: dict[int, int] = field(default_factory=dict)
+    # The link whose router fans this room out itself; None: this shard does.
+    solo: int | None = None
+    # While `solo` is being revoked: other links' events held until it is
+    # released, in arrival order (an empty room lives on for them), and since when.
+    held: list[tuple[int, RouterEvent]] | None = None
+    revoked_at: float = 0.0
+
+    def solo_for(self, link: int) -> bool:
+        return self.solo == link and self.held is None
 
 
 class Rooms:
     def __init__(self) -> None:
         self.rooms: dict[str, Room] = {}
         self._room_of: dict[MemberKey, Room] = {}
+        # Members whose events wait for a revocation, and the room it is for.
+        self._held: dict[MemberKey, Room] = {}
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -45,6 +77,76 @@ class Rooms:
         room = self._room_of.get((link, member))
         return room.name if room else None
 
+    # -- the entry point: one event from a router ------------------------------
+
+    def handle(self, link: int, event: wire.WireMessage, now: float) -> list[Outgoing]:
+        """Apply (or hold) one event `link` sent; what to send, in order."""
+        if isinstance(event, wire.Publish):
+            if self._held and (link, event.member) in self._held:
+                return self._hold(link, event, now, self._held[(link, event.member)])
+            return self.publish(link, event.member, event.body)
+        if isinstance(event, wire.Released):
+            return self.released(link, event.room, now)
+        if not isinstance(event, (wire.Join, wire.Rejoin, wire.Leave)):
+            raise wire.WireError(f"unexpected {type(event).__name__} from a router")
+        held_in = self._held.get((link, event.member)) if self._held else None
+        if held_in is not None:
+            return self._hold(link, event, now, held_in)
+        if isinstance(event, wire.Leave):
+            return self.leave(link, event.member)
+        room = self.rooms.get(event.room)
+        if room is not None and room.solo is not None and room.solo != link:
+            if isinstance(event, wire.Join):
+                return self._hold(link, event, now, room)
+            # A replay after an outage, never announced: nothing to hold, but
+            # the room is no longer one router's.
+            return self._revoke(room, now) + self.rejoin(link, event.member, event.room, event.username)
+        if isinstance(event, wire.Join):
+            return self.join(link, event.member, event.room, event.username)
+        return self.rejoin(link, event.member, event.room, event.username)
+
+    def _hold(self, link: int, event: RouterEvent, now: float, room: Room) -> list[Outgoing]:
+        out = self._revoke(room, now)
+        assert room.held is not None
+        room.held.append((link, event))
+        self._held[(link, event.member)] = room
+        return out
+
+    def _revoke(self, room: Room, now: float) -> list[Outgoing]:
+        if room.held is not None or room.solo is None:
+            return []  # asked already
+        room.held = []
+        room.revoked_at = now
+        return [(room.solo, wire.Revoke(room.name))]
+
+    def released(self, link: int, room_name: str, now: float) -> list[Outgoing]:
+        """The solo router has stopped fanning `room_name` out: apply what waited."""
+        room = self.rooms.get(room_name)
+        if room is None or room.solo != link or room.held is None:
+            return []  # not asked (a stale answer replayed after a relink)
+        return self._end_revocation(room, now)
+
+    def _end_revocation(self, room: Room, now: float) -> list[Outgoing]:
+        held = room.held or []
+        room.solo, room.held = None, None
+        for link, event in held:
+            self._held.pop((link, event.member), None)
+        if not room.usernames:
+            del self.rooms[room.name]  # kept only for the held events
+        out: list[Outgoing] = []
+        for link, event in held:
+            out.extend(self.handle(link, event, now))
+        return out
+
+    def overdue(self, now: float, timeout: float) -> list[int]:
+        """Links asked to release a room more than `timeout` ago."""
+        return sorted({
+            room.solo for room in self.rooms.values()
+            if room.held is not None and room.solo is not None and now - room.revoked_at > timeout
+        })
+
+    # -- the steps ----------------------------------------------------------------
+
     def join(self, link: int, member: int, room_name: str, username: str) -> list[Outgoing]:
         key = (link, member)
         current = self._room_of.get(key)
@@ -52,10 +154,12 @@ class Rooms:
             return []  # a replayed join the shard already applied
         out = self.leave(link, member) if current is not None else []
         room = self._add(key, room_name, username)
+        if len(room.usernames) == 1 and room.held is None:
+            room.solo = link  # a new room: all its members are on this link
         text = protocol.join_text(username, len(room.usernames))
         for other in room.per_link:
             if other == link:
-                out.append((link, wire.Joined(room_name, member, text)))
+                out.append((link, wire.Joined(room_name, member, text, room.solo_for(link))))
             else:
                 out.append((other, wire.Deliver(room_name, -1, text)))
         return out
@@ -97,14 +201,26 @@ class Rooms:
         else:
             del room.per_link[link]
         if not room.usernames:
-            del self.rooms[room.name]
+            if room.held is None:
+                del self.rooms[room.name]
             return []
         text = protocol.userleave_text(username, len(room.usernames))
         return [(other, wire.Deliver(room.name, -1, text)) for other in room.per_link]
 
-    def drop_link(self, link: int) -> list[Outgoing]:
-        """A router went away: all its members leave, and the rooms are told."""
+    def drop_link(self, link: int, now: float) -> list[Outgoing]:
+        """A router went away: all its members leave, and the rooms are told;
+        its held events never happen, and what it was asked to release is free."""
         out: list[Outgoing] = []
         for key in [key for key in self._room_of if key[0] == link]:
             out.extend(self.leave(*key))
+        if self._held:
+            for key in [key for key in self._held if key[0] == link]:
+                room = self._held.pop(key)
+                assert room.held is not None
+                room.held = [(other, event) for other, event in room.held if other != link]
+        for room in [room for room in self.rooms.values() if room.solo == link]:
+            if room.held is not None:
+                out.extend(self._end_revocation(room, now))
+            else:
+                room.solo = None
         return out

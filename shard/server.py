@@ -33,6 +33,10 @@ RECEIVE_BYTES = 256 * 1024
 # A router that stops reading its link is dropped past this (it reconnects and
 # replays), so one stuck router cannot grow a shard's memory without bound.
 MAX_LINK_QUEUE_BYTES = 64 * 1024 * 1024
+# A router answers a Revoke from its link reader, within a scheduler pass; one
+# that has not after this long is stuck, and a join is waiting on it: unlink it
+# (it reconnects and replays).
+REVOKE_TIMEOUT_S = 5.0
 
 
 class Link:
@@ -41,6 +45,8 @@ class Link:
         self.router_id = router_id
         self.stream = stream
         self.writer = BatchWriter(stream.socket, MAX_LINK_QUEUE_BYTES, f"router {router_id}")
+        # Cancelled to unlink a router that does not answer a Revoke.
+        self.scope = trio.CancelScope()
 
     def send(self, data: bytes) -> None:
         self.writer.send(data)
@@ -110,25 +116,30 @@ class Shard:
         log.info("shard %d: router %s linked", self.index, hello.router_id)
         try:
             await stream.send_all(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, self.index)))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.writer.run)
-                await self._apply_gated(link, pending)
-                sock = stream.socket
-                buffer = bytearray(RECEIVE_BYTES)
-                while True:
-                    chunk = await receive_into(sock, buffer)
-                    if not chunk:
-                        break
-                    if self.ready.is_set():
-                        self._apply(link.id, decoder.feed(chunk))
-                    else:
-                        await self._apply_gated(link, decoder.feed(chunk))
-                nursery.cancel_scope.cancel()
+            with link.scope:
+                await self._pump(link, decoder, pending)
         finally:
             link.writer.close()
             del self.links[link.id]
-            self.dispatch(self.rooms.drop_link(link.id))
+            self.dispatch(self.rooms.drop_link(link.id, trio.current_time()))
             log.info("shard %d: router %s unlinked", self.index, hello.router_id)
+
+    async def _pump(self, link: Link, decoder: wire.Decoder, pending: list[wire.WireMessage]) -> None:
+        stream = link.stream
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.writer.run)
+            await self._apply_gated(link, pending)
+            sock = stream.socket
+            buffer = bytearray(RECEIVE_BYTES)
+            while True:
+                chunk = await receive_into(sock, buffer)
+                if not chunk:
+                    break
+                if self.ready.is_set():
+                    self._apply(link.id, decoder.feed(chunk))
+                else:
+                    await self._apply_gated(link, decoder.feed(chunk))
+            nursery.cancel_scope.cancel()
 
     async def _apply_gated(self, link: Link, messages: Iterable[wire.WireMessage]) -> None:
         """Apply `messages` in order while the replay gate may still be shut:
@@ -155,24 +166,32 @@ class Shard:
             self.ready.set()
 
     def _apply(self, link_id: int, messages: Iterable[wire.WireMessage]) -> None:
-        rooms = self.rooms
+        handle = self.rooms.handle
+        now = trio.current_time()
         for message in messages:
-            if isinstance(message, wire.Publish):
-                out = rooms.publish(link_id, message.member, message.body)
-            elif isinstance(message, wire.Join):
+            kind = type(message)
+            if kind is wire.Join:
                 metrics.JOINS.inc()
-                out = rooms.join(link_id, message.member, message.room, message.username)
-            elif isinstance(message, wire.Leave):
+            elif kind is wire.Leave:
                 metrics.LEAVES.inc()
-                out = rooms.leave(link_id, message.member)
-            elif isinstance(message, wire.Rejoin):
-                out = rooms.rejoin(link_id, message.member, message.room, message.username)
-            elif isinstance(message, wire.Replayed):
+            elif kind is wire.Replayed:
                 continue  # the gate is open already
-            else:
-                raise wire.WireError(f"unexpected {type(message).__name__} from a router")
+            out = handle(link_id, message, now)
             if out:
                 self.dispatch(out)
+
+    async def unlink_overdue(self) -> None:
+        """Unlink routers that leave a Revoke unanswered (a join waits on them)."""
+        while True:
+            await trio.sleep(REVOKE_TIMEOUT_S / 5)
+            for link_id in self.rooms.overdue(trio.current_time(), REVOKE_TIMEOUT_S):
+                link = self.links.get(link_id)
+                if link is not None and not link.scope.cancel_called:
+                    log.warning(
+                        "shard %d: router %s has not released a room in %g s; unlinking it",
+                        self.index, link.router_id, REVOKE_TIMEOUT_S,
+                    )
+                    link.scope.cancel()
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -211,6 +230,7 @@ async def serve_shard(
             if lifeline_fd is not None:
                 nursery.start_soon(watch_lifeline, lifeline_fd, nursery.cancel_scope.cancel)
             nursery.start_soon(shard.open_gate_after_grace)
+            nursery.start_soon(shard.unlink_overdue)
             nursery.start_soon(trio.serve_listeners, shard.handle_link, [listener])
             log.info("shard %d of %d listening on %s", index, config.shards, path)
             task_status.started(path)

@@ -34,6 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from garin.auth import make_token
+from shard.server import REVOKE_TIMEOUT_S
 
 # tests/e2e is on sys.path (pytest's default "prepend" import mode).
 from conftest import (
@@ -182,7 +183,11 @@ def members_on_both(
         for pid in routers:
             name = f"{prefix}{n}-{uuid.uuid4().hex[:6]}"
             with only_router(pid, routers):
-                ws = clients.join(name, room, total=len(everyone) + 1)
+                ws = clients.authed(name)
+                ws.send(join_frame(name, room))
+            # Confirmed only once the others run: a join to a room that is
+            # solo on another router waits for that router to release it.
+            expect_join(ws, name, len(everyone) + 1)
             assert router_pid(ws, server.port, routers) == pid
             for earlier in everyone:
                 expect_join(earlier, name, len(everyone) + 1)
@@ -547,3 +552,107 @@ def test_sigterm_under_honcho_stops_every_process_gracefully(target: str, socket
         assert f"{name} stopped (rc=0)" in output, output
     assert "Traceback" not in output, output
     assert not list(Path(socket_dir).glob("*.sock")), output
+
+
+# -- solo rooms: a room whose members are all on one router ------------------------------
+
+
+def solo_pair(
+    clients: Clients, server: GarinServer, room: str, router: int, routers: list[int]
+) -> tuple[ClientConnection, ClientConnection]:
+    """"talker" and "listener" create `room` on `router`: it is solo there."""
+    with only_router(router, routers):
+        talker = clients.join("talker", room, total=1)
+        listener = clients.join("listener", room, total=2)
+    expect_join(talker, "listener", 2)
+    assert router_pid(talker, server.port, routers) == router_pid(listener, server.port, routers) == router
+    return talker, listener
+
+
+def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_message(
+    garin_factory: ServerFactory,
+) -> None:
+    server = garin_factory(GARIN_ROUTERS="2")
+    assert server.process is not None
+    pids = roles(server.process.pid)
+    routers = [pids["router 0"], pids["router 1"]]
+    a, b = routers
+    with log_on_failure(server), contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        room = room_on(0, "solo")
+        talker, listener = solo_pair(clients, server, room, a, routers)
+        chatter = Chatter(talker)
+        chatter.start()
+        stack.callback(chatter.stopping.set)
+        wait_until(lambda: recv_json(listener).get("body") == "m5", "traffic before the join")
+
+        with only_router(b, routers):
+            newcomer = clients.authed("newcomer")
+            newcomer.send(join_frame("newcomer", room))
+        assert router_pid(newcomer, server.port, routers) == b
+        expect_join(newcomer, "newcomer", 3)
+        joined_at = chatter.next
+        wait_until(lambda: chatter.next > joined_at + 20, "traffic after the join")
+        chatter.stopping.set()
+        chatter.join(timeout=10)
+        assert chatter.error is None, chatter.error
+        talker.send(message_frame("end"))
+
+        heard = chat_until(listener, "talker", "end")
+        seen = chat_until(newcomer, "talker", "end")
+        announced = heard.index({"type": "join", "username": "newcomer", "totalUsers": 3})
+        after = [n for n in heard[announced + 1:] if isinstance(n, int)]
+        assert heard[:announced] + heard[announced + 1:] == list(range(6, chatter.next)), "listener lost messages"
+        # Everything the room heard after the join reached the newcomer, in
+        # order, without a gap: router a stopped fanning out before it showed.
+        assert after and set(after) <= set(seen), sorted(set(after) - set(seen))[:10]
+        assert seen == list(range(seen[0], chatter.next))
+        expect_join(talker, "newcomer", 3)
+
+        # The room now goes through the shard both ways.
+        newcomer.send(message_frame("from b"))
+        expect_message(talker, "newcomer", "from b")
+        expect_message(listener, "newcomer", "from b")
+
+
+def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
+    garin_factory: ServerFactory,
+) -> None:
+    server = garin_factory(GARIN_ROUTERS="2")
+    assert server.process is not None
+    pids = roles(server.process.pid)
+    routers = [pids["router 0"], pids["router 1"]]
+    a, b = routers
+    with log_on_failure(server), contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        room = room_on(1, "stuck")
+        talker, listener = solo_pair(clients, server, room, a, routers)
+
+        os.kill(a, signal.SIGSTOP)
+        try:
+            newcomer = clients.authed("newcomer")
+            newcomer.send(join_frame("newcomer", room))
+            # Router a cannot answer the Revoke: the join waits, then (after
+            # shard.server.REVOKE_TIMEOUT_S) the shard unlinks a, whose members
+            # leave with it, and the newcomer is alone in the room.
+            got = recv_json(newcomer, timeout=REVOKE_TIMEOUT_S * 3)
+            assert got == {"type": "join", "username": "newcomer", "totalUsers": 1}
+        finally:
+            os.kill(a, signal.SIGCONT)
+        assert router_pid(newcomer, server.port, routers) == b
+        # Router a relinks and replays its members (not announced); the room
+        # is b's alone no longer, and messages flow both ways again.
+        def both_hear(n: int) -> bool:
+            talker.send(message_frame(f"ping{n}"))
+            try:
+                got = recv_json(newcomer, timeout=0.5)
+            except AssertionError:
+                return False
+            return got == {"type": "message", "username": "talker", "body": f"ping{n}"}
+
+        tries = iter(range(100))
+        wait_until(lambda: both_hear(next(tries)), "router a to relink")
+        newcomer.send(message_frame("from b"))
+        expect_message(talker, "newcomer", "from b")
+        for event in iter(lambda: recv_json(listener), {"type": "message", "username": "newcomer", "body": "from b"}):
+            assert event.get("username") == "talker", event

@@ -11,7 +11,8 @@ import trio.testing
 from garin import wire
 from garin.config import load_config
 from shard.gate import REPLAY_GRACE_S, ReplayGate
-from shard.server import Shard
+from garin.protocol import join_text as wire_join_text
+from shard.server import REVOKE_TIMEOUT_S, Shard
 
 
 def test_opens_when_every_router_has_replayed() -> None:
@@ -131,6 +132,31 @@ async def test_once_open_a_relinking_router_is_applied_in_order(autojump_clock: 
         assert total_of(await a.receive()) == 1
         b = FakeRouter(shard, nursery, "router-b")
         await b.link(wire.Replayed(), wire.Join(1, "lobby", "bobby"))
+        # lobby was a's alone: b's join waits until a gives it back.
+        assert await a.receive() == wire.Revoke("lobby")
+        assert await b.nothing_within(1.0)
+        await a.stream.send_all(wire.encode(wire.Released("lobby")))
         assert total_of(await b.receive()) == 2
         assert total_of(await a.receive()) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_router_that_does_not_release_a_room_is_unlinked(autojump_clock: object) -> None:
+    shard = shard_for_routers(2)
+    shard.ready.set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shard.unlink_overdue)
+        a = FakeRouter(shard, nursery, "router-a")
+        await a.link(wire.Join(1, "lobby", "alice"))
+        assert await a.receive() == wire.Joined("lobby", 1, wire_join_text("alice", 1), True)
+        b = FakeRouter(shard, nursery, "router-b")
+        await b.link(wire.Join(1, "lobby", "bobby"))
+        assert await a.receive() == wire.Revoke("lobby")
+        start = trio.current_time()
+        # a never answers: after REVOKE_TIMEOUT_S the shard drops its link,
+        # alice with it, and bobby's join goes through alone (and solo).
+        assert await b.receive() == wire.Joined("lobby", 1, wire_join_text("bobby", 1), True)
+        assert REVOKE_TIMEOUT_S <= trio.current_time() - start <= REVOKE_TIMEOUT_S * 1.5
+        assert await a.stream.receive_some() == b""
+        assert shard.rooms.room_of(2, 1) == "lobby" and shard.rooms.members() == 1
         nursery.cancel_scope.cancel()

@@ -1,4 +1,8 @@
-"""shard.rooms: membership and fan-out decisions for one shard."""
+"""shard.rooms: membership and fan-out decisions for one shard.
+
+Joins go through `handle()` with every `Revoke` answered at once (`join()`
+below), as a router does; tests/unit/test_solo.py covers what happens while
+an answer is outstanding."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from garin.protocol import join_text, message_text, userleave_text
-from garin.wire import Deliver, Joined, WireMessage
+from garin.wire import Deliver, Join, Joined, Rejoin, Released, Revoke, WireMessage
 from shard.rooms import Outgoing, Rooms
 
 L1, L2, L3 = 1, 2, 3
@@ -23,13 +27,33 @@ def by_link(out: list[Outgoing]) -> dict[int, list[WireMessage]]:
     return dict(grouped)
 
 
+def settle(rooms: Rooms, out: list[Outgoing]) -> list[Outgoing]:
+    """Answer every `Revoke` in `out` as the router would; what else was sent."""
+    done: list[Outgoing] = []
+    while out:
+        link, message = out.pop(0)
+        if isinstance(message, Revoke):
+            out.extend(rooms.handle(link, Released(message.room), 0.0))
+        else:
+            done.append((link, message))
+    return done
+
+
+def join(rooms: Rooms, link: int, member: int, room: str, username: str) -> list[Outgoing]:
+    return settle(rooms, rooms.handle(link, Join(member, room, username), 0.0))
+
+
+def rejoin(rooms: Rooms, link: int, member: int, room: str, username: str) -> list[Outgoing]:
+    return settle(rooms, rooms.handle(link, Rejoin(member, room, username), 0.0))
+
+
 def populated() -> Rooms:
     """lobby: alice (L1 m1), bob (L1 m2), carol (L2 m1); den: dave (L3 m7)."""
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
-    rooms.join(L1, 2, "lobby", "bob")
-    rooms.join(L2, 1, "lobby", "carol")
-    rooms.join(L3, 7, "den", "dave")
+    join(rooms, L1, 1, "lobby", "alice")
+    join(rooms, L1, 2, "lobby", "bob")
+    join(rooms, L2, 1, "lobby", "carol")
+    join(rooms, L3, 7, "den", "dave")
     return rooms
 
 
@@ -43,6 +67,9 @@ def check_invariants(rooms: Rooms) -> None:
             per_link[link] += 1
         assert room.per_link == dict(per_link)
         total += len(room.usernames)
+        assert room.held is None, "every Revoke was answered"
+        if room.solo is not None:
+            assert set(room.per_link) == {room.solo}, "a solo room's members are on its link"
     assert rooms.members() == total
     assert len(rooms) == len(rooms.rooms)
 
@@ -58,25 +85,26 @@ def test_empty() -> None:
 
 def test_first_join() -> None:
     rooms = Rooms()
-    out = rooms.join(L1, 1, "lobby", "alice")
-    assert out == [(L1, Joined("lobby", 1, join_text("alice", 1)))]
+    out = join(rooms, L1, 1, "lobby", "alice")
+    # A new room: all its members are on L1, whose router may fan it out itself.
+    assert out == [(L1, Joined("lobby", 1, join_text("alice", 1), solo=True))]
     assert rooms.room_of(L1, 1) == "lobby"
     assert len(rooms) == 1 and rooms.members() == 1
 
 
 def test_second_join_same_link_is_one_message() -> None:
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
-    out = rooms.join(L1, 2, "lobby", "bob")
+    join(rooms, L1, 1, "lobby", "alice")
+    out = join(rooms, L1, 2, "lobby", "bob")
     # The router sends the text to all its members of the room, bob included.
-    assert out == [(L1, Joined("lobby", 2, join_text("bob", 2)))]
+    assert out == [(L1, Joined("lobby", 2, join_text("bob", 2), solo=True))]
 
 
 def test_join_from_another_link() -> None:
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
-    rooms.join(L1, 2, "lobby", "bob")
-    out = rooms.join(L2, 1, "lobby", "carol")
+    join(rooms, L1, 1, "lobby", "alice")
+    join(rooms, L1, 2, "lobby", "bob")
+    out = join(rooms, L2, 1, "lobby", "carol")
     text = join_text("carol", 3)
     assert by_link(out) == {
         L1: [Deliver("lobby", -1, text)],
@@ -86,7 +114,7 @@ def test_join_from_another_link() -> None:
 
 def test_join_text_is_built_once() -> None:
     rooms = populated()
-    out = rooms.join(L3, 9, "lobby", "erin")
+    out = join(rooms, L3, 9, "lobby", "erin")
     assert len(out) == 3
     assert len({id(message.text) for _, message in out}) == 1  # type: ignore[union-attr]
 
@@ -95,13 +123,14 @@ def test_join_text_is_built_once() -> None:
 def test_total_users_counts_every_link(n: int) -> None:
     rooms = Rooms()
     for i in range(n):
-        out = rooms.join(i % 3, i, "lobby", f"user{i}")
+        out = join(rooms, i % 3, i, "lobby", f"user{i}")
         for _, message in out:
             assert message.text == join_text(f"user{i}", i + 1)  # type: ignore[union-attr]
         links = {i2 % 3 for i2 in range(i + 1)}
         assert {link for link, _ in out} == links
         assert [m for link, m in out if isinstance(m, Joined)] == [
-            Joined("lobby", i, join_text(f"user{i}", i + 1))
+            # Solo only until a second link joins.
+            Joined("lobby", i, join_text(f"user{i}", i + 1), solo=i == 0)
         ]
         assert all(m.exclude == -1 for _, m in out if isinstance(m, Deliver))
     assert rooms.members() == n
@@ -109,8 +138,8 @@ def test_total_users_counts_every_link(n: int) -> None:
 
 def test_duplicate_join_is_a_no_op() -> None:
     rooms = populated()
-    assert rooms.join(L1, 1, "lobby", "alice") == []
-    assert rooms.join(L1, 1, "lobby", "renamed") == []
+    assert join(rooms, L1, 1, "lobby", "alice") == []
+    assert join(rooms, L1, 1, "lobby", "renamed") == []
     assert rooms.members() == 4
     assert rooms.rooms["lobby"].usernames[(L1, 1)] == "alice"
     check_invariants(rooms)
@@ -118,8 +147,8 @@ def test_duplicate_join_is_a_no_op() -> None:
 
 def test_same_member_id_on_different_links_is_different_members() -> None:
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
-    out = rooms.join(L2, 1, "lobby", "bob")
+    join(rooms, L1, 1, "lobby", "alice")
+    out = join(rooms, L2, 1, "lobby", "bob")
     assert out != []
     assert rooms.members() == 2
     assert rooms.room_of(L1, 1) == rooms.room_of(L2, 1) == "lobby"
@@ -127,7 +156,7 @@ def test_same_member_id_on_different_links_is_different_members() -> None:
 
 def test_join_another_room_leaves_the_first() -> None:
     rooms = populated()
-    out = rooms.join(L1, 1, "den", "alice")
+    out = join(rooms, L1, 1, "den", "alice")
     assert by_link(out) == {
         # lobby hears that alice left (2 remain: bob on L1, carol on L2) ...
         L1: [Deliver("lobby", -1, userleave_text("alice", 2)),
@@ -146,9 +175,9 @@ def test_join_another_room_leaves_the_first() -> None:
 
 def test_moving_out_of_a_room_alone_drops_it() -> None:
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
-    out = rooms.join(L1, 1, "den", "alice")
-    assert out == [(L1, Joined("den", 1, join_text("alice", 1)))]
+    join(rooms, L1, 1, "lobby", "alice")
+    out = join(rooms, L1, 1, "den", "alice")
+    assert out == [(L1, Joined("den", 1, join_text("alice", 1), solo=True))]
     assert "lobby" not in rooms.rooms
     assert len(rooms) == 1
 
@@ -158,33 +187,33 @@ def test_moving_out_of_a_room_alone_drops_it() -> None:
 
 def test_rejoin_is_silent() -> None:
     rooms = Rooms()
-    assert rooms.rejoin(L1, 1, "lobby", "alice") == []
-    assert rooms.rejoin(L1, 2, "lobby", "bob") == []
-    assert rooms.rejoin(L2, 1, "lobby", "carol") == []
+    assert rejoin(rooms, L1, 1, "lobby", "alice") == []
+    assert rejoin(rooms, L1, 2, "lobby", "bob") == []
+    assert rejoin(rooms, L2, 1, "lobby", "carol") == []
     assert rooms.members() == 3 and rooms.room_of(L2, 1) == "lobby"
     check_invariants(rooms)
     # The counts include replayed members.
-    out = rooms.join(L3, 1, "lobby", "dave")
+    out = join(rooms, L3, 1, "lobby", "dave")
     assert {m.text for _, m in out} == {join_text("dave", 4)}  # type: ignore[union-attr]
 
 
 def test_rejoin_of_a_known_member_changes_nothing() -> None:
     rooms = populated()
-    assert rooms.rejoin(L1, 1, "lobby", "alice") == []
+    assert rejoin(rooms, L1, 1, "lobby", "alice") == []
     assert rooms.members() == 4
     check_invariants(rooms)
 
 
 def test_join_after_rejoin_is_a_no_op() -> None:
     rooms = Rooms()
-    rooms.rejoin(L1, 1, "lobby", "alice")
-    assert rooms.join(L1, 1, "lobby", "alice") == []
+    rejoin(rooms, L1, 1, "lobby", "alice")
+    assert join(rooms, L1, 1, "lobby", "alice") == []
 
 
 def test_rejoined_members_publish_and_hear() -> None:
     rooms = Rooms()
-    rooms.rejoin(L1, 1, "lobby", "alice")
-    rooms.rejoin(L2, 1, "lobby", "bob")
+    rejoin(rooms, L1, 1, "lobby", "alice")
+    rejoin(rooms, L2, 1, "lobby", "bob")
     out = rooms.publish(L1, 1, "hi")
     assert by_link(out) == {
         L1: [Deliver("lobby", 1, message_text("alice", "hi"))],
@@ -210,7 +239,7 @@ def test_publish_alone_reaches_nobody() -> None:
     # The sender's own link may get the text with the sender excluded (the
     # router then drops it) or nothing at all; never the sender itself.
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
+    join(rooms, L1, 1, "lobby", "alice")
     assert rooms.publish(L1, 1, "echo?") in (
         [], [(L1, Deliver("lobby", 1, message_text("alice", "echo?")))]
     )
@@ -225,7 +254,7 @@ def test_publish_by_another_link_with_same_member_id() -> None:
 
 def test_publish_does_not_cross_rooms() -> None:
     rooms = populated()
-    rooms.join(L3, 8, "den", "erin")
+    join(rooms, L3, 8, "den", "erin")
     out = rooms.publish(L3, 7, "anyone?")
     assert out == [(L3, Deliver("den", 7, message_text("dave", "anyone?")))]
 
@@ -280,10 +309,10 @@ def test_last_leave_drops_the_room() -> None:
 
 def test_room_can_be_recreated() -> None:
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
+    join(rooms, L1, 1, "lobby", "alice")
     rooms.leave(L1, 1)
     assert len(rooms) == 0
-    assert rooms.join(L2, 5, "lobby", "bob") == [(L2, Joined("lobby", 5, join_text("bob", 1)))]
+    assert join(rooms, L2, 5, "lobby", "bob") == [(L2, Joined("lobby", 5, join_text("bob", 1), solo=True))]
 
 
 @pytest.mark.parametrize(("link", "member"), [(L1, 99), (9, 1), (L3, 1)])
@@ -307,7 +336,7 @@ def test_per_link_counts_shrink() -> None:
     rooms.leave(L1, 2)
     assert rooms.rooms["lobby"].per_link == {L2: 1}
     # L1 no longer has members there: it hears nothing more from lobby.
-    out = rooms.join(L3, 3, "lobby", "erin")
+    out = join(rooms, L3, 3, "lobby", "erin")
     assert {link for link, _ in out} == {L2, L3}
 
 
@@ -316,8 +345,8 @@ def test_per_link_counts_shrink() -> None:
 
 def test_drop_link_removes_its_members_and_tells_the_rooms() -> None:
     rooms = populated()
-    rooms.join(L1, 3, "den", "frank")
-    out = rooms.drop_link(L1)
+    join(rooms, L1, 3, "den", "frank")
+    out = rooms.drop_link(L1, 0.0)
     assert rooms.members() == 2
     assert rooms.room_of(L1, 1) is None and rooms.room_of(L1, 2) is None
     assert rooms.room_of(L1, 3) is None
@@ -338,7 +367,7 @@ def test_drop_link_tells_only_the_remaining_links_anything_useful() -> None:
     # Messages addressed to the dropped link may appear (the shell has already
     # forgotten that link and skips them); what matters is what others get.
     rooms = populated()
-    out = rooms.drop_link(L1)
+    out = rooms.drop_link(L1, 0.0)
     assert {link for link, _ in out} <= {L1, L2}
     for link, message in out:
         assert isinstance(message, Deliver) and message.exclude == -1
@@ -347,10 +376,10 @@ def test_drop_link_tells_only_the_remaining_links_anything_useful() -> None:
 
 def test_drop_link_with_only_its_own_members() -> None:
     rooms = Rooms()
-    rooms.join(L1, 1, "lobby", "alice")
-    rooms.join(L1, 2, "lobby", "bob")
-    rooms.join(L1, 3, "den", "carol")
-    out = rooms.drop_link(L1)
+    join(rooms, L1, 1, "lobby", "alice")
+    join(rooms, L1, 2, "lobby", "bob")
+    join(rooms, L1, 3, "den", "carol")
+    out = rooms.drop_link(L1, 0.0)
     assert {link for link, _ in out} <= {L1}
     assert len(rooms) == 0 and rooms.members() == 0
     check_invariants(rooms)
@@ -358,13 +387,13 @@ def test_drop_link_with_only_its_own_members() -> None:
 
 def test_drop_unknown_link() -> None:
     rooms = populated()
-    assert rooms.drop_link(99) == []
+    assert rooms.drop_link(99, 0.0) == []
     assert rooms.members() == 4
 
 
 def test_drop_link_alone_in_rooms_drops_them() -> None:
     rooms = populated()
-    assert rooms.drop_link(L3) == []
+    assert rooms.drop_link(L3, 0.0) == []
     assert "den" not in rooms.rooms
     check_invariants(rooms)
 
@@ -389,9 +418,9 @@ def test_invariants(ops: list[tuple[str, int, int, str]]) -> None:
     for op, link, member, room in ops:
         before = {name: set(r.per_link) for name, r in rooms.rooms.items()}
         if op == "join":
-            out = rooms.join(link, member, room, f"u{link}.{member}")
+            out = join(rooms, link, member, room, f"u{link}.{member}")
         elif op == "rejoin":
-            out = rooms.rejoin(link, member, room, f"u{link}.{member}")
+            out = rejoin(rooms, link, member, room, f"u{link}.{member}")
             assert out == []
         elif op == "publish":
             current = rooms.room_of(link, member)
@@ -409,7 +438,7 @@ def test_invariants(ops: list[tuple[str, int, int, str]]) -> None:
         elif op == "leave":
             out = rooms.leave(link, member)
         else:
-            out = rooms.drop_link(link)
+            out = rooms.drop_link(link, 0.0)
         check_invariants(rooms)
         for lk, m in out:
             assert isinstance(m, (Joined, Deliver))

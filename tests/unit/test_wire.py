@@ -21,7 +21,9 @@ from garin.wire import (
     Publish,
     Refuse,
     Rejoin,
+    Released,
     Replayed,
+    Revoke,
     Welcome,
     WireError,
     encode,
@@ -59,6 +61,10 @@ SAMPLES: list[wire.WireMessage] = [
     # Texts are opaque bytes: they travel as bin, never decoded.
     Deliver("lobby", -1, b"\xff\xfe\x00not utf-8"),
     Joined("r", 2, bytes(range(256))),
+    Joined("lobby", 1, b"t", True),
+    Revoke("lobby"),
+    Revoke(""),
+    Released("ルーム"),
 ]
 
 
@@ -99,13 +105,13 @@ def test_texts_travel_as_bin(cls: type) -> None:
 
 def test_tags_are_distinct_and_stable() -> None:
     tags = {cls.__name__: cls.TAG for cls in
-            (Hello, Join, Rejoin, Publish, Leave, Replayed, Welcome, Refuse, Joined, Deliver)}
-    assert tags == {"Hello": 0, "Join": 1, "Rejoin": 2, "Publish": 3, "Leave": 4, "Replayed": 5,
-                    "Welcome": 10, "Refuse": 11, "Joined": 12, "Deliver": 13}
+            (Hello, Join, Rejoin, Publish, Leave, Replayed, Released, Welcome, Refuse, Joined, Deliver, Revoke)}
+    assert tags == {"Hello": 0, "Join": 1, "Rejoin": 2, "Publish": 3, "Leave": 4, "Replayed": 5, "Released": 6,
+                    "Welcome": 10, "Refuse": 11, "Joined": 12, "Deliver": 13, "Revoke": 14}
 
 
 def test_protocol_version() -> None:
-    assert wire.PROTOCOL_VERSION == 2
+    assert wire.PROTOCOL_VERSION == 3
 
 
 def test_encoding_is_compact() -> None:
@@ -177,8 +183,10 @@ MESSAGES = st.one_of(
     st.builds(Leave, INTS),
     st.builds(Welcome, INTS, INTS),
     st.builds(Refuse, TEXTS),
-    st.builds(Joined, TEXTS, INTS, st.binary(max_size=40)),
+    st.builds(Joined, TEXTS, INTS, st.binary(max_size=40), st.booleans()),
     st.builds(Deliver, TEXTS, INTS, st.binary(max_size=40)),
+    st.builds(Revoke, TEXTS),
+    st.builds(Released, TEXTS),
 )
 
 
@@ -196,7 +204,7 @@ def test_roundtrip_property(message: wire.WireMessage) -> None:
     [
         pytest.param(raw(5, 1), id="unused tag 5"),
         pytest.param(raw(9), id="unused tag 9"),
-        pytest.param(raw(14, "r", -1, b""), id="tag 14"),
+        pytest.param(raw(15, "r", -1, b""), id="tag 15"),
         pytest.param(raw(99, 1), id="tag 99"),
         pytest.param(raw(-1, 1), id="negative tag"),
         pytest.param(raw(2**64 - 1, 1), id="huge tag"),
@@ -252,6 +260,9 @@ def test_not_an_array(data: bytes) -> None:
         pytest.param((Refuse.TAG,), id="Refuse short"),
         pytest.param((Refuse.TAG, "a", "b"), id="Refuse long"),
         pytest.param((Joined.TAG, "r", 1), id="Joined short"),
+        pytest.param((Joined.TAG, "r", 1, b"t"), id="Joined without solo"),
+        pytest.param((Revoke.TAG,), id="Revoke short"),
+        pytest.param((Released.TAG, "r", 1), id="Released long"),
         pytest.param((Deliver.TAG, "r", -1, b"t", b"u"), id="Deliver long"),
     ],
 )
@@ -290,9 +301,13 @@ BAD_FIELDS = [
     (Welcome.TAG, [1, 0], 1, False),
     (Refuse.TAG, ["no"], 0, b"no"),
     (Refuse.TAG, ["no"], 0, None),
-    (Joined.TAG, ["r", 1, b"t"], 0, b"r"),
-    (Joined.TAG, ["r", 1, b"t"], 1, True),
-    (Joined.TAG, ["r", 1, b"t"], 2, "t"),  # text must be bin, not str
+    (Joined.TAG, ["r", 1, b"t", False], 0, b"r"),
+    (Joined.TAG, ["r", 1, b"t", False], 1, True),
+    (Joined.TAG, ["r", 1, b"t", False], 2, "t"),  # text must be bin, not str
+    (Joined.TAG, ["r", 1, b"t", True], 3, 1),
+    (Joined.TAG, ["r", 1, b"t", True], 3, None),
+    (Revoke.TAG, ["r"], 0, b"r"),
+    (Released.TAG, ["r"], 0, 1),
     (Deliver.TAG, ["r", -1, b"t"], 1, False),
     (Deliver.TAG, ["r", -1, b"t"], 1, -1.0),
     (Deliver.TAG, ["r", -1, b"t"], 2, "t"),
