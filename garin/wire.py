@@ -91,11 +91,13 @@ class Replayed:
 
 @dataclass(frozen=True, slots=True)
 class Released:
-    """Answer to `Revoke`: this router has stopped fanning `room` out itself;
-    its messages to the room come as `Publish` from here on."""
+    """Answer to `Revoke` number `no`: this router has stopped fanning `room`
+    out itself; its messages to the room come as `Publish` from here on. (The
+    number lets a shard ignore an answer replayed after a relink.)"""
 
     TAG: ClassVar[int] = 6
     room: str
+    no: int
 
 
 # --- shard -> router -------------------------------------------------------
@@ -119,8 +121,9 @@ class Joined:
     """`member` (on the receiving router) is now in `room`; send `text` to all
     the router's members of the room, the joiner included.
 
-    `solo`: every member of the room is on the receiving router, and stays so
-    until a `Revoke`; the router may fan its members' messages out itself
+    `solo`: every member the shard had announced to the room is on the
+    receiving router, and no other router's join will be announced before the
+    router answers a `Revoke`; it may fan its members' messages out itself
     instead of sending `Publish`."""
 
     TAG: ClassVar[int] = 12
@@ -142,11 +145,13 @@ class Deliver:
 
 @dataclass(frozen=True, slots=True)
 class Revoke:
-    """A member of another router is joining solo `room`: stop fanning it out
-    locally and answer `Released`. The shard holds that join until then."""
+    """A member of another router is joining solo `room` (or was replayed
+    into it): stop fanning it out locally and answer `Released(room, no)`.
+    The shard holds such joins until then."""
 
     TAG: ClassVar[int] = 14
     room: str
+    no: int
 
 
 WireMessage = (
@@ -160,12 +165,12 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
     Publish.TAG: (Publish, (int, str)),
     Leave.TAG: (Leave, (int,)),
     Replayed.TAG: (Replayed, ()),
-    Released.TAG: (Released, (str,)),
+    Released.TAG: (Released, (str, int)),
     Welcome.TAG: (Welcome, (int, int)),
     Refuse.TAG: (Refuse, (str,)),
     Joined.TAG: (Joined, (str, int, bytes, bool)),
     Deliver.TAG: (Deliver, (str, int, bytes)),
-    Revoke.TAG: (Revoke, (str,)),
+    Revoke.TAG: (Revoke, (str, int)),
 }
 
 

@@ -194,7 +194,7 @@ class Router:
             self._fan_out(message.room, message.text, -1)
         elif isinstance(message, wire.Revoke):
             self.index.solo.discard(message.room)
-            self._link(message.room).send(wire.Released(message.room))
+            self._link(message.room).send(wire.Released(message.room, message.no))
         else:
             log.warning("unexpected message from a shard: %s", type(message).__name__)
 

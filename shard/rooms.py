@@ -35,6 +35,7 @@ its members in flight here could reorder them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from garin import protocol, wire
@@ -55,6 +56,8 @@ class Room:
     # released, in arrival order (an empty room lives on for them), and since when.
     held: list[tuple[int, RouterEvent]] | None = None
     revoked_at: float = 0.0
+    # Which Revoke: only the answer to this one ends the wait.
+    revoke_no: int = 0
 
     def solo_for(self, link: int) -> bool:
         return self.solo == link and self.held is None
@@ -66,6 +69,7 @@ class Rooms:
         self._room_of: dict[MemberKey, Room] = {}
         # Members whose events wait for a revocation, and the room it is for.
         self._held: dict[MemberKey, Room] = {}
+        self._revoke_nos = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -86,7 +90,7 @@ class Rooms:
                 return self._hold(link, event, now, self._held[(link, event.member)])
             return self.publish(link, event.member, event.body)
         if isinstance(event, wire.Released):
-            return self.released(link, event.room, now)
+            return self.released(link, event.room, event.no, now)
         if not isinstance(event, (wire.Join, wire.Rejoin, wire.Leave)):
             raise wire.WireError(f"unexpected {type(event).__name__} from a router")
         held_in = self._held.get((link, event.member)) if self._held else None
@@ -98,8 +102,10 @@ class Rooms:
         if room is not None and room.solo is not None and room.solo != link:
             if isinstance(event, wire.Join):
                 return self._hold(link, event, now, room)
-            # A replay after an outage, never announced: nothing to hold, but
-            # the room is no longer one router's.
+            # A member replayed after an outage, never announced: it is
+            # applied at once (it also misses what the solo router fans out
+            # until it reads the Revoke: part of the outage's loss), and the
+            # room is no longer one router's.
             return self._revoke(room, now) + self.rejoin(link, event.member, event.room, event.username)
         if isinstance(event, wire.Join):
             return self.join(link, event.member, event.room, event.username)
@@ -117,13 +123,14 @@ class Rooms:
             return []  # asked already
         room.held = []
         room.revoked_at = now
-        return [(room.solo, wire.Revoke(room.name))]
+        room.revoke_no = next(self._revoke_nos)
+        return [(room.solo, wire.Revoke(room.name, room.revoke_no))]
 
-    def released(self, link: int, room_name: str, now: float) -> list[Outgoing]:
+    def released(self, link: int, room_name: str, no: int, now: float) -> list[Outgoing]:
         """The solo router has stopped fanning `room_name` out: apply what waited."""
         room = self.rooms.get(room_name)
-        if room is None or room.solo != link or room.held is None:
-            return []  # not asked (a stale answer replayed after a relink)
+        if room is None or room.solo != link or room.held is None or room.revoke_no != no:
+            return []  # not this revocation's answer (one replayed after a relink)
         return self._end_revocation(room, now)
 
     def _end_revocation(self, room: Room, now: float) -> list[Outgoing]:

@@ -33,9 +33,9 @@ RECEIVE_BYTES = 256 * 1024
 # A router that stops reading its link is dropped past this (it reconnects and
 # replays), so one stuck router cannot grow a shard's memory without bound.
 MAX_LINK_QUEUE_BYTES = 64 * 1024 * 1024
-# A router answers a Revoke from its link reader, within a scheduler pass; one
-# that has not after this long is stuck, and a join is waiting on it: unlink it
-# (it reconnects and replays).
+# A router answers a Revoke as soon as it reads it. One that has not, although
+# for this long everything sent to it (the Revoke included) has been in its
+# socket, is stuck while a join waits on it: unlink it (it relinks and replays).
 REVOKE_TIMEOUT_S = 5.0
 
 
@@ -47,6 +47,8 @@ class Link:
         self.writer = BatchWriter(stream.socket, MAX_LINK_QUEUE_BYTES, f"router {router_id}")
         # Cancelled to unlink a router that does not answer a Revoke.
         self.scope = trio.CancelScope()
+        # When the shard last saw data queued for it that its socket would not take.
+        self.backlog_seen = trio.current_time()
 
     def send(self, data: bytes) -> None:
         self.writer.send(data)
@@ -181,12 +183,18 @@ class Shard:
                 self.dispatch(out)
 
     async def unlink_overdue(self) -> None:
-        """Unlink routers that leave a Revoke unanswered (a join waits on them)."""
+        """Unlink routers that leave a Revoke unanswered (a join waits on them).
+        A router still working through a backlog is slow, not stuck: it is
+        given REVOKE_TIMEOUT_S from when its socket took everything."""
         while True:
             await trio.sleep(REVOKE_TIMEOUT_S / 5)
-            for link_id in self.rooms.overdue(trio.current_time(), REVOKE_TIMEOUT_S):
+            now = trio.current_time()
+            for link in self.links.values():
+                if link.writer.queued:
+                    link.backlog_seen = now
+            for link_id in self.rooms.overdue(now, REVOKE_TIMEOUT_S):
                 link = self.links.get(link_id)
-                if link is not None and not link.scope.cancel_called:
+                if link is not None and not link.scope.cancel_called and now - link.backlog_seen > REVOKE_TIMEOUT_S:
                     log.warning(
                         "shard %d: router %s has not released a room in %g s; unlinking it",
                         self.index, link.router_id, REVOKE_TIMEOUT_S,

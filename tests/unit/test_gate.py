@@ -12,6 +12,7 @@ from garin import wire
 from garin.config import load_config
 from shard.gate import REPLAY_GRACE_S, ReplayGate
 from garin.protocol import join_text as wire_join_text
+from garin.protocol import userleave_text as wire_leave_text
 from shard.server import REVOKE_TIMEOUT_S, Shard
 
 
@@ -133,9 +134,9 @@ async def test_once_open_a_relinking_router_is_applied_in_order(autojump_clock: 
         b = FakeRouter(shard, nursery, "router-b")
         await b.link(wire.Replayed(), wire.Join(1, "lobby", "bobby"))
         # lobby was a's alone: b's join waits until a gives it back.
-        assert await a.receive() == wire.Revoke("lobby")
+        assert await a.receive() == wire.Revoke("lobby", 1)
         assert await b.nothing_within(1.0)
-        await a.stream.send_all(wire.encode(wire.Released("lobby")))
+        await a.stream.send_all(wire.encode(wire.Released("lobby", 1)))
         assert total_of(await b.receive()) == 2
         assert total_of(await a.receive()) == 2
         nursery.cancel_scope.cancel()
@@ -151,7 +152,7 @@ async def test_a_router_that_does_not_release_a_room_is_unlinked(autojump_clock:
         assert await a.receive() == wire.Joined("lobby", 1, wire_join_text("alice", 1), True)
         b = FakeRouter(shard, nursery, "router-b")
         await b.link(wire.Join(1, "lobby", "bobby"))
-        assert await a.receive() == wire.Revoke("lobby")
+        assert await a.receive() == wire.Revoke("lobby", 1)
         start = trio.current_time()
         # a never answers: after REVOKE_TIMEOUT_S the shard drops its link,
         # alice with it, and bobby's join goes through alone (and solo).
@@ -159,4 +160,38 @@ async def test_a_router_that_does_not_release_a_room_is_unlinked(autojump_clock:
         assert REVOKE_TIMEOUT_S <= trio.current_time() - start <= REVOKE_TIMEOUT_S * 1.5
         assert await a.stream.receive_some() == b""
         assert shard.rooms.room_of(2, 1) == "lobby" and shard.rooms.members() == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_router_still_reading_a_backlog_is_not_unlinked(autojump_clock: object) -> None:
+    shard = shard_for_routers(2)
+    shard.ready.set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shard.unlink_overdue)
+        a = FakeRouter(shard, nursery, "router-a")
+        b = FakeRouter(shard, nursery, "router-b")
+        await a.link(wire.Join(1, "shared", "alice"))
+        await b.link(wire.Join(1, "shared", "bob"))
+        assert await a.receive() == wire.Joined("shared", 1, wire_join_text("alice", 1), True)
+        assert await a.receive() == wire.Revoke("shared", 1)
+        await a.stream.send_all(wire.encode(wire.Released("shared", 1)) + wire.encode(wire.Join(2, "mine", "al")))
+        assert isinstance(await b.receive(), wire.Joined)
+        assert isinstance(await a.receive(), wire.Deliver)
+        assert await a.receive() == wire.Joined("mine", 2, wire_join_text("al", 1), True)
+        # bob sends more than a's socket holds, then joins a's solo room:
+        # the Revoke waits behind the backlog, which a does not read for a while.
+        big = "x" * 2_000_000
+        await b.stream.send_all(wire.encode(wire.Publish(1, big)) + wire.encode(wire.Join(2, "mine", "bo")))
+        await trio.sleep(4 * REVOKE_TIMEOUT_S)
+        assert [link.router_id for link in shard.links.values()] == ["router-a", "router-b"]
+        # a reads it all (its socket is now empty) but never answers: stuck.
+        delivered = await a.receive()
+        assert isinstance(delivered, wire.Deliver) and len(delivered.text) > len(big)
+        assert await a.receive() == wire.Revoke("mine", 2)
+        assert isinstance(await b.receive(), wire.Deliver)  # bob's own message, to b's link
+        start = trio.current_time()
+        assert await b.receive() == wire.Deliver("shared", -1, wire_leave_text("alice", 1))
+        assert await b.receive() == wire.Joined("mine", 2, wire_join_text("bo", 1), True)
+        assert REVOKE_TIMEOUT_S <= trio.current_time() - start <= REVOKE_TIMEOUT_S * 1.5
+        assert [link.router_id for link in shard.links.values()] == ["router-b"]
         nursery.cancel_scope.cancel()

@@ -33,7 +33,7 @@ def settle(rooms: Rooms, out: list[Outgoing]) -> list[Outgoing]:
     while out:
         link, message = out.pop(0)
         if isinstance(message, Revoke):
-            out.extend(rooms.handle(link, Released(message.room), 0.0))
+            out.extend(rooms.handle(link, Released(message.room, message.no), 0.0))
         else:
             done.append((link, message))
     return done

@@ -34,13 +34,13 @@ def test_a_room_is_solo_for_the_link_that_creates_it() -> None:
 
 def test_a_join_from_another_link_waits_for_the_release() -> None:
     rooms = solo_lobby()
-    assert rooms.handle(L2, Join(1, "lobby", "carol"), 10.0) == [(L1, Revoke("lobby"))]
+    assert rooms.handle(L2, Join(1, "lobby", "carol"), 10.0) == [(L1, Revoke("lobby", 1))]
     # Not a member yet: the solo router may still be fanning out without her.
     assert rooms.room_of(L2, 1) is None and rooms.members() == 2
     # Her later events wait behind the join, in order.
     assert rooms.handle(L2, Publish(1, "first"), 10.1) == []
     assert rooms.handle(L2, Publish(1, "second"), 10.2) == []
-    out = rooms.handle(L1, Released("lobby"), 10.3)
+    out = rooms.handle(L1, Released("lobby", 1), 10.3)
     joined = join_text("carol", 3)
     first, second = message_text("carol", "first"), message_text("carol", "second")
     assert out == [
@@ -58,10 +58,10 @@ def test_a_join_from_another_link_waits_for_the_release() -> None:
 
 def test_one_revoke_for_many_held_joins() -> None:
     rooms = solo_lobby()
-    assert rooms.handle(L2, Join(1, "lobby", "carol"), 0.0) == [(L1, Revoke("lobby"))]
+    assert rooms.handle(L2, Join(1, "lobby", "carol"), 0.0) == [(L1, Revoke("lobby", 1))]
     assert rooms.handle(L3, Join(1, "lobby", "dave"), 0.0) == []
     assert rooms.handle(L2, Join(2, "lobby", "erin"), 0.0) == []
-    out = rooms.handle(L1, Released("lobby"), 0.0)
+    out = rooms.handle(L1, Released("lobby", 1), 0.0)
     assert [(link, m.member, m.text) for link, m in out if isinstance(m, Joined)] == [
         (L2, 1, join_text("carol", 3)), (L3, 1, join_text("dave", 4)), (L2, 2, join_text("erin", 5))]
     assert rooms.members() == 5
@@ -75,7 +75,7 @@ def test_the_solo_link_goes_on_while_it_is_asked() -> None:
     assert rooms.handle(L1, Join(3, "lobby", "dave"), 0.0) == [
         (L1, Joined("lobby", 3, join_text("dave", 3), solo=False))]
     assert rooms.handle(L1, Leave(2), 0.0) == [(L1, Deliver("lobby", -1, userleave_text("bob", 2)))]
-    out = rooms.handle(L1, Released("lobby"), 0.0)
+    out = rooms.handle(L1, Released("lobby", 1), 0.0)
     assert out == [(L1, Deliver("lobby", -1, join_text("carol", 3))),
                    (L2, Joined("lobby", 1, join_text("carol", 3), solo=False))]
 
@@ -87,10 +87,10 @@ def test_a_room_emptied_while_asked_goes_to_the_first_held_joiner() -> None:
     assert rooms.handle(L1, Leave(1), 0.0) == [(L1, Deliver("lobby", -1, userleave_text("alice", 1)))]
     assert rooms.handle(L1, Leave(2), 0.0) == []
     assert "lobby" in rooms.rooms  # kept for the held joins
-    out = rooms.handle(L1, Released("lobby"), 0.0)
+    out = rooms.handle(L1, Released("lobby", 1), 0.0)
     # carol creates the room anew (solo on L2); dave's join then asks L2.
-    assert out == [(L2, Joined("lobby", 1, join_text("carol", 1), solo=True)), (L2, Revoke("lobby"))]
-    assert rooms.handle(L2, Released("lobby"), 0.0) == [
+    assert out == [(L2, Joined("lobby", 1, join_text("carol", 1), solo=True)), (L2, Revoke("lobby", 2))]
+    assert rooms.handle(L2, Released("lobby", 2), 0.0) == [
         (L2, Deliver("lobby", -1, join_text("dave", 2))),
         (L3, Joined("lobby", 1, join_text("dave", 2), solo=False))]
 
@@ -102,14 +102,14 @@ def test_a_held_member_that_leaves_before_the_release() -> None:
     assert rooms.handle(L2, Leave(1), 0.0) == []
     # A join elsewhere also waits: her events stay in order.
     assert rooms.handle(L2, Join(1, "den", "carol"), 0.0) == []
-    out = rooms.handle(L1, Released("lobby"), 0.0)
+    out = rooms.handle(L1, Released("lobby", 1), 0.0)
     assert out == [
         (L1, Deliver("lobby", -1, join_text("carol", 3))), (L2, Joined("lobby", 1, join_text("carol", 3), solo=False)),
         (L1, Deliver("lobby", -1, userleave_text("carol", 2))),
-        (L1, Revoke("den")),  # den is solo on L1 too
+        (L1, Revoke("den", 2)),  # den is solo on L1 too
     ]
     assert rooms.room_of(L2, 1) is None
-    out = rooms.handle(L1, Released("den"), 0.0)
+    out = rooms.handle(L1, Released("den", 2), 0.0)
     assert out == [(L1, Deliver("den", -1, join_text("carol", 2))), (L2, Joined("den", 1, join_text("carol", 2), solo=False))]
 
 
@@ -131,29 +131,48 @@ def test_a_held_link_dropping_forgets_its_held_events() -> None:
     rooms.handle(L2, Join(1, "lobby", "carol"), 0.0)
     rooms.handle(L3, Join(1, "lobby", "dave"), 0.0)
     assert rooms.drop_link(L2, 0.0) == []
-    out = rooms.handle(L1, Released("lobby"), 0.0)
+    out = rooms.handle(L1, Released("lobby", 1), 0.0)
     assert out == [(L1, Deliver("lobby", -1, join_text("dave", 3))), (L3, Joined("lobby", 1, join_text("dave", 3), solo=False))]
     assert rooms.room_of(L2, 1) is None
 
 
 @pytest.mark.parametrize(
-    ("link", "room"), [(L1, "den"), (L2, "lobby"), (L1, "nowhere")], ids=["not asked", "not its room", "unknown"]
+    ("link", "room", "no"),
+    [(L1, "den", 1), (L2, "lobby", 1), (L1, "nowhere", 1), (L1, "lobby", 7)],
+    ids=["not asked", "not its room", "unknown", "another revocation"],
 )
-def test_a_stale_release_changes_nothing(link: int, room: str) -> None:
+def test_a_stale_release_changes_nothing(link: int, room: str, no: int) -> None:
     rooms = solo_lobby()
     rooms.handle(L1, Join(5, "den", "zed"), 0.0)
-    assert rooms.handle(link, Released(room), 0.0) == []
-    assert rooms.rooms["lobby"].solo == L1 and rooms.rooms["den"].solo == L1
+    rooms.handle(L3, Join(1, "lobby", "carol"), 0.0)
+    assert rooms.handle(link, Released(room, no), 0.0) == []
+    assert rooms.rooms["lobby"].held is not None and rooms.rooms["den"].solo == L1
+
+
+def test_an_answer_replayed_after_a_relink_does_not_end_a_newer_revocation() -> None:
+    rooms = solo_lobby()
+    rooms.handle(L2, Join(1, "lobby", "carol"), 0.0)  # Revoke 1 to L1
+    # L1 answers, but its link drops before the answer is written: the shard
+    # ends the revocation itself.
+    rooms.drop_link(L1, 0.0)
+    rooms.handle(L2, Leave(1), 0.0)
+    # L1 relinks as link L3 and re-creates lobby; its old answer is replayed.
+    rooms.handle(L3, Join(9, "lobby", "alice"), 0.0)
+    assert rooms.handle(L2, Join(2, "lobby", "dave"), 0.0) == [(L3, Revoke("lobby", 2))]
+    assert rooms.handle(L3, Released("lobby", 1), 0.0) == []
+    assert rooms.room_of(L2, 2) is None  # still held
+    assert [link for link, _ in rooms.handle(L3, Released("lobby", 2), 0.0)] == [L3, L2]
+    assert rooms.room_of(L2, 2) == "lobby"
 
 
 def test_a_rejoin_into_a_solo_room_is_applied_and_revokes_it() -> None:
     rooms = solo_lobby()
     # L2's link came back: its member is replayed, never announced.
-    assert rooms.handle(L2, Rejoin(1, "lobby", "carol"), 0.0) == [(L1, Revoke("lobby"))]
+    assert rooms.handle(L2, Rejoin(1, "lobby", "carol"), 0.0) == [(L1, Revoke("lobby", 1))]
     assert rooms.room_of(L2, 1) == "lobby"
     # A new join still waits for the release.
     assert rooms.handle(L3, Join(1, "lobby", "dave"), 0.0) == []
-    out = rooms.handle(L1, Released("lobby"), 0.0)
+    out = rooms.handle(L1, Released("lobby", 1), 0.0)
     assert {link for link, _ in out} == {L1, L2, L3}
     assert rooms.members() == 4 and rooms.rooms["lobby"].solo is None
 
@@ -173,7 +192,7 @@ def test_overdue_names_links_that_did_not_answer() -> None:
     assert rooms.overdue(104.0, 5.0) == []
     assert rooms.overdue(105.5, 5.0) == [L1]
     assert rooms.overdue(107.5, 5.0) == [L1, L3]
-    rooms.handle(L1, Released("lobby"), 108.0)
+    rooms.handle(L1, Released("lobby", 1), 108.0)
     assert rooms.overdue(108.0, 5.0) == [L3]
 
 
@@ -200,7 +219,7 @@ SOLO_OPS = st.lists(
 def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]]) -> None:
     rooms = Rooms()
     # Revokes each link has received and not answered yet, oldest first.
-    asked: dict[int, collections.deque[str]] = collections.defaultdict(collections.deque)
+    asked: dict[int, collections.deque[tuple[str, int]]] = collections.defaultdict(collections.deque)
     # Each member's own events, to compute where it must end up.
     own: dict[tuple[int, int], list[Join | Rejoin | Leave]] = collections.defaultdict(list)
 
@@ -209,7 +228,7 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
         out = rooms.handle(link, event, 0.0)
         for to, message in out:
             if isinstance(message, Revoke):
-                asked[to].append(message.room)
+                asked[to].append((message.room, message.no))
             elif isinstance(message, Joined) and not isinstance(event, Released):
                 # No join is applied to a room another link fans out.
                 assert before.get(message.room) in (None, to)
@@ -220,7 +239,7 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
     for op, link, member, name in ops:
         if op == "release":
             if asked[link]:
-                run(link, Released(asked[link].popleft()))
+                run(link, Released(*asked[link].popleft()))
             continue
         event: Join | Rejoin | Publish | Leave
         if op == "join":
@@ -238,7 +257,7 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
     while any(asked.values()):
         for link, pending in asked.items():
             if pending:
-                run(link, Released(pending.popleft()))
+                run(link, Released(*pending.popleft()))
     assert not rooms._held and all(room.held is None for room in rooms.rooms.values())
     # Holding never reordered or lost a member's own events.
     for key, events in own.items():

@@ -62,9 +62,9 @@ SAMPLES: list[wire.WireMessage] = [
     Deliver("lobby", -1, b"\xff\xfe\x00not utf-8"),
     Joined("r", 2, bytes(range(256))),
     Joined("lobby", 1, b"t", True),
-    Revoke("lobby"),
-    Revoke(""),
-    Released("ルーム"),
+    Revoke("lobby", 1),
+    Revoke("", 0),
+    Released("ルーム", 2**40),
 ]
 
 
@@ -185,8 +185,8 @@ MESSAGES = st.one_of(
     st.builds(Refuse, TEXTS),
     st.builds(Joined, TEXTS, INTS, st.binary(max_size=40), st.booleans()),
     st.builds(Deliver, TEXTS, INTS, st.binary(max_size=40)),
-    st.builds(Revoke, TEXTS),
-    st.builds(Released, TEXTS),
+    st.builds(Revoke, TEXTS, INTS),
+    st.builds(Released, TEXTS, INTS),
 )
 
 
@@ -261,8 +261,8 @@ def test_not_an_array(data: bytes) -> None:
         pytest.param((Refuse.TAG, "a", "b"), id="Refuse long"),
         pytest.param((Joined.TAG, "r", 1), id="Joined short"),
         pytest.param((Joined.TAG, "r", 1, b"t"), id="Joined without solo"),
-        pytest.param((Revoke.TAG,), id="Revoke short"),
-        pytest.param((Released.TAG, "r", 1), id="Released long"),
+        pytest.param((Revoke.TAG, "r"), id="Revoke short"),
+        pytest.param((Released.TAG, "r", 1, 2), id="Released long"),
         pytest.param((Deliver.TAG, "r", -1, b"t", b"u"), id="Deliver long"),
     ],
 )
@@ -306,8 +306,10 @@ BAD_FIELDS = [
     (Joined.TAG, ["r", 1, b"t", False], 2, "t"),  # text must be bin, not str
     (Joined.TAG, ["r", 1, b"t", True], 3, 1),
     (Joined.TAG, ["r", 1, b"t", True], 3, None),
-    (Revoke.TAG, ["r"], 0, b"r"),
-    (Released.TAG, ["r"], 0, 1),
+    (Revoke.TAG, ["r", 1], 0, b"r"),
+    (Revoke.TAG, ["r", 1], 1, "1"),
+    (Released.TAG, ["r", 1], 0, 1),
+    (Released.TAG, ["r", 1], 1, True),
     (Deliver.TAG, ["r", -1, b"t"], 1, False),
     (Deliver.TAG, ["r", -1, b"t"], 1, -1.0),
     (Deliver.TAG, ["r", -1, b"t"], 2, "t"),
