@@ -70,6 +70,8 @@ class Rooms:
         # Members whose events wait for a revocation, and the room it is for.
         self._held: dict[MemberKey, Room] = {}
         self._revoke_nos = itertools.count(1)
+        # Rooms with a revocation under way, by name.
+        self._revoking: dict[str, Room] = {}
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -124,6 +126,7 @@ class Rooms:
         room.held = []
         room.revoked_at = now
         room.revoke_no = next(self._revoke_nos)
+        self._revoking[room.name] = room
         return [(room.solo, wire.Revoke(room.name, room.revoke_no))]
 
     def released(self, link: int, room_name: str, no: int, now: float) -> list[Outgoing]:
@@ -136,6 +139,7 @@ class Rooms:
     def _end_revocation(self, room: Room, now: float) -> list[Outgoing]:
         held = room.held or []
         room.solo, room.held = None, None
+        del self._revoking[room.name]
         for link, event in held:
             self._held.pop((link, event.member), None)
         if not room.usernames:
@@ -148,8 +152,8 @@ class Rooms:
     def overdue(self, now: float, timeout: float) -> list[int]:
         """Links asked to release a room more than `timeout` ago."""
         return sorted({
-            room.solo for room in self.rooms.values()
-            if room.held is not None and room.solo is not None and now - room.revoked_at > timeout
+            room.solo for room in self._revoking.values()
+            if room.solo is not None and now - room.revoked_at > timeout
         })
 
     # -- the steps ----------------------------------------------------------------
@@ -225,9 +229,6 @@ class Rooms:
                 room = self._held.pop(key)
                 assert room.held is not None
                 room.held = [(other, event) for other, event in room.held if other != link]
-        for room in [room for room in self.rooms.values() if room.solo == link]:
-            if room.held is not None:
-                out.extend(self._end_revocation(room, now))
-            else:
-                room.solo = None
+        for room in [room for room in self._revoking.values() if room.solo == link]:
+            out.extend(self._end_revocation(room, now))
         return out

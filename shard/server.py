@@ -193,13 +193,13 @@ class Shard:
                 if link.writer.queued:
                     link.backlog_seen = now
             for link_id in self.rooms.overdue(now, REVOKE_TIMEOUT_S):
-                link = self.links.get(link_id)
-                if link is not None and not link.scope.cancel_called and now - link.backlog_seen > REVOKE_TIMEOUT_S:
+                stuck = self.links.get(link_id)
+                if stuck is not None and not stuck.scope.cancel_called and now - stuck.backlog_seen > REVOKE_TIMEOUT_S:
                     log.warning(
                         "shard %d: router %s has not released a room in %g s; unlinking it",
-                        self.index, link.router_id, REVOKE_TIMEOUT_S,
+                        self.index, stuck.router_id, REVOKE_TIMEOUT_S,
                     )
-                    link.scope.cancel()
+                    stuck.scope.cancel()
 
 
 def prepare_socket_dir(path: Path) -> None:

@@ -235,6 +235,7 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
         for room in rooms.rooms.values():
             if room.solo is not None and room.held is None:
                 assert set(room.per_link) <= {room.solo}, room
+            assert (room.held is not None) == (rooms._revoking.get(room.name) is room)
 
     for op, link, member, name in ops:
         if op == "release":
@@ -258,7 +259,8 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
         for link, pending in asked.items():
             if pending:
                 run(link, Released(*pending.popleft()))
-    assert not rooms._held and all(room.held is None for room in rooms.rooms.values())
+    assert not rooms._held and not rooms._revoking
+    assert all(room.held is None for room in rooms.rooms.values())
     # Holding never reordered or lost a member's own events.
     for key, events in own.items():
         where: str | None = None
