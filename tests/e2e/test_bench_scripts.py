@@ -1,0 +1,73 @@
+"""The benchmark and soak scripts run end to end on tiny loads.
+
+Their numbers are read by people (README, "Performance"); what is checked here
+is that each script still starts its own garin, drives it, stops it and
+writes a result that the rest of the tooling reads: a broken script would
+otherwise go unnoticed until the next performance run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.parametrize("client", ["lean", "trio-websocket"])
+def test_bench_spawns_garin_loads_it_and_reports(tmp_path: Path, client: str) -> None:
+    out = tmp_path / "bench.json"
+    ok(run(
+        "bench.py", "--spawn", "--client", client, "--rooms", "2", "--members", "3", "--interval", "0.05",
+        "--warmup", "0.5", "--duration", "1", "--drain", "0.5", "--no-plot", "--out", str(out),
+    ))
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert result["connect"]["joined"] == 6 and result["connect"]["errors"] == 0
+    traffic = result["traffic"]
+    # 2 rooms x 1 sender every 50 ms x 2 other members, for about a second.
+    assert traffic["delivered"] >= 40 and traffic["lost"] == 0 and traffic["duplicates"] == 0
+    assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
+    server = result["server"]
+    assert server["spawned"] and server["cpu_us_per_delivery"] > 0 and server["rss_end_kib"] > 0
+    table = ok(run("bench_summary.py", f"smoke={out}"))
+    assert "| smoke | 1.00 |" in table
+
+
+def test_bench_room_times_a_message_to_every_member(tmp_path: Path) -> None:
+    out = tmp_path / "room.json"
+    ok(run("bench_room.py", "--spawn", "--members", "30", "--messages", "2", "--timeout", "60", "--out", str(out)))
+    result = json.loads(out.read_text())
+    assert "error" not in result and result["members"] == 30
+    assert len(result["messages"]) == 2
+    for message in result["messages"]:
+        assert 0 < message["first_ms"] <= message["median_ms"] <= message["last_ms"]
+
+
+def test_bench_floor_measures_plain_writes() -> None:
+    stdout = ok(run("bench_floor.py", "--conns", "20", "--group", "5", "--rate", "2000", "--seconds", "1"))
+    assert "us CPU/write" in stdout
+
+
+def test_a_short_soak_passes(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    ok(run("soak.py", "--spawn", "--minutes", "0.2", "--out", str(out), timeout=180.0))
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["errors"] == {} and result["loss"]["lost"] == 0
+    assert result["messages"]["deliveries"] > 0 and result["connections"]["total"] > 0
