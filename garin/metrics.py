@@ -36,6 +36,12 @@ LINK_QUEUE = Gauge(
 SHARD_LINKS_UP = Gauge(
     "garin_shard_link_up", "1 if the router's link to the shard is up.", ["shard"], multiprocess_mode="livemin"
 )
+SOLO_ROOMS = Gauge(
+    "garin_solo_rooms", "Rooms whose one router fans them out itself, per shard.", ["shard"],
+    multiprocess_mode="livesum",
+)
+REVOKES = Counter("garin_solo_revokes", "Solo rooms taken back because another router's member joined.")
+UNLINKS = Counter("garin_solo_unlinks", "Routers a shard unlinked for leaving a Revoke unanswered.")
 RESTARTS = Counter("garin_restarts", "Children restarted by the supervisor.", ["child"])
 
 

@@ -72,12 +72,16 @@ class Rooms:
         self._revoke_nos = itertools.count(1)
         # Rooms with a revocation under way, by name.
         self._revoking: dict[str, Room] = {}
+        self.revokes = 0  # how many were started, for the metrics
 
     def __len__(self) -> int:
         return len(self.rooms)
 
     def members(self) -> int:
         return len(self._room_of)
+
+    def solo_rooms(self) -> int:
+        return sum(1 for room in self.rooms.values() if room.solo is not None and room.held is None)
 
     def room_of(self, link: int, member: int) -> str | None:
         room = self._room_of.get((link, member))
@@ -127,6 +131,7 @@ class Rooms:
         room.revoked_at = now
         room.revoke_no = next(self._revoke_nos)
         self._revoking[room.name] = room
+        self.revokes += 1
         return [(room.solo, wire.Revoke(room.name, room.revoke_no))]
 
     def released(self, link: int, room_name: str, no: int, now: float) -> list[Outgoing]:

@@ -199,6 +199,7 @@ class Shard:
                         "shard %d: router %s has not released a room in %g s; unlinking it",
                         self.index, stuck.router_id, REVOKE_TIMEOUT_S,
                     )
+                    metrics.UNLINKS.inc()
                     stuck.scope.cancel()
 
 
@@ -251,9 +252,15 @@ async def serve_shard(
 
 async def _sample_rooms(shard: Shard) -> None:
     label = str(shard.index)
+    revokes = 0
     while True:
-        metrics.ROOMS.labels(shard=label).set(len(shard.rooms))
-        metrics.MEMBERS.labels(shard=label).set(shard.rooms.members())
+        rooms = shard.rooms
+        metrics.ROOMS.labels(shard=label).set(len(rooms))
+        metrics.MEMBERS.labels(shard=label).set(rooms.members())
+        metrics.SOLO_ROOMS.labels(shard=label).set(rooms.solo_rooms())
+        if rooms.revokes > revokes:
+            metrics.REVOKES.inc(rooms.revokes - revokes)
+            revokes = rooms.revokes
         await trio.sleep(1.0)
 
 

@@ -51,6 +51,7 @@ from conftest import (
     recv_json,
     room_on,
 )
+from test_metrics import eventually, get, sample
 from test_processes import (
     ORIGIN,
     SECRET,
@@ -572,7 +573,9 @@ def solo_pair(
 def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_message(
     garin_factory: ServerFactory,
 ) -> None:
-    server = garin_factory(GARIN_ROUTERS="2")
+    metrics_port = free_port()
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = garin_factory(GARIN_ROUTERS="2", GARIN_METRICS_PORT=str(metrics_port))
     assert server.process is not None
     pids = roles(server.process.pid)
     routers = [pids["router 0"], pids["router 1"]]
@@ -581,6 +584,7 @@ def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_m
         clients = Clients(stack, server)
         room = room_on(0, "solo")
         talker, listener = solo_pair(clients, server, room, a, routers)
+        eventually(lambda: sample(get(metrics)[1], "garin_solo_rooms", shard="0") == 1)
         chatter = Chatter(talker)
         chatter.start()
         stack.callback(chatter.stopping.set)
@@ -613,12 +617,16 @@ def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_m
         newcomer.send(message_frame("from b"))
         expect_message(talker, "newcomer", "from b")
         expect_message(listener, "newcomer", "from b")
+        eventually(lambda: (text := get(metrics)[1]) and sample(text, "garin_solo_rooms", shard="0") == 0
+                   and sample(text, "garin_solo_revokes_total") == 1)
 
 
 def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
     garin_factory: ServerFactory,
 ) -> None:
-    server = garin_factory(GARIN_ROUTERS="2")
+    metrics_port = free_port()
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = garin_factory(GARIN_ROUTERS="2", GARIN_METRICS_PORT=str(metrics_port))
     assert server.process is not None
     pids = roles(server.process.pid)
     routers = [pids["router 0"], pids["router 1"]]
@@ -656,3 +664,6 @@ def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
         expect_message(talker, "newcomer", "from b")
         for event in iter(lambda: recv_json(listener), {"type": "message", "username": "newcomer", "body": "from b"}):
             assert event.get("username") == "talker", event
+        # Taken back from a (unlinked), then from b when a replayed its members.
+        eventually(lambda: (text := get(metrics)[1]) and sample(text, "garin_solo_unlinks_total") == 1
+                   and sample(text, "garin_solo_revokes_total") == 2)
