@@ -122,6 +122,9 @@ class BatchWriter:
         self._queued_bytes += len(data)
         if self._max_queued_bytes is not None and self.queued > self._max_queued_bytes:
             self._fail(LinkOverflow(f"{self._peer} is not reading its link"))
+            # `run` (and the link's reader) may be waiting on a socket that
+            # will never be ready: make them give up now.
+            trio.lowlevel.notify_closing(self._sock)
             return
         if not self._listed and self._tail is None:
             self._listed = True
@@ -166,7 +169,12 @@ class BatchWriter:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._tail is not None and self._error is None:
-                await trio.lowlevel.wait_writable(self._sock)
+                try:
+                    await trio.lowlevel.wait_writable(self._sock)
+                except trio.ClosedResourceError:
+                    if self._error is None:
+                        raise
+                    break  # our own overflow: raise that below
                 if self._error is not None:
                     break
                 try:

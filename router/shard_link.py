@@ -33,6 +33,10 @@ RETRY_MIN_S = 0.05
 # connect twice a second costs nothing and keeps the outage short.
 RETRY_MAX_S = 0.5
 RECEIVE_BYTES = 256 * 1024
+# A shard that stops reading its link while connected (hung, stopped) is
+# dropped past this much queued for it, as a shard drops a router past its
+# own bound: the outage machinery then takes over (hold, 1013 to its clients).
+MAX_LINK_QUEUE_BYTES = 64 * 1024 * 1024
 
 
 class ShardRefused(Exception):
@@ -64,7 +68,8 @@ class ShardLink:
         self.connected = False
         self._flusher = current_flusher()
         self._listed = False
-        # The socket's fd while the writer runs, else -1.
+        # The socket (and its fd) while the writer runs, else None (-1).
+        self._sock: trio.socket.SocketType | None = None
         self._fd = -1
         # The part of the batch in flight the kernel has not taken yet.
         self._tail: memoryview | None = None
@@ -77,6 +82,11 @@ class ShardLink:
         verdict = self.outbox.add(message)
         if verdict is Verdict.QUEUED:
             self._schedule()
+            if self.outbox.queued_bytes > MAX_LINK_QUEUE_BYTES and self._sock is not None:
+                self._fail(trio.BrokenResourceError(f"shard {self.index} is not reading its link"))
+                # The writer (and the reader) may be waiting on a socket that
+                # will never be ready: make both give up now.
+                trio.lowlevel.notify_closing(self._sock)
             return True
         if verdict is Verdict.OVERFLOW:
             self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
@@ -133,7 +143,7 @@ class ShardLink:
                         task_status.started()
                     await self._pump(stream)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, wire.WireError, OSError) as group:
-                error = group.exceptions[0]
+                error, self._error = self._error or group.exceptions[0], None
                 log.warning("link to shard %d lost (%s); reconnecting", self.index, error or type(error).__name__)
             finally:
                 self.connected = False
@@ -221,14 +231,19 @@ class ShardLink:
     async def _write(self, sock: trio.socket.SocketType) -> None:
         """Finish batches the kernel could not take at once; raise when a write fails."""
         self._tail, self._partly_sent, self._error = None, False, None
-        self._fd = sock.fileno()
+        self._sock, self._fd = sock, sock.fileno()
         self._schedule()  # the replay and anything held while down
         try:
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 while self._tail is not None and self._error is None:
-                    await trio.lowlevel.wait_writable(sock)
+                    try:
+                        await trio.lowlevel.wait_writable(sock)
+                    except trio.ClosedResourceError:
+                        if self._error is None:
+                            raise
+                        break  # our own overflow: raise that below
                     try:
                         written = os.write(self._fd, self._tail)
                     except BlockingIOError:
@@ -250,6 +265,6 @@ class ShardLink:
             if self._partly_sent:
                 # Part of the batch reached the shard: it counts as sent.
                 self.outbox.sent()
-            self._fd = -1
+            self._sock, self._fd = None, -1
             self._tail = None
             self._partly_sent = False

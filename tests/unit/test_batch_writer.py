@@ -104,6 +104,35 @@ async def test_overflow_raises_link_overflow(pair: tuple[trio.socket.SocketType,
     writer.close()
 
 
+async def test_overflow_while_the_writer_waits_on_a_full_socket_ends_the_link(
+    pair: tuple[trio.socket.SocketType, socket.socket],
+) -> None:
+    ours, peer = pair  # the peer never reads
+    writer = BatchWriter(ours, max_queued_bytes=1 << 20, peer="router 7")
+    reader_error: list[BaseException] = []
+
+    async def reader() -> None:  # the link's reader, waiting for the peer
+        try:
+            await trio.lowlevel.wait_readable(ours)
+        except trio.ClosedResourceError as exc:
+            reader_error.append(exc)
+
+    with trio.fail_after(5), pytest.raises(ExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            nursery.start_soon(reader)
+            while writer._tail is None:  # until the kernel buffer is full
+                writer.send(b"x" * 65536)
+                await trio.sleep(0)
+            await trio.sleep(0.05)  # the writer task now waits for writability
+            for _ in range(20):  # 1.25 MiB more: past the bound
+                writer.send(b"y" * 65536)
+            await trio.sleep_forever()
+    assert info.group_contains(LinkOverflow, match="router 7 is not reading")
+    assert len(reader_error) == 1
+    writer.close()
+
+
 async def test_closed_writer_never_writes(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
     ours, peer = pair
     writer = BatchWriter(ours)

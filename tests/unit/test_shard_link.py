@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from garin import wire
+from router import shard_link
+from router.outbox import LinkState
 from router.shard_link import ShardLink
 
 
@@ -112,4 +115,36 @@ async def test_a_broken_link_relinks_and_sends_what_was_queued(tmp_path: Path) -
             assert await shard.receive(second) == wire.Publish(7, "held")
         nursery.cancel_scope.cancel()
     await second.aclose()
+    await listener.aclose()
+
+
+async def test_a_shard_that_stops_reading_is_dropped_past_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_link, "MAX_LINK_QUEUE_BYTES", 1 << 20)
+    path = tmp_path / "shard-0.sock"
+    listener = await listen(path)
+    shard = FakeShard(path)
+    closing: list[int] = []
+    link = ShardLink(
+        0, path, "router-t", 1, lambda message: None, lambda index: closing.append(index) or 3, 1 << 16, 10.0
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run)
+        stream = await shard.accept(listener)  # linked, then it never reads again
+        sent = 0
+        with trio.fail_after(10):
+            while link.connected:
+                link.send(wire.Publish(sent, "x" * 1000))
+                sent += 1
+                if sent % 100 == 0:
+                    await trio.sleep(0)
+        # Over 1 MiB was queued (a socket buffer's worth went to the kernel):
+        # the link dropped, and with more than the hold bound queued, the
+        # shard's clients are closed at once.
+        assert sent * 1000 > 1 << 20
+        assert closing == [0]
+        assert link.outbox.state is LinkState.UNAVAILABLE
+        nursery.cancel_scope.cancel()
+    await stream.aclose()
     await listener.aclose()
