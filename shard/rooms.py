@@ -16,7 +16,7 @@ Solo rooms
 ----------
 Relaying a chat message through the shard costs a router a system call, an
 encode and a decode, and a wake-up for the answer, and the shard as much
-again: about half of garin's CPU per message. When every member of a room is
+again: about 40% of garin's CPU per message. When every member of a room is
 on one router, the shard has nothing to add, so a room that a join creates is
 granted "solo" to the joiner's link (`Joined.solo`): its router fans its
 members' messages out itself and sends no `Publish`. Joins and leaves still
