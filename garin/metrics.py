@@ -40,7 +40,9 @@ SOLO_ROOMS = Gauge(
     "garin_solo_rooms", "Rooms whose one router fans them out itself, per shard.", ["shard"],
     multiprocess_mode="livesum",
 )
-REVOKES = Counter("garin_solo_revokes", "Solo rooms taken back because another router's member joined.")
+REVOKES = Counter(
+    "garin_solo_revokes", "Solo rooms taken back because another router's member joined (or was replayed)."
+)
 UNLINKS = Counter("garin_solo_unlinks", "Routers a shard unlinked for leaving a Revoke unanswered.")
 RESTARTS = Counter("garin_restarts", "Children restarted by the supervisor.", ["child"])
 

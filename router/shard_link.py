@@ -82,7 +82,12 @@ class ShardLink:
         verdict = self.outbox.add(message)
         if verdict is Verdict.QUEUED:
             self._schedule()
-            if self.outbox.queued_bytes > MAX_LINK_QUEUE_BYTES and self._sock is not None:
+            # Only while the kernel refuses what is in flight (the shard is not
+            # reading), and once.
+            if (
+                self.outbox.queued_bytes > MAX_LINK_QUEUE_BYTES and self._tail is not None
+                and self._sock is not None and self._error is None
+            ):
                 self._fail(trio.BrokenResourceError(f"shard {self.index} is not reading its link"))
                 # The writer (and the reader) may be waiting on a socket that
                 # will never be ready: make both give up now.
