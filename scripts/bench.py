@@ -52,7 +52,7 @@ from bench_report import (
     Run, Sample, build_result, print_summary, sleep_until, summarize_connect, take_sample, write_outputs, fmt,
 )
 from bench_server import ORIGIN as SPAWN_ORIGIN
-from bench_server import SpawnedServer, TokenMinter, check_python_has_garin
+from bench_server import SpawnedServer, TokenMinter, check_python_has_garin, sigterm_as_interrupt
 
 WORKER_START_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
@@ -339,16 +339,12 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise HardTimeout()
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = Run(args, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     hard_deadline = time.monotonic() + args.timeout
     signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_sigterm)  # like Ctrl-C: stop workers and a spawned server
+    sigterm_as_interrupt()  # like Ctrl-C: stop workers and a spawned server
     signal.alarm(max(1, math.ceil(args.timeout)))
     soft, hard = bench_client.resource.getrlimit(bench_client.resource.RLIMIT_NOFILE)
     if soft < hard:

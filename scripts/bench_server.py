@@ -184,6 +184,17 @@ class SpawnedServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (kill, timeout(1)) stop a run the way Ctrl-C does, so the
+    `finally` that stops a spawned server runs: it is in its own session and
+    would otherwise outlive us."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt()
+
+
 def _alive_child_of_ours(pid: int, tree: list[int]) -> bool:
     """Only kill a PID that is still one of the server's processes (PIDs get reused)."""
     if pid not in tree:

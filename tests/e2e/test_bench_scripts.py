@@ -9,6 +9,9 @@ otherwise go unnoticed until the next performance run.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +61,29 @@ def test_bench_room_times_a_message_to_every_member(tmp_path: Path) -> None:
     assert len(result["messages"]) == 2
     for message in result["messages"]:
         assert 0 < message["first_ms"] <= message["median_ms"] <= message["last_ms"]
+
+
+def test_a_killed_bench_room_stops_the_garin_it_spawned() -> None:
+    bench = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "bench_room.py"), "--spawn", "--members", "3000", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert bench.stdout is not None
+        line = bench.stdout.readline()  # blocks until the server is up (or the script ends)
+        found = re.search(r"spawned garin run \(pid (\d+)\)", line)
+        assert found, line + bench.stdout.read()
+        server = int(found.group(1))
+        bench.send_signal(signal.SIGTERM)  # while the room is still filling
+        bench.wait(timeout=30)
+        # It stopped its server (in a session of its own) before exiting.
+        assert not os.path.exists(f"/proc/{server}"), f"garin run {server} outlived the benchmark"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if bench.stdout is not None:
+            bench.stdout.close()
 
 
 def test_bench_floor_measures_plain_writes() -> None:
