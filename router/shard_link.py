@@ -149,7 +149,7 @@ class ShardLink:
                     await self._pump(stream)
             except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, wire.WireError, OSError) as group:
                 error, self._error = self._error or group.exceptions[0], None
-                log.warning("link to shard %d lost (%s); reconnecting", self.index, error or type(error).__name__)
+                log.warning("link to shard %d lost (%s); reconnecting", self.index, str(error) or type(error).__name__)
             finally:
                 self.connected = False
                 if self._on_down is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from garin import metrics, wire
-from garin.batch_writer import BatchWriter, receive_into
+from garin.batch_writer import BatchWriter, LinkOverflow, receive_into
 from garin.config import Config
 from garin.lifeline import watch_lifeline
 from garin.routing import HASH_NAME
@@ -91,8 +91,10 @@ class Shard:
             async with stream:
                 await self._serve_link(stream)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError, trio.TooSlowError) as group:
-            exc = group.exceptions[0]
-            log.warning("shard %d: link dropped: %s", self.index, exc or type(exc).__name__)
+            # Our own overflow wakes the reader too: name the cause, not the echo.
+            overflow, _ = group.split(LinkOverflow)
+            exc = (overflow or group).exceptions[0]
+            log.warning("shard %d: link dropped: %s", self.index, str(exc) or type(exc).__name__)
         except* Exception:
             log.exception("shard %d: link crashed", self.index)
 

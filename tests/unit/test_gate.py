@@ -13,6 +13,7 @@ from garin.config import load_config
 from shard.gate import REPLAY_GRACE_S, ReplayGate
 from garin.protocol import join_text as wire_join_text
 from garin.protocol import userleave_text as wire_leave_text
+from shard import server as shard_server
 from shard.server import REVOKE_TIMEOUT_S, Shard
 
 
@@ -195,3 +196,23 @@ async def test_a_router_still_reading_a_backlog_is_not_unlinked(autojump_clock: 
         assert REVOKE_TIMEOUT_S <= trio.current_time() - start <= REVOKE_TIMEOUT_S * 1.5
         assert [link.router_id for link in shard.links.values()] == ["router-b"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_router_that_stops_reading_is_dropped_and_the_log_says_why(
+    autojump_clock: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(shard_server, "MAX_LINK_QUEUE_BYTES", 1 << 20)
+    shard = shard_for_routers(1)
+    shard.ready.set()
+    async with trio.open_nursery() as nursery:
+        a = FakeRouter(shard, nursery, "router-a")
+        await a.link(wire.Join(1, "lobby", "alice"), wire.Join(2, "lobby", "bob"))
+        # Its messages come back to it (for bob), and it never reads them.
+        body = "x" * 100_000
+        with trio.fail_after(30):
+            while shard.links:
+                await a.stream.send_all(wire.encode(wire.Publish(1, body)))
+                await trio.sleep(0.01)
+        assert shard.rooms.members() == 0
+        nursery.cancel_scope.cancel()
+    assert "link dropped: router router-a is not reading its link" in caplog.text
