@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 2: Replayed. 3: solo rooms (Joined.solo, Revoke, Released).
+# 2: Replayed. 3: solo rooms (Joined.solo, Revoke, Released, Offer, Accept, SoloFrom).
 PROTOCOL_VERSION = 3
 # One message is at most a client text plus small fields; anything far larger
 # means a corrupt or hostile peer.
@@ -100,6 +100,16 @@ class Released:
     no: int
 
 
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Answer to `Offer` number `no`: the shard makes `room` solo if it still
+    can, and says so with `SoloFrom` after everything this router sent before."""
+
+    TAG: ClassVar[int] = 7
+    room: str
+    no: int
+
+
 # --- shard -> router -------------------------------------------------------
 
 
@@ -154,8 +164,29 @@ class Revoke:
     no: int
 
 
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Every member of `room` is on the receiving router now (others left, or
+    the room was rebuilt by replays): answer `Accept(room, no)` to make it solo."""
+
+    TAG: ClassVar[int] = 15
+    room: str
+    no: int
+
+
+@dataclass(frozen=True, slots=True)
+class SoloFrom:
+    """`room` is solo for the receiving router from here on (as `Joined.solo`):
+    every message its members sent before its `Accept` has come back already."""
+
+    TAG: ClassVar[int] = 16
+    room: str
+    no: int
+
+
 WireMessage = (
-    Hello | Join | Rejoin | Publish | Leave | Replayed | Released | Welcome | Refuse | Joined | Deliver | Revoke
+    Hello | Join | Rejoin | Publish | Leave | Replayed | Released | Accept
+    | Welcome | Refuse | Joined | Deliver | Revoke | Offer | SoloFrom
 )
 
 _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
@@ -166,11 +197,14 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
     Leave.TAG: (Leave, (int,)),
     Replayed.TAG: (Replayed, ()),
     Released.TAG: (Released, (str, int)),
+    Accept.TAG: (Accept, (str, int)),
     Welcome.TAG: (Welcome, (int, int)),
     Refuse.TAG: (Refuse, (str,)),
     Joined.TAG: (Joined, (str, int, bytes, bool)),
     Deliver.TAG: (Deliver, (str, int, bytes)),
     Revoke.TAG: (Revoke, (str, int)),
+    Offer.TAG: (Offer, (str, int)),
+    SoloFrom.TAG: (SoloFrom, (str, int)),
 }
 
 

@@ -89,7 +89,7 @@ class Outbox:
         if self.state is LinkState.UNAVAILABLE:
             return Verdict.REFUSED
         kind = type(message)
-        if kind is not wire.Publish and kind is not wire.Released:
+        if kind is not wire.Publish and kind is not wire.Released and kind is not wire.Accept:
             assert isinstance(message, (wire.Join, wire.Rejoin, wire.Leave)), message
             self._marks.append(message)
         self._data += wire.encode(message)

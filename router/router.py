@@ -7,11 +7,13 @@ event from a shard becomes one frame, written to each local member.
 
 A room whose members are all here is "solo" (shard/rooms.py explains): the
 shard says so in `Joined`, and until it sends `Revoke` the router fans its
-members' messages out itself, without the round trip. A member that sent a
-message through the shard (before its join was confirmed) keeps doing so
-until it leaves, so its messages cannot overtake each other. When a link
-drops, its rooms stop being solo: the restarted shard, or another router,
-may not agree any more.
+members' messages out itself, without the round trip; a room that comes to
+be all here again is offered (`Offer`, `Accept`, then `SoloFrom`). A member
+with a message on its way through the shard (sent before its join was
+confirmed, or before the room became solo) goes on sending through the shard
+until that message is back, so its messages cannot overtake each other. When
+a link drops, its rooms stop being solo: the restarted shard, or another
+router, may not agree any more.
 
 When a shard is unreachable for longer than its link's hold allows, every
 client in that shard's rooms (and every client waiting for a join there) is
@@ -59,9 +61,9 @@ class Client:
     # the name the client must chat under.
     subject: str | None = None
     claimed_name: str | None = None
-    # Sent a message through the shard since joining: not fanned out locally
-    # until the next join.
-    via_shard: bool = False
+    # Messages sent through the shard whose Deliver (excluding this member)
+    # has not come back yet; fanned out locally only at 0.
+    in_flight: int = 0
 
 
 @dataclass(slots=True)
@@ -140,7 +142,7 @@ class Router:
         return self.links[shard_for(room, self.config.shards)]
 
     def join(self, client: Client, room: str, username: str) -> None:
-        client.room, client.username, client.confirmed, client.via_shard = room, username, False, False
+        client.room, client.username, client.confirmed, client.in_flight = room, username, False, 0
         client.member = next(self._member_ids)
         self.members[client.member] = client
         if not self._link(room).send(wire.Join(client.member, room, username)) and client.socket is not None:
@@ -149,11 +151,11 @@ class Router:
     def publish(self, client: Client, body: str) -> None:
         room = client.room
         assert room is not None
-        if client.confirmed and not client.via_shard and room in self.index.solo:
+        if client.confirmed and not client.in_flight and room in self.index.solo:
             assert client.username is not None
             self._fan_out(room, protocol.message_text(client.username, body), client.member)
             return
-        client.via_shard = True
+        client.in_flight += 1
         self._link(room).send(wire.Publish(client.member, body))
 
     def leave(self, client: Client) -> None:
@@ -184,6 +186,11 @@ class Router:
 
     def _on_shard_message(self, message: wire.WireMessage) -> None:
         if isinstance(message, wire.Deliver):
+            if message.exclude >= 0:
+                # One of our members' messages is back: it reached the room.
+                sender = self.members.get(message.exclude)
+                if sender is not None and sender.in_flight:
+                    sender.in_flight -= 1
             self._fan_out(message.room, message.text, message.exclude)
         elif isinstance(message, wire.Joined):
             self._link(message.room).outbox.confirm(message.member, message.room)
@@ -195,6 +202,11 @@ class Router:
         elif isinstance(message, wire.Revoke):
             self.index.solo.discard(message.room)
             self._link(message.room).send(wire.Released(message.room, message.no))
+        elif isinstance(message, wire.Offer):
+            self._link(message.room).send(wire.Accept(message.room, message.no))
+        elif isinstance(message, wire.SoloFrom):
+            if message.room in self.index.rooms:
+                self.index.solo.add(message.room)
         else:
             log.warning("unexpected message from a shard: %s", type(message).__name__)
 

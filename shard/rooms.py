@@ -28,9 +28,16 @@ after its join was announced). So `handle()` sends `Revoke` to the solo link
 and holds the join, and any later event of that member, until the router
 answers `Released` (its later messages arrive as `Publish`, after the answer)
 or its link goes away; then the held events apply in order. A router that
-does not answer is unlinked by the shell (`overdue()`). A room is granted solo
-only when created, never again later: a grant to a router with messages of
-its members in flight here could reorder them.
+does not answer is unlinked by the shell (`overdue()`).
+
+A room whose members come to be on one link again (the others left, or a
+restarted shard rebuilt it from one router's replay) is offered to that link
+(`Offer`). The router answers `Accept`; if nothing changed meanwhile the room
+becomes solo, and `SoloFrom` says so. The router switches only on `SoloFrom`,
+which follows everything the shard sent for the messages the router had sent
+before `Accept`, so no new local message can overtake one still in flight
+through here. Any other link's join or replay before the `Accept` cancels the
+offer.
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ class Room:
     revoked_at: float = 0.0
     # Which Revoke: only the answer to this one ends the wait.
     revoke_no: int = 0
+    # The link offered solo (and the Offer's number), until it accepts or a
+    # change cancels the offer.
+    offered_to: int | None = None
+    offer_no: int = 0
 
     def solo_for(self, link: int) -> bool:
         return self.solo == link and self.held is None
@@ -97,6 +108,8 @@ class Rooms:
             return self.publish(link, event.member, event.body)
         if isinstance(event, wire.Released):
             return self.released(link, event.room, event.no, now)
+        if isinstance(event, wire.Accept):
+            return self.accepted(link, event.room, event.no)
         if not isinstance(event, (wire.Join, wire.Rejoin, wire.Leave)):
             raise wire.WireError(f"unexpected {type(event).__name__} from a router")
         held_in = self._held.get((link, event.member)) if self._held else None
@@ -154,6 +167,26 @@ class Rooms:
             out.extend(self.handle(link, event, now))
         return out
 
+    def accepted(self, link: int, room_name: str, no: int) -> list[Outgoing]:
+        """The router takes the room offered to it, if the offer still stands."""
+        room = self.rooms.get(room_name)
+        if room is None or room.offered_to != link or room.offer_no != no:
+            return []  # cancelled meanwhile
+        room.offered_to = None
+        room.solo = link
+        return [(link, wire.SoloFrom(room_name, no))]
+
+    def _offer(self, room: Room) -> list[Outgoing]:
+        """Cancel an offer the room no longer fits; offer it if it fits."""
+        if room.offered_to is not None and (len(room.per_link) != 1 or room.offered_to not in room.per_link):
+            room.offered_to = None
+        if room.offered_to is not None or room.solo is not None or room.held is not None or len(room.per_link) != 1:
+            return []
+        (link,) = room.per_link
+        room.offered_to = link
+        room.offer_no = next(self._revoke_nos)
+        return [(link, wire.Offer(room.name, room.offer_no))]
+
     def overdue(self, now: float, timeout: float) -> list[int]:
         """Links asked to release a room more than `timeout` ago."""
         return sorted({
@@ -178,13 +211,13 @@ class Rooms:
                 out.append((link, wire.Joined(room_name, member, text, room.solo_for(link))))
             else:
                 out.append((other, wire.Deliver(room_name, -1, text)))
-        return out
+        return out + self._offer(room)
 
     def rejoin(self, link: int, member: int, room_name: str, username: str) -> list[Outgoing]:
         key = (link, member)
-        if key not in self._room_of:
-            self._add(key, room_name, username)
-        return []
+        if key in self._room_of:
+            return []
+        return self._offer(self._add(key, room_name, username))
 
     def _add(self, key: MemberKey, room_name: str, username: str) -> Room:
         room = self.rooms.get(room_name)
@@ -221,7 +254,7 @@ class Rooms:
                 del self.rooms[room.name]
             return []
         text = protocol.userleave_text(username, len(room.usernames))
-        return [(other, wire.Deliver(room.name, -1, text)) for other in room.per_link]
+        return [(other, wire.Deliver(room.name, -1, text)) for other in room.per_link] + self._offer(room)
 
     def drop_link(self, link: int, now: float) -> list[Outgoing]:
         """A router went away: all its members leave, and the rooms are told;

@@ -667,3 +667,33 @@ def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
         # Taken back from a (unlinked), then from b when a replayed its members.
         eventually(lambda: (text := get(metrics)[1]) and sample(text, "garin_solo_unlinks_total") == 1
                    and sample(text, "garin_solo_revokes_total") == 2)
+
+
+def test_a_room_is_solo_again_after_its_shard_restarts(garin_factory: ServerFactory) -> None:
+    metrics_port = free_port()
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = garin_factory(GARIN_METRICS_PORT=str(metrics_port))  # one router
+    assert server.process is not None
+    pids = roles(server.process.pid)
+    with log_on_failure(server), contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        room = room_on(0, "phoenix")
+        talker = clients.join("talker", room, total=1)
+        listener = clients.join("listener", room, total=2)
+        expect_join(talker, "listener", 2)
+        eventually(lambda: sample(get(metrics)[1], "garin_solo_rooms", shard="0") == 1)
+
+        os.kill(pids["shard 0"], signal.SIGKILL)
+        wait_until(lambda: gone(pids["shard 0"]), "shard 0 to die")
+        replaced(server, "shard 0", pids["shard 0"])
+        # The new shard rebuilds the room from the router's replay, offers it
+        # back, and the router takes it: solo again, without a rejoin.
+        eventually(lambda: sample(get(metrics)[1], "garin_solo_rooms", shard="0") == 1, timeout=15)
+        for n in range(20):
+            talker.send(message_frame(f"m{n}"))
+        for n in range(20):
+            expect_message(listener, "talker", f"m{n}")
+        # Still a room like any other: a newcomer is counted and hears it.
+        newcomer = clients.join("newcomer", room, total=3)
+        talker.send(message_frame("after"))
+        expect_message(newcomer, "talker", "after")

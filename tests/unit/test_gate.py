@@ -103,6 +103,8 @@ async def test_a_new_shard_applies_a_join_only_after_every_router_replayed(autoj
         a, b = FakeRouter(shard, nursery, "router-a"), FakeRouter(shard, nursery, "router-b")
         # Router a replays alice, then a join it held while the shard was down.
         await a.link(wire.Rejoin(1, "lobby", "alice"), wire.Replayed(), wire.Join(2, "lobby", "bobby"))
+        # Replays are applied at once: so far the room is a's alone.
+        assert await a.receive() == wire.Offer("lobby", 1)
         assert await a.nothing_within(1.0)
         assert shard.rooms.members() == 1
         await b.link(wire.Rejoin(1, "lobby", "carol"), wire.Replayed())
@@ -120,6 +122,7 @@ async def test_a_missing_router_delays_a_new_shard_only_for_the_grace_period(aut
         a = FakeRouter(shard, nursery, "router-a")
         await a.link(wire.Rejoin(1, "lobby", "alice"), wire.Replayed(), wire.Join(2, "lobby", "bobby"))
         start = trio.current_time()
+        assert await a.receive() == wire.Offer("lobby", 1)
         joined = await a.receive()
         assert trio.current_time() - start == pytest.approx(REPLAY_GRACE_S, abs=0.1)
         assert total_of(joined) == 2
@@ -192,6 +195,7 @@ async def test_a_router_still_reading_a_backlog_is_not_unlinked(autojump_clock: 
         assert isinstance(await b.receive(), wire.Deliver)  # bob's own message, to b's link
         start = trio.current_time()
         assert await b.receive() == wire.Deliver("shared", -1, wire_leave_text("alice", 1))
+        assert await b.receive() == wire.Offer("shared", 3)  # all of shared is on b now
         assert await b.receive() == wire.Joined("mine", 2, wire_join_text("bo", 1), True)
         assert REVOKE_TIMEOUT_S <= trio.current_time() - start <= REVOKE_TIMEOUT_S * 1.5
         assert [link.router_id for link in shard.links.values()] == ["router-b"]

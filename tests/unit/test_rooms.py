@@ -7,6 +7,7 @@ an answer is outstanding."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,15 @@ def by_link(out: list[Outgoing]) -> dict[int, list[WireMessage]]:
     for link, message in out:
         grouped[link].append(message)
     return dict(grouped)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_offers() -> Iterator[None]:
+    """Offers of solo to a room's last link are tests/unit/test_solo.py's
+    subject; here they would only clutter every leave's output."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Rooms, "_offer", lambda self, room: [])
+        yield
 
 
 def settle(rooms: Rooms, out: list[Outgoing]) -> list[Outgoing]:

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from garin.protocol import join_text, message_text, userleave_text
-from garin.wire import Deliver, Hello, Join, Joined, Leave, Publish, Rejoin, Released, Revoke, WireError
+from garin.wire import (
+    Accept, Deliver, Hello, Join, Joined, Leave, Offer, Publish, Rejoin, Released, Revoke, SoloFrom, WireError,
+)
 from shard.rooms import Rooms
 
 L1, L2, L3 = 1, 2, 3
@@ -106,10 +108,11 @@ def test_a_held_member_that_leaves_before_the_release() -> None:
     assert out == [
         (L1, Deliver("lobby", -1, join_text("carol", 3))), (L2, Joined("lobby", 1, join_text("carol", 3), solo=False)),
         (L1, Deliver("lobby", -1, userleave_text("carol", 2))),
-        (L1, Revoke("den", 2)),  # den is solo on L1 too
+        (L1, Offer("lobby", 2)),  # all of lobby is on L1 again
+        (L1, Revoke("den", 3)),  # den is solo on L1 too
     ]
     assert rooms.room_of(L2, 1) is None
-    out = rooms.handle(L1, Released("den", 2), 0.0)
+    out = rooms.handle(L1, Released("den", 3), 0.0)
     assert out == [(L1, Deliver("den", -1, join_text("carol", 2))), (L2, Joined("den", 1, join_text("carol", 2), solo=False))]
 
 
@@ -177,11 +180,42 @@ def test_a_rejoin_into_a_solo_room_is_applied_and_revokes_it() -> None:
     assert rooms.members() == 4 and rooms.rooms["lobby"].solo is None
 
 
-def test_rejoins_never_make_a_room_solo() -> None:
+def test_a_room_rebuilt_from_one_links_replay_is_offered_to_it() -> None:
+    rooms = Rooms()  # a restarted shard
+    assert rooms.handle(L1, Rejoin(1, "lobby", "alice"), 0.0) == [(L1, Offer("lobby", 1))]
+    assert rooms.handle(L1, Rejoin(2, "lobby", "bob"), 0.0) == []
+    # Until it accepts, the room is the shard's: a message still comes back.
+    assert rooms.handle(L1, Publish(1, "hi"), 0.0) == [(L1, Deliver("lobby", 1, message_text("alice", "hi")))]
+    assert rooms.handle(L1, Accept("lobby", 1), 0.0) == [(L1, SoloFrom("lobby", 1))]
+    assert rooms.rooms["lobby"].solo == L1
+    assert rooms.handle(L1, Join(3, "lobby", "carol"), 0.0) == [
+        (L1, Joined("lobby", 3, join_text("carol", 3), solo=True))]
+
+
+def test_an_offer_is_cancelled_by_another_links_member() -> None:
     rooms = Rooms()
-    assert rooms.handle(L1, Rejoin(1, "lobby", "alice"), 0.0) == []
-    assert rooms.handle(L1, Join(2, "lobby", "bob"), 0.0) == [
-        (L1, Joined("lobby", 2, join_text("bob", 2), solo=False))]
+    rooms.handle(L1, Rejoin(1, "lobby", "alice"), 0.0)  # Offer 1 to L1
+    assert rooms.handle(L2, Rejoin(1, "lobby", "bob"), 0.0) == []
+    assert rooms.handle(L1, Accept("lobby", 1), 0.0) == []
+    assert rooms.rooms["lobby"].solo is None
+    # bob leaves: all of lobby is on L1 again, a new offer; the old one is void.
+    assert rooms.handle(L2, Leave(1), 0.0) == [
+        (L1, Deliver("lobby", -1, userleave_text("bob", 1))), (L1, Offer("lobby", 2))]
+    assert rooms.handle(L1, Accept("lobby", 1), 0.0) == []
+    rooms.handle(L3, Join(1, "lobby", "carol"), 0.0)  # cancels offer 2 as well
+    assert rooms.handle(L1, Accept("lobby", 2), 0.0) == []
+    assert rooms.rooms["lobby"].solo is None
+
+
+def test_a_room_left_to_one_link_is_offered_and_taken_back_as_usual() -> None:
+    rooms = solo_lobby()
+    rooms.handle(L2, Join(1, "lobby", "carol"), 0.0)
+    rooms.handle(L1, Released("lobby", 1), 0.0)
+    out = rooms.handle(L2, Leave(1), 0.0)
+    assert out[-1] == (L1, Offer("lobby", 2))
+    assert rooms.handle(L1, Accept("lobby", 2), 0.0) == [(L1, SoloFrom("lobby", 2))]
+    # Solo again: another link's join waits for a release, as for a new room.
+    assert rooms.handle(L3, Join(1, "lobby", "dave"), 0.0) == [(L1, Revoke("lobby", 3))]
 
 
 def test_overdue_names_links_that_did_not_answer() -> None:
@@ -205,7 +239,7 @@ def test_a_router_cannot_send_shard_messages() -> None:
 
 SOLO_OPS = st.lists(
     st.tuples(
-        st.sampled_from(["join", "join", "rejoin", "publish", "leave", "release", "release"]),
+        st.sampled_from(["join", "join", "rejoin", "publish", "leave", "release", "release", "accept"]),
         st.integers(1, 3),  # link
         st.integers(0, 2),  # member
         st.sampled_from(["r0", "r1"]),
@@ -220,15 +254,18 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
     rooms = Rooms()
     # Revokes each link has received and not answered yet, oldest first.
     asked: dict[int, collections.deque[tuple[str, int]]] = collections.defaultdict(collections.deque)
+    offers: dict[int, collections.deque[tuple[str, int]]] = collections.defaultdict(collections.deque)
     # Each member's own events, to compute where it must end up.
     own: dict[tuple[int, int], list[Join | Rejoin | Leave]] = collections.defaultdict(list)
 
-    def run(link: int, event: Join | Rejoin | Publish | Leave | Released) -> None:
+    def run(link: int, event: Join | Rejoin | Publish | Leave | Released | Accept) -> None:
         before = {name: room.solo for name, room in rooms.rooms.items()}
         out = rooms.handle(link, event, 0.0)
         for to, message in out:
             if isinstance(message, Revoke):
                 asked[to].append((message.room, message.no))
+            elif isinstance(message, Offer):
+                offers[to].append((message.room, message.no))
             elif isinstance(message, Joined) and not isinstance(event, Released):
                 # No join is applied to a room another link fans out.
                 assert before.get(message.room) in (None, to)
@@ -241,6 +278,10 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
         if op == "release":
             if asked[link]:
                 run(link, Released(*asked[link].popleft()))
+            continue
+        if op == "accept":
+            if offers[link]:
+                run(link, Accept(*offers[link].popleft()))
             continue
         event: Join | Rejoin | Publish | Leave
         if op == "join":
@@ -256,9 +297,9 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
         run(link, event)
 
     while any(asked.values()):
-        for link, pending in asked.items():
-            if pending:
-                run(link, Released(*pending.popleft()))
+        for link in list(asked):
+            if asked[link]:
+                run(link, Released(*asked[link].popleft()))
     assert not rooms._held and not rooms._revoking
     assert all(room.held is None for room in rooms.rooms.values())
     # Holding never reordered or lost a member's own events.

@@ -12,18 +12,21 @@ from hypothesis import strategies as st
 
 from garin import wire
 from garin.wire import (
+    Accept,
     Decoder,
     Deliver,
     Hello,
     Join,
     Joined,
     Leave,
+    Offer,
     Publish,
     Refuse,
     Rejoin,
     Released,
     Replayed,
     Revoke,
+    SoloFrom,
     Welcome,
     WireError,
     encode,
@@ -65,6 +68,9 @@ SAMPLES: list[wire.WireMessage] = [
     Revoke("lobby", 1),
     Revoke("", 0),
     Released("ルーム", 2**40),
+    Offer("lobby", 3),
+    Accept("lobby", 3),
+    SoloFrom("lobby", 3),
 ]
 
 
@@ -105,9 +111,11 @@ def test_texts_travel_as_bin(cls: type) -> None:
 
 def test_tags_are_distinct_and_stable() -> None:
     tags = {cls.__name__: cls.TAG for cls in
-            (Hello, Join, Rejoin, Publish, Leave, Replayed, Released, Welcome, Refuse, Joined, Deliver, Revoke)}
+            (Hello, Join, Rejoin, Publish, Leave, Replayed, Released, Accept,
+             Welcome, Refuse, Joined, Deliver, Revoke, Offer, SoloFrom)}
     assert tags == {"Hello": 0, "Join": 1, "Rejoin": 2, "Publish": 3, "Leave": 4, "Replayed": 5, "Released": 6,
-                    "Welcome": 10, "Refuse": 11, "Joined": 12, "Deliver": 13, "Revoke": 14}
+                    "Accept": 7, "Welcome": 10, "Refuse": 11, "Joined": 12, "Deliver": 13, "Revoke": 14,
+                    "Offer": 15, "SoloFrom": 16}
 
 
 def test_protocol_version() -> None:
@@ -204,7 +212,7 @@ def test_roundtrip_property(message: wire.WireMessage) -> None:
     [
         pytest.param(raw(5, 1), id="unused tag 5"),
         pytest.param(raw(9), id="unused tag 9"),
-        pytest.param(raw(15, "r", -1, b""), id="tag 15"),
+        pytest.param(raw(17, "r", -1, b""), id="tag 17"),
         pytest.param(raw(99, 1), id="tag 99"),
         pytest.param(raw(-1, 1), id="negative tag"),
         pytest.param(raw(2**64 - 1, 1), id="huge tag"),
