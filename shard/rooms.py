@@ -165,6 +165,8 @@ class Rooms:
         out: list[Outgoing] = []
         for link, event in held:
             out.extend(self.handle(link, event, now))
+        if self.rooms.get(room.name) is room:
+            out.extend(self._offer(room))  # left to one link by what waited
         return out
 
     def accepted(self, link: int, room_name: str, no: int) -> list[Outgoing]:
@@ -238,7 +240,7 @@ class Rooms:
             for other in room.per_link
         ]
 
-    def leave(self, link: int, member: int) -> list[Outgoing]:
+    def leave(self, link: int, member: int, offer: bool = True) -> list[Outgoing]:
         key = (link, member)
         room = self._room_of.pop(key, None)
         if room is None:
@@ -254,14 +256,18 @@ class Rooms:
                 del self.rooms[room.name]
             return []
         text = protocol.userleave_text(username, len(room.usernames))
-        return [(other, wire.Deliver(room.name, -1, text)) for other in room.per_link] + self._offer(room)
+        out: list[Outgoing] = [(other, wire.Deliver(room.name, -1, text)) for other in room.per_link]
+        return out + self._offer(room) if offer else out
 
     def drop_link(self, link: int, now: float) -> list[Outgoing]:
         """A router went away: all its members leave, and the rooms are told;
         its held events never happen, and what it was asked to release is free."""
         out: list[Outgoing] = []
         for key in [key for key in self._room_of if key[0] == link]:
-            out.extend(self.leave(*key))
+            # Not offered to the links that remain: the router that went away
+            # is probably relinking, and its replayed members would have to
+            # take the room back (missing what was fanned out meanwhile).
+            out.extend(self.leave(*key, offer=False))
         if self._held:
             for key in [key for key in self._held if key[0] == link]:
                 room = self._held.pop(key)

@@ -311,3 +311,21 @@ def test_solo_rooms_under_any_interleaving(ops: list[tuple[str, int, int, str]])
             elif isinstance(event, Join) or where is None:
                 where = event.room
         assert rooms.room_of(*key) == where, (key, events)
+
+
+def test_a_dropped_link_does_not_get_its_rooms_offered_to_the_others() -> None:
+    # The router that went away is probably relinking: its replayed members
+    # would have to take the room back from a solo router at once.
+    rooms = solo_lobby()
+    rooms.handle(L2, Join(1, "lobby", "carol"), 0.0)
+    rooms.handle(L1, Released("lobby", 1), 0.0)
+    assert rooms.drop_link(L2, 0.0) == [(L1, Deliver("lobby", -1, userleave_text("carol", 2)))]
+    assert rooms.rooms["lobby"].offered_to is None
+
+
+def test_a_room_left_to_one_link_by_a_revocation_is_offered() -> None:
+    rooms = solo_lobby()
+    rooms.handle(L2, Rejoin(1, "lobby", "carol"), 0.0)  # Revoke 1; carol is in at once
+    # carol leaves while L1 has not answered: no offer while it is being asked.
+    assert rooms.handle(L2, Leave(1), 0.0) == [(L1, Deliver("lobby", -1, userleave_text("carol", 2)))]
+    assert rooms.handle(L1, Released("lobby", 1), 0.0) == [(L1, Offer("lobby", 2))]
