@@ -3,6 +3,8 @@ whole and in order, even when the shard reads slowly; a link that breaks relinks
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -47,19 +49,25 @@ async def listen(path: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-def make_link(path: Path) -> ShardLink:
-    return ShardLink(0, path, "router-t", 1, lambda message: None, lambda index: 0, 1 << 24, 10.0)
+@contextlib.asynccontextmanager
+async def running_link(
+    tmp_path: Path, on_unavailable: Callable[[int], int] = lambda index: 0, hold_bytes: int = 1 << 24
+) -> AsyncIterator[tuple[ShardLink, FakeShard, trio.SocketListener]]:
+    """A listening fake shard and a running link to it; cancelled and closed after."""
+    path = tmp_path / "shard-0.sock"
+    listener = await listen(path)
+    link = ShardLink(0, path, "router-t", 1, lambda message: None, on_unavailable, hold_bytes, 10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run)
+        yield link, FakeShard(path), listener
+        nursery.cancel_scope.cancel()
+    await listener.aclose()
 
 
 async def test_a_backlog_bigger_than_the_socket_buffer_arrives_whole_and_in_order(tmp_path: Path) -> None:
-    path = tmp_path / "shard-0.sock"
-    listener = await listen(path)
-    shard = FakeShard(path)
-    link = make_link(path)
     body = "x" * 1000
     count = 3000  # ~3 MB: far more than a Unix socket buffer takes at once
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.run)
+    async with running_link(tmp_path) as (link, shard, listener):
         stream = await shard.accept(listener)
         for member in range(count):
             assert link.send(wire.Publish(member, body))
@@ -72,18 +80,11 @@ async def test_a_backlog_bigger_than_the_socket_buffer_arrives_whole_and_in_orde
         link.send(wire.Publish(count, "after"))
         with trio.fail_after(10):
             assert await shard.receive(stream) == wire.Publish(count, "after")
-        nursery.cancel_scope.cancel()
     await stream.aclose()
-    await listener.aclose()
 
 
 async def test_one_pass_leaves_in_one_write(tmp_path: Path) -> None:
-    path = tmp_path / "shard-0.sock"
-    listener = await listen(path)
-    shard = FakeShard(path)
-    link = make_link(path)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.run)
+    async with running_link(tmp_path) as (link, shard, listener):
         stream = await shard.accept(listener)
         await trio.sleep(0.01)
         link.send(wire.Publish(1, "a"))
@@ -92,18 +93,11 @@ async def test_one_pass_leaves_in_one_write(tmp_path: Path) -> None:
             data = await stream.receive_some(1 << 16)
         # Both messages came in one read: they were written together.
         assert list(wire.Decoder().feed(data)) == [wire.Publish(1, "a"), wire.Publish(2, "b")]
-        nursery.cancel_scope.cancel()
     await stream.aclose()
-    await listener.aclose()
 
 
 async def test_a_broken_link_relinks_and_sends_what_was_queued(tmp_path: Path) -> None:
-    path = tmp_path / "shard-0.sock"
-    listener = await listen(path)
-    shard = FakeShard(path)
-    link = make_link(path)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.run)
+    async with running_link(tmp_path) as (link, shard, listener):
         first = await shard.accept(listener)
         await first.aclose()  # the shard dies
         with trio.fail_after(5):
@@ -113,24 +107,15 @@ async def test_a_broken_link_relinks_and_sends_what_was_queued(tmp_path: Path) -
         second = await shard.accept(listener)
         with trio.fail_after(5):
             assert await shard.receive(second) == wire.Publish(7, "held")
-        nursery.cancel_scope.cancel()
     await second.aclose()
-    await listener.aclose()
 
 
 async def test_a_shard_that_stops_reading_is_dropped_past_the_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(shard_link, "MAX_LINK_QUEUE_BYTES", 1 << 20)
-    path = tmp_path / "shard-0.sock"
-    listener = await listen(path)
-    shard = FakeShard(path)
     closing: list[int] = []
-    link = ShardLink(
-        0, path, "router-t", 1, lambda message: None, lambda index: closing.append(index) or 3, 1 << 16, 10.0
-    )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(link.run)
+    async with running_link(tmp_path, lambda index: closing.append(index) or 3, 1 << 16) as (link, shard, listener):
         stream = await shard.accept(listener)  # linked, then it never reads again
         sent = 0
         with trio.fail_after(10):
@@ -145,6 +130,4 @@ async def test_a_shard_that_stops_reading_is_dropped_past_the_bound(
         assert sent * 1000 > 1 << 20
         assert closing == [0]
         assert link.outbox.state is LinkState.UNAVAILABLE
-        nursery.cancel_scope.cancel()
     await stream.aclose()
-    await listener.aclose()
