@@ -558,6 +558,14 @@ def test_sigterm_under_honcho_stops_every_process_gracefully(target: str, socket
 # -- solo rooms: a room whose members are all on one router ------------------------------
 
 
+def with_metrics(garin_factory: ServerFactory, **env: str) -> tuple[GarinServer, str, dict[str, int]]:
+    """A server with its metrics port on: it, its metrics URL, its pids by role."""
+    port = free_port()
+    server = garin_factory(GARIN_METRICS_PORT=str(port), **env)
+    assert server.process is not None
+    return server, f"http://127.0.0.1:{port}/metrics", roles(server.process.pid)
+
+
 def solo_pair(
     clients: Clients, server: GarinServer, room: str, router: int, routers: list[int]
 ) -> tuple[ClientConnection, ClientConnection]:
@@ -573,11 +581,7 @@ def solo_pair(
 def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_message(
     garin_factory: ServerFactory,
 ) -> None:
-    metrics_port = free_port()
-    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-    server = garin_factory(GARIN_ROUTERS="2", GARIN_METRICS_PORT=str(metrics_port))
-    assert server.process is not None
-    pids = roles(server.process.pid)
+    server, metrics, pids = with_metrics(garin_factory, GARIN_ROUTERS="2")
     routers = [pids["router 0"], pids["router 1"]]
     a, b = routers
     with log_on_failure(server), contextlib.ExitStack() as stack:
@@ -624,11 +628,7 @@ def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_m
 def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
     garin_factory: ServerFactory,
 ) -> None:
-    metrics_port = free_port()
-    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-    server = garin_factory(GARIN_ROUTERS="2", GARIN_METRICS_PORT=str(metrics_port))
-    assert server.process is not None
-    pids = roles(server.process.pid)
+    server, metrics, pids = with_metrics(garin_factory, GARIN_ROUTERS="2")
     routers = [pids["router 0"], pids["router 1"]]
     a, b = routers
     with log_on_failure(server), contextlib.ExitStack() as stack:
@@ -670,11 +670,7 @@ def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
 
 
 def test_a_room_is_solo_again_after_its_shard_restarts(garin_factory: ServerFactory) -> None:
-    metrics_port = free_port()
-    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-    server = garin_factory(GARIN_METRICS_PORT=str(metrics_port))  # one router
-    assert server.process is not None
-    pids = roles(server.process.pid)
+    server, metrics, pids = with_metrics(garin_factory)  # one router
     with log_on_failure(server), contextlib.ExitStack() as stack:
         clients = Clients(stack, server)
         room = room_on(0, "phoenix")
