@@ -84,7 +84,7 @@ import trio_websocket
 import bench_procfs
 from bench import BenchError, check_target
 from bench_server import ORIGIN as SPAWN_ORIGIN
-from bench_server import SpawnedServer, TokenMinter, check_python_has_garin
+from bench_server import SpawnedServer, TokenMinter, check_python_has_garin, sigterm_as_interrupt
 
 SCHEMA = "garin-soak/1"
 RECEIVE_BUFFER_BYTES = 64 * 1024
@@ -1450,16 +1450,12 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise HardTimeout()
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     budget = args.minutes * 60 + END_BUDGET_S + 60
     signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sigterm_as_interrupt()  # like Ctrl-C: the spawned server is stopped
     signal.alarm(math.ceil(budget))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
