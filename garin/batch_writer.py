@@ -1,7 +1,7 @@
 """Lean socket I/O for the hot paths: batched writes, one-read receives.
 
 `BatchWriter` serves the router <-> shard links: one system call per link per
-scheduler pass. `receive_some` is the receive every hot loop uses.
+scheduler pass. `receive_into` is the links' receive.
 
 Theory of operation (writes)
 ----------------------------
@@ -198,32 +198,16 @@ class BatchWriter:
                 raise trio.BrokenResourceError(f"link write failed: {error}") from error
 
 
-async def receive_some(sock: trio.socket.SocketType, max_bytes: int) -> bytes:
-    """Wait until `sock` is readable, then read once; b"" at end of stream.
-
-    The hot receive loops' replacement for `SocketStream.receive_some`, which
-    first tries a read (at chat rates it nearly always fails with EAGAIN: a
-    wasted system call and a raised BlockingIOError), and wraps each call in
-    a conflict detector, an error-translating context manager and two more
-    coroutine layers. Errors are trio's: BrokenResourceError for a failed
-    read, ClosedResourceError if our side closed the socket meanwhile.
-    Always a checkpoint (it always waits).
-    """
-    fd = sock.fileno()
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
-
-
 async def receive_into(sock: trio.socket.SocketType, buffer: bytearray) -> memoryview:
-    """`receive_some` into a reusable buffer: the link loops read up to 256 KiB
-    at a time, and a fresh bytes object that large is an mmap + munmap per read.
-    The view is valid until the next call; empty at end of stream."""
+    """Wait until `sock` is readable, then read once into a reusable buffer.
+
+    The link loops' replacement for `SocketStream.receive_some`, which first
+    tries a read (usually a wasted system call and a raised BlockingIOError),
+    wraps each call in a conflict detector and more coroutine layers, and
+    returns a fresh bytes object (the links read up to 256 KiB at a time: an
+    mmap + munmap per read). The view is valid until the next call; empty at
+    end of stream. Errors are trio's: BrokenResourceError for a failed read,
+    ClosedResourceError if our side closed the socket meanwhile."""
     fd = sock.fileno()
     view = memoryview(buffer)
     while True:

@@ -14,8 +14,9 @@ every recipient, so they must be byte-for-byte what a GarinChat client expects.
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring
+from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 
 from garin import closes
 from garin.closes import Close
@@ -76,10 +77,31 @@ def _bounded(name: str, value: str, low: int, high: int) -> Close | None:
     return None
 
 
+# json.loads(text) for a text that is one object with no whitespace around it
+# (what every client sends) is exactly this scanner's answer; calling it
+# directly skips two whitespace regex matches and three Python frames, half
+# of json.loads' cost. Anything else goes through json.loads itself.
+# (typeshed does not declare the decoder's `scan_once`.)
+_scan_once: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def decode_json(text: str) -> object:
+    """`json.loads(text)`: the same value, or the same exception."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            obj, end = _scan_once(text, 0)
+        except (StopIteration, ValueError):
+            pass  # json.loads raises its own error for this text
+        else:
+            if end == len(text):
+                return obj
+    return json.loads(text)
+
+
 def parse_client_text(text: str, limits: NameLimits) -> ClientEvent | Close:
     """Decode one client text frame into an event, or the close it deserves."""
     try:
-        obj = json.loads(text)
+        obj = decode_json(text)
     except (ValueError, RecursionError):
         return closes.INVALID_JSON
     if not isinstance(obj, dict):

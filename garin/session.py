@@ -129,22 +129,27 @@ class Session:
 
     @property
     def deadline(self) -> float | None:
-        """When the shell must call `timeout` next; None: only input can change anything."""
+        """When the shell must call `timeout` next; None: only input can change anything.
+
+        The soonest of the state's, the keepalive's and the idle deadline,
+        worked out inline: the shell asks after every message."""
         if self.state is State.CLOSED:
             return None
-        pending = [
-            d
-            for d in (self._state_deadline, self._keepalive_deadline(), self._idle_deadline())
-            if d is not None
-        ]
-        return min(pending, default=None)
-
-    def _keepalive_deadline(self) -> float | None:
+        rules = self.rules
+        soonest = self._state_deadline
         if self._ping_sent_at is not None:
-            return self._ping_sent_at + self.rules.ping_timeout_s
-        if self.rules.ping_interval_s > 0:
-            return self._heard_at + self.rules.ping_interval_s
-        return None
+            keepalive: float | None = self._ping_sent_at + rules.ping_timeout_s
+        elif rules.ping_interval_s > 0:
+            keepalive = self._heard_at + rules.ping_interval_s
+        else:
+            keepalive = None
+        if keepalive is not None and (soonest is None or keepalive < soonest):
+            soonest = keepalive
+        if self.state is State.IN_ROOM and rules.idle_timeout_s > 0:
+            idle = self._sent_at + rules.idle_timeout_s
+            if soonest is None or idle < soonest:
+                soonest = idle
+        return soonest
 
     def _idle_deadline(self) -> float | None:
         if self.state is State.IN_ROOM and self.rules.idle_timeout_s > 0:

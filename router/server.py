@@ -127,7 +127,9 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
         if sock.kicked is not None:
             actions = session.end(sock.kicked)
         else:
-            deadline = session.deadline if session.deadline is not None else math.inf
+            deadline = session.deadline
+            if deadline is None:
+                deadline = math.inf
             item: str | BinaryMessage | Heard | PeerClosed | Close | None = None
             pending: list[Action] | None = None
             with trio.CancelScope(deadline=deadline) as scope:
@@ -141,7 +143,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                     if not isinstance(item, str) or sock.dead or sock.kicked is not None:
                         break
                     actions = session.receive_text(item, trio.current_time())
-                    if any(isinstance(action, CloseClient) for action in actions):
+                    # A session's close is always its last (and only) action.
+                    if actions and isinstance(actions[-1], CloseClient):
                         pending = actions
                         break
                     _apply(router, client, sock, actions)
@@ -149,8 +152,8 @@ async def _chat(router: Router, client: Client, sock: ClientWebSocket, session: 
                     # Activity moves the idle and keepalive deadlines later:
                     # leave the scope's alone (firing early costs one no-op
                     # `timeout`), and only bring it forward when one came sooner.
-                    sooner = session.deadline if session.deadline is not None else math.inf
-                    if sooner < deadline:
+                    sooner = session.deadline
+                    if sooner is not None and sooner < deadline:
                         scope.deadline = deadline = sooner
             sock.receive_scope = None
             now = trio.current_time()

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import trio
 
 from garin import closes
-from garin.batch_writer import current_flusher, receive_some
+from garin.batch_writer import current_flusher
 from garin.closes import Close
 from router.frames import PING_FRAME, close_frame, pong_frame
 from router.frames_in import HEARD, BinaryMessage, FrameParser, Heard, PeerClosed, Ping
@@ -149,10 +149,22 @@ class ClientWebSocket:
     # -- receiving ----------------------------------------------------------
 
     async def _receive_some(self) -> bytes:
-        try:
-            return await receive_some(self._sock, RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
+        """Wait until the socket is readable, then read once; b"" at end of
+        stream, on a read error, or if our side closed it meanwhile.
+
+        Not `SocketStream.receive_some`, which first tries a read (at chat
+        rates nearly always EAGAIN: a wasted system call and a raised
+        BlockingIOError) and wraps each call in a conflict detector, an
+        error-translating context manager and more coroutine layers: this
+        runs once per client message. Always a checkpoint (it always waits)."""
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+            except trio.ClosedResourceError:
+                return b""
+            data = self._read_now()
+            if data is not None:
+                return data
 
     def _read_now(self) -> bytes | None:
         """What is already queued (b"" at end of stream), or None: nothing yet."""

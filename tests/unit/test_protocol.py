@@ -16,6 +16,7 @@ from garin.protocol import (
     Message,
     NameLimits,
     UserLeave,
+    decode_json,
     join_text,
     message_text,
     parse_client_text,
@@ -327,6 +328,44 @@ def test_parse_arbitrary_objects_never_raises(obj: dict[str, object], limits: Na
     if isinstance(result, Join):
         assert limits.username_min <= len(result.username) <= limits.username_max
         assert limits.room_min <= len(result.room) <= limits.room_max
+
+
+def _loads_outcome(decode: object, text: str) -> tuple[str, object]:
+    try:
+        return "value", decode(text)  # type: ignore[operator]
+    except (ValueError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+# Texts around the fast path's edges: objects with and without surrounding
+# whitespace, trailing garbage, a BOM, unclosed or doubled objects, and
+# near-JSON noise.
+NEAR_JSON = st.one_of(
+    JSON_VALUES.map(json.dumps),
+    st.dictionaries(st.text(), JSON_VALUES, max_size=3).map(lambda obj: json.dumps(obj, separators=(",", ":"))),
+    st.tuples(
+        st.sampled_from(["", " ", "\n", "\ufeff", "{", "}", "x"]),
+        st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=2).map(json.dumps),
+        st.sampled_from(["", " ", "\t", "}", "{}", ",", "x", "\ufeff"]),
+    ).map("".join),
+    st.text(alphabet='{}[]":,0123456789.eE+-tfnrulasx \\', max_size=30),
+    st.builds(lambda body: "{" + body + "}", st.text(max_size=30)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=NEAR_JSON)
+def test_decode_json_is_json_loads(text: str) -> None:
+    assert _loads_outcome(decode_json, text) == _loads_outcome(json.loads, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a":1}', ' {"a":1}', '{"a":1} ', '{"a":1}{"b":2}', '{"a":1}}', '{}', '{', '}', '{"a":}',
+     '{"a":[' * 5000 + "]" * 5000 + "}", "\ufeff{}", '{"a":1,"a":2}', '{"a":NaN}', '{"a":"\\ud800"}'],
+)
+def test_decode_json_edges(text: str) -> None:
+    assert _loads_outcome(decode_json, text) == _loads_outcome(json.loads, text)
 
 
 # --- garin.closes -----------------------------------------------------------------
