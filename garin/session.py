@@ -151,26 +151,25 @@ class Session:
                 soonest = idle
         return soonest
 
-    def _idle_deadline(self) -> float | None:
-        if self.state is State.IN_ROOM and self.rules.idle_timeout_s > 0:
-            return self._sent_at + self.rules.idle_timeout_s
-        return None
-
     def _overdue(self, now: float) -> Close | None:
-        """The close for the deadline that passed first, if any has."""
-        passed: list[tuple[float, Close]] = []
+        """The close for the deadline that passed first, if any has.
+
+        On equal times the state's deadline wins, then the keepalive's, then
+        the idle one (strict `<` below). No list: this runs for every frame."""
+        first: float | None = None
+        close: Close | None = None
         if self._state_deadline is not None and now >= self._state_deadline:
-            late = closes.AUTH_TIMEOUT if self.state is State.AWAIT_AUTH else closes.JOIN_TIMEOUT
-            passed.append((self._state_deadline, late))
+            first = self._state_deadline
+            close = closes.AUTH_TIMEOUT if self.state is State.AWAIT_AUTH else closes.JOIN_TIMEOUT
         if self._ping_sent_at is not None:
             unanswered = self._ping_sent_at + self.rules.ping_timeout_s
-            if now >= unanswered:
-                passed.append((unanswered, closes.PING_TIMEOUT))
-        idle = self._idle_deadline()
-        if idle is not None and now >= idle:
-            passed.append((idle, closes.IDLE_TIMEOUT))
-        # min() keeps the first of equal times: state, then keepalive, then idle.
-        return min(passed, key=lambda item: item[0])[1] if passed else None
+            if now >= unanswered and (first is None or unanswered < first):
+                first, close = unanswered, closes.PING_TIMEOUT
+        if self.state is State.IN_ROOM and self.rules.idle_timeout_s > 0:
+            idle = self._sent_at + self.rules.idle_timeout_s
+            if now >= idle and (first is None or idle < first):
+                first, close = idle, closes.IDLE_TIMEOUT
+        return close
 
     def _alive(self, now: float) -> None:
         self._heard_at = now
@@ -230,6 +229,8 @@ class Session:
         self._alive(now)
         self._sent_at = now
         event = parse_client_text(text, self.rules.names)
+        if type(event) is Message and self.state is State.IN_ROOM:
+            return self._message(event, now)  # the common case, first
         if isinstance(event, Close):
             return self._end(event)
         if isinstance(event, Auth):

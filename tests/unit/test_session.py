@@ -582,6 +582,20 @@ def test_state_deadline_and_keepalive_take_the_earliest() -> None:
     assert_closed(s, s.timeout(2.0), closes.AUTH_TIMEOUT)
 
 
+@pytest.mark.parametrize(
+    ("auth_s", "ping_timeout_s", "close"),
+    [(2.0, 10.0, closes.AUTH_TIMEOUT), (20.0, 1.0, closes.PING_TIMEOUT), (1.5, 1.0, closes.AUTH_TIMEOUT)],
+)
+def test_an_overslept_timeout_closes_for_the_deadline_that_passed_first(
+    auth_s: float, ping_timeout_s: float, close: Close
+) -> None:
+    # A ping at 0.5, then the shell wakes long after both the auth deadline
+    # and the ping's: the earlier decides (the state's on a tie).
+    s = new(0.0, auth_timeout_s=auth_s, ping_interval_s=0.5, ping_timeout_s=ping_timeout_s)
+    assert s.timeout(0.5) == [SendPing()]
+    assert_closed(s, s.timeout(100.0), close)
+
+
 # --- idle ---------------------------------------------------------------------------------
 
 
