@@ -71,8 +71,14 @@ class Outbox:
         self._data = bytearray()
         self._marks: list[Membership] = []
         self._known: Known = {}
-        # The batch being written: (data, its membership, how to undo it).
-        self._in_flight: tuple[bytearray, list[Membership], list[tuple[int, tuple[str, str, bool] | None]]] | None = None
+        # Publishes queued, per member (Router.in_flight needs them after a
+        # link drop: only these can still come back from the shard).
+        self._publishes: dict[int, int] = {}
+        # The batch being written: (data, its membership, how to undo it, its
+        # publishes).
+        self._in_flight: tuple[
+            bytearray, list[Membership], list[tuple[int, tuple[str, str, bool] | None]], dict[int, int]
+        ] | None = None
 
     @property
     def queued_bytes(self) -> int:
@@ -88,8 +94,9 @@ class Outbox:
     def add(self, message: wire.WireMessage) -> Verdict:
         if self.state is LinkState.UNAVAILABLE:
             return Verdict.REFUSED
-        kind = type(message)
-        if kind is not wire.Publish and kind is not wire.Released and kind is not wire.Accept:
+        if isinstance(message, wire.Publish):
+            self._publishes[message.member] = self._publishes.get(message.member, 0) + 1
+        elif not isinstance(message, (wire.Released, wire.Accept)):
             assert isinstance(message, (wire.Join, wire.Rejoin, wire.Leave)), message
             self._marks.append(message)
         self._data += wire.encode(message)
@@ -106,17 +113,26 @@ class Outbox:
             return None
         batch, self._data = self._data, bytearray()
         marks, self._marks = self._marks, []
+        publishes, self._publishes = self._publishes, {}
         undo = []
         known = self._known
         for message in marks:
             undo.append((message.member, known.get(message.member)))
             _apply(known, message)
-        self._in_flight = (batch, marks, undo)
+        self._in_flight = (batch, marks, undo, publishes)
         return batch
 
     def sent(self) -> None:
         """The batch taken last is in the socket (or partly: it counts as sent)."""
         self._in_flight = None
+
+    def queued_publishes(self, member: int) -> int:
+        """`member`'s Publishes not yet in the socket: queued, or in the batch
+        being written (which a link drop would queue again)."""
+        count = self._publishes.get(member, 0)
+        if self._in_flight is not None:
+            count += self._in_flight[3].get(member, 0)
+        return count
 
     def confirm(self, member: int, room: str) -> None:
         """The shard announced `member`'s join of `room` (`Joined`)."""
@@ -131,7 +147,7 @@ class Outbox:
         again. True if what is queued already passes the byte bound (the
         outbox is then UNAVAILABLE)."""
         if self._in_flight is not None:
-            batch, marks, undo = self._in_flight
+            batch, marks, undo, publishes = self._in_flight
             self._in_flight = None
             for member, previous in reversed(undo):
                 if previous is None:
@@ -141,6 +157,8 @@ class Outbox:
             # A new buffer: the writer may still hold a view of `batch`.
             self._data = batch + self._data
             self._marks[:0] = marks
+            for member, count in publishes.items():
+                self._publishes[member] = self._publishes.get(member, 0) + count
         if self.state is not LinkState.UP:
             return False
         self.state = LinkState.DOWN
@@ -182,6 +200,7 @@ class Outbox:
         self.state = LinkState.UNAVAILABLE
         self._data = bytearray()
         self._marks = []
+        self._publishes = {}
         self._known = {}
         self._in_flight = None
 

@@ -181,6 +181,14 @@ class Router:
     def _link_down(self, shard: int) -> None:
         count = self.config.shards
         self.index.solo = {room for room in self.index.solo if shard_for(room, count) != shard}
+        # What a member had handed to the lost link will never come back
+        # (the shard never applied it, or its Deliver went down with the
+        # link): count only what is still queued, to be sent again. Else the
+        # member would send through the shard for the rest of its membership.
+        outbox = self.links[shard].outbox
+        for client in self.members.values():
+            if client.in_flight and client.room is not None and shard_for(client.room, count) == shard:
+                client.in_flight = outbox.queued_publishes(client.member)
 
     # -- shard -> clients ---------------------------------------------------
 

@@ -13,41 +13,14 @@ import trio
 from garin import closes
 from router.frames import text_frame
 from router.websocket import ClientWebSocket, fan_out
-
-UPGRADE = (
-    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-def read_available(peer: socket.socket) -> list[bytes]:
-    """Every recv() that returns data now, one entry per read."""
-    reads = []
-    while True:
-        try:
-            chunk = peer.recv(1 << 20)
-        except BlockingIOError:
-            return reads
-        if not chunk:
-            return reads
-        reads.append(chunk)
-
+from tests.unit.client_sockets import UPGRADE, open_client, read_available
 
 @pytest.fixture
 async def members() -> AsyncIterator[list[tuple[ClientWebSocket, socket.socket]]]:
     out = []
     async with trio.open_nursery() as nursery:
         for _ in range(3):
-            ours, peer = socket.socketpair()
-            peer.setblocking(False)
-            ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), nursery, 1 << 16, 1 << 20)
-            peer.sendall(UPGRADE)
-            request = await ws.handshake()
-            assert request is not None
-            ws.accept(request)
-            await trio.sleep(0)
-            assert b"101" in b"".join(read_available(peer))
-            out.append((ws, peer))
+            out.append(await open_client(nursery))
         yield out
         for ws, peer in out:
             ws.hang_up()

@@ -157,6 +157,32 @@ def test_a_batch_partly_written_counts_as_sent() -> None:
     assert deliver(outbox) == [Replayed(), Join(1, "lobby", "alice")]
 
 
+def test_queued_publishes_are_those_not_yet_in_the_socket() -> None:
+    outbox = up_outbox()
+    outbox.add(Publish(1, "a"))
+    outbox.add(Publish(1, "b"))
+    outbox.add(Publish(2, "c"))
+    assert (outbox.queued_publishes(1), outbox.queued_publishes(2), outbox.queued_publishes(3)) == (2, 1, 0)
+    assert outbox.take() is not None
+    outbox.add(Publish(1, "d"))
+    # The batch being written still counts: a drop would queue it again.
+    assert outbox.queued_publishes(1) == 3
+    outbox.link_down(0.0)
+    assert (outbox.queued_publishes(1), outbox.queued_publishes(2)) == (3, 1)
+    outbox.link_up()
+    assert [m for m in deliver(outbox) if isinstance(m, Publish)] == [
+        Publish(1, "a"), Publish(1, "b"), Publish(2, "c"), Publish(1, "d"),
+    ]
+    assert (outbox.queued_publishes(1), outbox.queued_publishes(2)) == (0, 0)
+    # Held past the bound: dropped, and no longer counted.
+    small = up_outbox(max_bytes=30)
+    small.link_down(0.0)
+    small.add(Publish(1, "x"))
+    assert small.queued_publishes(1) == 1
+    assert small.add(Publish(1, "y" * 40)) is Verdict.OVERFLOW
+    assert small.queued_publishes(1) == 0
+
+
 # -- bounds --------------------------------------------------------------------------
 
 
@@ -280,10 +306,17 @@ def test_a_restarted_shard_ends_with_the_routers_membership(script: list[Op]) ->
 
     def flush() -> None:
         if alive and outbox.state is LinkState.UP:
+            counted = {member: outbox.queued_publishes(member) for member in (0, 1)}
             batch = outbox.take()
             if batch is not None:
                 outbox.sent()
-                apply(decode(batch))
+                messages = decode(batch)
+                assert counted == {
+                    member: sum(1 for m in messages if isinstance(m, Publish) and m.member == member)
+                    for member in (0, 1)
+                }
+                assert (outbox.queued_publishes(0), outbox.queued_publishes(1)) == (0, 0)
+                apply(messages)
 
     for op, member, room_index in script:
         room = ROOMS[room_index]
