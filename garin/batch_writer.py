@@ -1,7 +1,9 @@
 """Lean socket I/O for the hot paths: batched writes, one-read receives.
 
-`BatchWriter` serves the router <-> shard links: one system call per link per
-scheduler pass. `receive_into` is the links' receive.
+The router <-> shard links write through a `FlushedWriter`: one system call
+per link per scheduler pass. `BatchWriter` is the shard's (a queue of
+encoded messages); the router's `ShardLink` (router/shard_link.py) writes
+what its outbox gives it. `receive_into` is the links' receive.
 
 Theory of operation (writes)
 ----------------------------
@@ -91,86 +93,88 @@ class LinkOverflow(trio.BrokenResourceError):
     """The peer stopped reading and the queue passed its limit."""
 
 
-class BatchWriter:
-    """Writes to one socket in batches; `run` must run while it is in use."""
+class FlushedWriter:
+    """What both ends of a router <-> shard link write with: the flusher
+    writes each pass's batch at the pass's end; what the kernel would not
+    take goes to the owner's writer task (`_drain`), which finishes it and
+    then takes the next batch itself, in order.
 
-    def __init__(
-        self, sock: trio.socket.SocketType, max_queued_bytes: int | None = None, peer: str = "the peer"
-    ) -> None:
-        self._sock = sock
-        self._peer = peer
-        self._fd = sock.fileno()
+    A subclass says what the next batch is (`_take`; None or empty: nothing)
+    and hears when one is in the socket whole (`_sent`). `partly_sent` tells
+    whether part of the batch being written has gone out. The socket is
+    `_sock` / `_fd` (None / -1 while there is none)."""
+
+    def __init__(self) -> None:
         self._flusher = current_flusher()
-        self._queue: list[bytes] = []
-        self._queued_bytes = 0
-        self._max_queued_bytes = max_queued_bytes
+        self._sock: trio.socket.SocketType | None = None
+        self._fd = -1
         # Bytes the kernel would not take yet; the writer task owns them.
         self._tail: memoryview | None = None
+        self.partly_sent = False
         self._listed = False
         self._wake = trio.Event()
         self._error: BaseException | None = None
 
-    @property
-    def queued(self) -> int:
-        """Bytes not yet handed to the kernel."""
-        return self._queued_bytes + (len(self._tail) if self._tail is not None else 0)
+    def _take(self) -> bytes | bytearray | None:
+        raise NotImplementedError
 
-    def send(self, data: bytes) -> None:
-        if self._error is not None:
-            return
-        self._queue.append(data)
-        self._queued_bytes += len(data)
-        if self._max_queued_bytes is not None and self.queued > self._max_queued_bytes:
-            self._fail(LinkOverflow(f"{self._peer} is not reading its link"))
-            # `run` (and the link's reader) may be waiting on a socket that
-            # will never be ready: make them give up now.
-            trio.lowlevel.notify_closing(self._sock)
-            return
-        if not self._listed and self._tail is None:
+    def _sent(self) -> None:
+        pass
+
+    def _schedule(self) -> None:
+        """Have the flusher write at the end of this pass (unless the writer
+        task is busy: it takes what is queued when it is done)."""
+        if not self._listed and self._fd >= 0 and self._tail is None:
             self._listed = True
             self._flusher.pending.append(self)
 
-    def close(self) -> None:
-        """The owner is closing the socket: never touch its fd again."""
-        self._fail(trio.ClosedResourceError("link closed"))
+    def _flush(self) -> bool:
+        """The flusher's call: write the next batch now, without blocking;
+        hand a remainder to the writer task (True: that task was woken)."""
+        self._listed = False
+        if self._fd < 0 or self._tail is not None or self._error is not None:
+            return False
+        batch = self._take()
+        if not batch:
+            return False
+        try:
+            written = os.write(self._fd, batch)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            self._fail(exc)  # nothing of the batch went
+            return True
+        if written == len(batch):
+            self._sent()
+            return False
+        self.partly_sent = written > 0
+        self._tail = memoryview(batch)[written:]
+        self._wake.set()
+        return True
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._tail = None
         self._wake.set()
 
-    def _flush(self) -> bool:
-        """Called by the flusher: write the queue now, without blocking."""
-        self._listed = False
-        if self._tail is not None or self._error is not None or not self._queue:
-            return False
-        data = self._queue[0] if len(self._queue) == 1 else b"".join(self._queue)
-        self._queue.clear()
-        self._queued_bytes = 0
-        try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            self._fail(exc)
-            return True
-        if written < len(data):
-            self._tail = memoryview(data)[written:]
-            self._wake.set()
-            return True
-        return False
+    def _overflow(self, error: BaseException) -> None:
+        """The peer stopped reading: fail, and wake the tasks waiting on its
+        socket (the writer, the reader), which will never be ready."""
+        self._fail(error)
+        assert self._sock is not None
+        trio.lowlevel.notify_closing(self._sock)
 
-    async def run(self) -> None:
-        """Finish writes the kernel could not take at once; raise if the link broke."""
+    async def _drain(self) -> None:
+        """The writer task: finish writes the kernel could not take at once;
+        raise BrokenResourceError when a write fails or the link overflowed."""
+        sock = self._sock
+        assert sock is not None
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._tail is not None and self._error is None:
                 try:
-                    await trio.lowlevel.wait_writable(self._sock)
+                    await trio.lowlevel.wait_writable(sock)
                 except trio.ClosedResourceError:
                     if self._error is None:
                         raise
@@ -184,18 +188,75 @@ class BatchWriter:
                 except OSError as exc:
                     self._fail(exc)
                     break
-                self._tail = self._tail[written:] if written < len(self._tail) else None
-                if self._tail is None and self._queue:
-                    # What queued meanwhile goes next, in order.
-                    data = b"".join(self._queue)
-                    self._queue.clear()
-                    self._queued_bytes = 0
-                    self._tail = memoryview(data)
+                self.partly_sent = True
+                if written < len(self._tail):
+                    self._tail = self._tail[written:]
+                    continue
+                self._tail = None
+                self.partly_sent = False
+                self._sent()
+                # What queued meanwhile goes next, in order.
+                batch = self._take()
+                if batch:
+                    self._tail = memoryview(batch)
             if self._error is not None:
                 error = self._error
                 if isinstance(error, trio.BrokenResourceError):
                     raise error
                 raise trio.BrokenResourceError(f"link write failed: {error}") from error
+
+
+class BatchWriter(FlushedWriter):
+    """Writes to one socket in batches; `run` must run while it is in use."""
+
+    def __init__(
+        self, sock: trio.socket.SocketType, max_queued_bytes: int | None = None, peer: str = "the peer"
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._peer = peer
+        self._queue: list[bytes] = []
+        self._queued_bytes = 0
+        self._max_queued_bytes = max_queued_bytes
+
+    @property
+    def queued(self) -> int:
+        """Bytes not yet handed to the kernel."""
+        return self._queued_bytes + (len(self._tail) if self._tail is not None else 0)
+
+    def send(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        if self._max_queued_bytes is not None and self.queued > self._max_queued_bytes:
+            self._overflow(LinkOverflow(f"{self._peer} is not reading its link"))
+            return
+        self._schedule()
+
+    def close(self) -> None:
+        """The owner is closing the socket: never touch its fd again."""
+        self._fail(trio.ClosedResourceError("link closed"))
+
+    def _take(self) -> bytes | None:
+        queue = self._queue
+        if not queue:
+            return None
+        data = queue[0] if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        self._queued_bytes = 0
+        return data
+
+    def _fail(self, error: BaseException) -> None:
+        super()._fail(error)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._tail = None
+
+    async def run(self) -> None:
+        """Finish writes the kernel could not take at once; raise if the link broke."""
+        await self._drain()
 
 
 async def receive_into(sock: trio.socket.SocketType, buffer: bytearray) -> memoryview:

@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from garin import wire
-from garin.batch_writer import current_flusher, receive_into
+from garin.batch_writer import FlushedWriter, receive_into
 from garin.routing import HASH_NAME
 from router.outbox import LinkState, Outbox, Verdict
 
@@ -43,7 +43,7 @@ class ShardRefused(Exception):
     """The shard will not serve this router: a configuration mismatch."""
 
 
-class ShardLink:
+class ShardLink(FlushedWriter):
     def __init__(
         self,
         index: int,
@@ -56,6 +56,7 @@ class ShardLink:
         hold_timeout_s: float,
         on_down: Callable[[int], None] | None = None,
     ) -> None:
+        super().__init__()
         self.index = index
         self.path = path
         self._router_id = router_id
@@ -64,17 +65,7 @@ class ShardLink:
         self._on_unavailable = on_unavailable
         self._on_down = on_down
         self.outbox = Outbox(hold_bytes, hold_timeout_s, trio.current_time())
-        self._wake = trio.Event()
         self.connected = False
-        self._flusher = current_flusher()
-        self._listed = False
-        # The socket (and its fd) while the writer runs, else None (-1).
-        self._sock: trio.socket.SocketType | None = None
-        self._fd = -1
-        # The part of the batch in flight the kernel has not taken yet.
-        self._tail: memoryview | None = None
-        self._partly_sent = False
-        self._error: BaseException | None = None
 
     def send(self, message: wire.WireMessage) -> bool:
         """Queue (or hold) `message`; False if it was dropped because the shard
@@ -88,10 +79,7 @@ class ShardLink:
                 self.outbox.queued_bytes > MAX_LINK_QUEUE_BYTES and self._tail is not None
                 and self._sock is not None and self._error is None
             ):
-                self._fail(trio.BrokenResourceError(f"shard {self.index} is not reading its link"))
-                # The writer (and the reader) may be waiting on a socket that
-                # will never be ready: make both give up now.
-                trio.lowlevel.notify_closing(self._sock)
+                self._overflow(trio.BrokenResourceError(f"shard {self.index} is not reading its link"))
             return True
         if verdict is Verdict.OVERFLOW:
             self._give_up(f"more than {self.outbox.max_hold_bytes} bytes held for it")
@@ -196,80 +184,24 @@ class ShardLink:
                         # it every room of this shard, down.
                         log.exception("shard %d: failed to deliver %s", self.index, type(message).__name__)
 
-    def _schedule(self) -> None:
-        """Have the flusher write the outbox at the end of this pass (if linked)."""
-        if not self._listed and self._fd >= 0:
-            self._listed = True
-            self._flusher.pending.append(self)
+    def _take(self) -> bytearray | None:
+        return self.outbox.take()
 
-    def _flush(self) -> bool:
-        """The flusher's call at the end of a scheduler pass: write the queued
-        batch now, without blocking; hand a remainder to the writer task
-        (True: that task was woken)."""
-        self._listed = False
-        if self._fd < 0 or self._tail is not None or self._error is not None:
-            return False
-        batch = self.outbox.take()
-        if batch is None:
-            return False
-        try:
-            written = os.write(self._fd, batch)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            # Nothing of the batch went: the outbox sends it again after relinking.
-            self._fail(exc)
-            return True
-        if written == len(batch):
-            self.outbox.sent()
-            return False
-        self._partly_sent = written > 0
-        self._tail = memoryview(batch)[written:]
-        self._wake.set()
-        return True
-
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-        self._wake.set()
+    def _sent(self) -> None:
+        self.outbox.sent()
 
     async def _write(self, sock: trio.socket.SocketType) -> None:
-        """Finish batches the kernel could not take at once; raise when a write fails."""
-        self._tail, self._partly_sent, self._error = None, False, None
+        """The link's writer task: finish batches the kernel could not take at
+        once; raise when a write fails."""
+        self._tail, self.partly_sent, self._error = None, False, None
         self._sock, self._fd = sock, sock.fileno()
         self._schedule()  # the replay and anything held while down
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while self._tail is not None and self._error is None:
-                    try:
-                        await trio.lowlevel.wait_writable(sock)
-                    except trio.ClosedResourceError:
-                        if self._error is None:
-                            raise
-                        break  # our own overflow: raise that below
-                    try:
-                        written = os.write(self._fd, self._tail)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        self._error = exc
-                        break
-                    self._partly_sent = True
-                    if written < len(self._tail):
-                        self._tail = self._tail[written:]
-                    else:
-                        self._tail = None
-                        self._partly_sent = False
-                        self.outbox.sent()
-                        self._schedule()
-                if self._error is not None:
-                    raise trio.BrokenResourceError(f"link write failed: {self._error}") from self._error
+            await self._drain()
         finally:
-            if self._partly_sent:
+            if self.partly_sent:
                 # Part of the batch reached the shard: it counts as sent.
                 self.outbox.sent()
             self._sock, self._fd = None, -1
             self._tail = None
-            self._partly_sent = False
+            self.partly_sent = False
