@@ -13,7 +13,7 @@ import trio
 from garin import closes
 from router.frames import text_frame
 from router.websocket import ClientWebSocket, fan_out
-from tests.unit.client_sockets import UPGRADE, open_client, read_available
+from .client_sockets import UPGRADE, open_client, read_available
 
 @pytest.fixture
 async def members() -> AsyncIterator[list[tuple[ClientWebSocket, socket.socket]]]:

@@ -19,7 +19,7 @@ import trio
 from garin import wire
 from garin.config import load_config
 from router.router import Client, Router
-from tests.unit.client_sockets import open_client, read_available
+from .client_sockets import open_client, read_available
 
 ROOM = "lobby"
 
