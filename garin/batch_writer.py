@@ -10,17 +10,17 @@ Theory of operation (writes)
 A link carries many small messages. Writing each at once costs a system call
 per message; handing them to a writer task costs a task wake-up per batch
 (tens of microseconds of trio machinery, at low load once per message). Here
-`send` only appends to a queue and, the first time in a pass, puts the writer
-on the flusher's list. trio runs every runnable task, then calls the
-instruments' `before_io_wait` just before it asks the kernel for I/O events:
-that is the end of a pass, and `Flusher.before_io_wait` joins each listed
-writer's queue and writes it with one non-blocking `os.write`. So everything
-the tasks of one pass produced for a link leaves in one write, with no task
-switch.
+sending only queues (in the writer's queue, or the router's outbox) and, the
+first time in a pass, puts the writer on the flusher's list. trio runs every
+runnable task, then calls the instruments' `before_io_wait` just before it
+asks the kernel for I/O events: that is the end of a pass, and
+`Flusher.before_io_wait` has each listed writer take everything queued as one
+batch and write it with one non-blocking `os.write`. So everything the tasks
+of one pass produced for a link leaves in one write, with no task switch.
 
 Only when the kernel buffer is full (the peer is slow) does the rest go to
 the writer's own task, which waits until the socket is writable; new messages
-queue behind it in order. A write error is kept and raised by that task, so
+queue behind it in order, and the task writes them once the rest is out. A write error is kept and raised by that task, so
 the link's owner sees a broken link exactly as with a plain `send_all`.
 """
 
@@ -172,18 +172,22 @@ class FlushedWriter:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            # The flusher just found the socket full: wait before writing.
+            writable = False
             while self._tail is not None and self._error is None:
-                try:
-                    await trio.lowlevel.wait_writable(sock)
-                except trio.ClosedResourceError:
-                    if self._error is None:
-                        raise
-                    break  # our own overflow: raise that below
-                if self._error is not None:
-                    break
+                if not writable:
+                    try:
+                        await trio.lowlevel.wait_writable(sock)
+                    except trio.ClosedResourceError:
+                        if self._error is None:
+                            raise
+                        break  # our own overflow: raise that below
+                    if self._error is not None:
+                        break
                 try:
                     written = os.write(self._fd, self._tail)
                 except BlockingIOError:
+                    writable = False
                     continue
                 except OSError as exc:
                     self._fail(exc)
@@ -191,14 +195,17 @@ class FlushedWriter:
                 self.partly_sent = True
                 if written < len(self._tail):
                     self._tail = self._tail[written:]
+                    writable = False
                     continue
                 self._tail = None
                 self.partly_sent = False
                 self._sent()
-                # What queued meanwhile goes next, in order.
+                # What queued meanwhile goes next, in order, at once: the
+                # kernel just took everything we gave it.
                 batch = self._take()
                 if batch:
                     self._tail = memoryview(batch)
+                    writable = True
             if self._error is not None:
                 error = self._error
                 if isinstance(error, trio.BrokenResourceError):

@@ -80,14 +80,22 @@ def _bounded(name: str, value: str, low: int, high: int) -> Close | None:
 # json.loads(text) for a text that is one object with no whitespace around it
 # (what every client sends) is exactly this scanner's answer; calling it
 # directly skips two whitespace regex matches and three Python frames, half
-# of json.loads' cost. Anything else goes through json.loads itself.
+# of json.loads' cost. Anything else goes through json.loads itself, and so
+# does a text that could nest deeply: the scanner counts nesting against the
+# recursion limit, and from three frames shallower it would accept a few
+# depths just under the limit that json.loads refuses.
 # (typeshed does not declare the decoder's `scan_once`.)
 _scan_once: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_FAST_MAX_OPENERS = 100
 
 
 def decode_json(text: str) -> object:
-    """`json.loads(text)`: the same value, or the same exception."""
-    if text[:1] == "{" and text[-1:] == "}":
+    """`json.loads(text)`: the same value, or the same exception (for deep
+    nesting, the RecursionError json.loads raises when called from here)."""
+    if (
+        text[:1] == "{" and text[-1:] == "}"
+        and text.count("{") + text.count("[") <= _FAST_MAX_OPENERS
+    ):
         try:
             obj, end = _scan_once(text, 0)
         except (StopIteration, ValueError):

@@ -128,7 +128,9 @@ class Outbox:
 
     def queued_publishes(self, member: int) -> int:
         """`member`'s Publishes not yet in the socket: queued, or in the batch
-        being written (which a link drop would queue again)."""
+        being written. Once the link's writer has ended (a partly written
+        batch is then marked sent), that batch is one the socket refused
+        whole, which `link_down` queues again."""
         count = self._publishes.get(member, 0)
         if self._in_flight is not None:
             count += self._in_flight[3].get(member, 0)

@@ -14,7 +14,6 @@ out, `on_unavailable(index)` lets the router close the shard's clients.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -140,6 +139,9 @@ class ShardLink(FlushedWriter):
                 log.warning("link to shard %d lost (%s); reconnecting", self.index, str(error) or type(error).__name__)
             finally:
                 self.connected = False
+                # After the writer task's end (which marks a partly written
+                # batch sent) and before link_down (which queues a batch the
+                # socket refused whole again): Router._link_down counts on it.
                 if self._on_down is not None:
                     self._on_down(self.index)
             if self.outbox.state is LinkState.UP and self.outbox.link_down(trio.current_time()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -333,8 +334,16 @@ def test_parse_arbitrary_objects_never_raises(obj: dict[str, object], limits: Na
 def _loads_outcome(decode: object, text: str) -> tuple[str, object]:
     try:
         return "value", decode(text)  # type: ignore[operator]
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:
         return type(exc).__name__, str(exc)
+    except RecursionError:
+        # Where the limit is hit (and so the message) depends on the call depth.
+        return "RecursionError", None
+
+
+def _json_loads_one_frame_down(text: str) -> object:
+    # decode_json's own frame, then json.loads: the depth decode_json calls it from.
+    return json.loads(text)
 
 
 # Texts around the fast path's edges: objects with and without surrounding
@@ -366,6 +375,23 @@ def test_decode_json_is_json_loads(text: str) -> None:
 )
 def test_decode_json_edges(text: str) -> None:
     assert _loads_outcome(decode_json, text) == _loads_outcome(json.loads, text)
+
+
+def test_decode_json_matches_json_loads_at_the_recursion_limit() -> None:
+    # json's C scanner counts nesting against the recursion limit, Python
+    # frames included: called directly, from fewer frames than json.loads
+    # calls it, it would accept a few depths that json.loads refuses (found
+    # in review: a ~6 KB chat message delivered instead of closed as invalid
+    # JSON). Deeply nested texts must go through json.loads itself.
+    limit = sys.getrecursionlimit()
+    differ = []
+    for depth in range(max(1, limit - 300), limit + 50):
+        text = '{"type":"message","body":"x","x":' + '{"a":' * depth + "1" + "}" * depth + "}"
+        fast = _loads_outcome(decode_json, text)[0]
+        reference = _loads_outcome(_json_loads_one_frame_down, text)[0]
+        if fast != reference:
+            differ.append((depth, fast, reference))
+    assert differ == []
 
 
 # --- garin.closes -----------------------------------------------------------------
