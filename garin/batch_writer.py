@@ -20,8 +20,9 @@ of one pass produced for a link leaves in one write, with no task switch.
 
 Only when the kernel buffer is full (the peer is slow) does the rest go to
 the writer's own task, which waits until the socket is writable; new messages
-queue behind it in order, and the task writes them once the rest is out. A write error is kept and raised by that task, so
-the link's owner sees a broken link exactly as with a plain `send_all`.
+queue behind it in order, and the task writes them once the rest is out. A
+write error is kept and raised by that task, so the link's owner sees a
+broken link exactly as with a plain `send_all`.
 """
 
 from __future__ import annotations

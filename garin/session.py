@@ -145,11 +145,15 @@ class Session:
             keepalive = None
         if keepalive is not None and (soonest is None or keepalive < soonest):
             soonest = keepalive
-        if self.state is State.IN_ROOM and rules.idle_timeout_s > 0:
-            idle = self._sent_at + rules.idle_timeout_s
-            if soonest is None or idle < soonest:
-                soonest = idle
+        idle = self._idle_deadline()
+        if idle is not None and (soonest is None or idle < soonest):
+            soonest = idle
         return soonest
+
+    def _idle_deadline(self) -> float | None:
+        if self.state is State.IN_ROOM and self.rules.idle_timeout_s > 0:
+            return self._sent_at + self.rules.idle_timeout_s
+        return None
 
     def _overdue(self, now: float) -> Close | None:
         """The close for the deadline that passed first, if any has.
@@ -165,10 +169,9 @@ class Session:
             unanswered = self._ping_sent_at + self.rules.ping_timeout_s
             if now >= unanswered and (first is None or unanswered < first):
                 first, close = unanswered, closes.PING_TIMEOUT
-        if self.state is State.IN_ROOM and self.rules.idle_timeout_s > 0:
-            idle = self._sent_at + self.rules.idle_timeout_s
-            if now >= idle and (first is None or idle < first):
-                first, close = idle, closes.IDLE_TIMEOUT
+        idle = self._idle_deadline()
+        if idle is not None and now >= idle and (first is None or idle < first):
+            first, close = idle, closes.IDLE_TIMEOUT
         return close
 
     def _alive(self, now: float) -> None:
