@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -566,28 +567,44 @@ def with_metrics(garin_factory: ServerFactory, **env: str) -> tuple[GarinServer,
     return server, f"http://127.0.0.1:{port}/metrics", roles(server.process.pid)
 
 
-def solo_pair(
-    clients: Clients, server: GarinServer, room: str, router: int, routers: list[int]
-) -> tuple[ClientConnection, ClientConnection]:
-    """"talker" and "listener" create `room` on `router`: it is solo there."""
-    with only_router(router, routers):
-        talker = clients.join("talker", room, total=1)
-        listener = clients.join("listener", room, total=2)
-    expect_join(talker, "listener", 2)
-    assert router_pid(talker, server.port, routers) == router_pid(listener, server.port, routers) == router
-    return talker, listener
+@dataclass
+class SoloRoom:
+    server: GarinServer
+    metrics: str
+    routers: list[int]
+    stack: contextlib.ExitStack
+    clients: Clients
+    room: str
+    talker: ClientConnection
+    listener: ClientConnection
+
+
+@contextlib.contextmanager
+def solo_room_on_two_routers(garin_factory: ServerFactory, shard: int, name: str) -> Iterator[SoloRoom]:
+    """A server with two routers and its metrics on, where "talker" and
+    "listener" have created a room of `shard` on the first router: it is solo there."""
+    server, metrics, pids = with_metrics(garin_factory, GARIN_ROUTERS="2")
+    routers = [pids["router 0"], pids["router 1"]]
+    with log_on_failure(server), contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        room = room_on(shard, name)
+        with only_router(routers[0], routers):
+            talker = clients.join("talker", room, total=1)
+            listener = clients.join("listener", room, total=2)
+        expect_join(talker, "listener", 2)
+        assert router_pid(talker, server.port, routers) == router_pid(listener, server.port, routers) == routers[0]
+        yield SoloRoom(server, metrics, routers, stack, clients, room, talker, listener)
 
 
 def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_message(
     garin_factory: ServerFactory,
 ) -> None:
-    server, metrics, pids = with_metrics(garin_factory, GARIN_ROUTERS="2")
-    routers = [pids["router 0"], pids["router 1"]]
-    a, b = routers
-    with log_on_failure(server), contextlib.ExitStack() as stack:
-        clients = Clients(stack, server)
-        room = room_on(0, "solo")
-        talker, listener = solo_pair(clients, server, room, a, routers)
+    with solo_room_on_two_routers(garin_factory, 0, "solo") as solo:
+        server, metrics, routers, stack, clients, room = (
+            solo.server, solo.metrics, solo.routers, solo.stack, solo.clients, solo.room
+        )
+        talker, listener = solo.talker, solo.listener
+        b = routers[1]
         eventually(lambda: sample(get(metrics)[1], "garin_solo_rooms", shard="0") == 1)
         chatter = Chatter(talker)
         chatter.start()
@@ -628,13 +645,10 @@ def test_a_join_through_another_router_takes_a_solo_room_back_without_losing_a_m
 def test_a_stopped_router_holding_a_solo_room_is_unlinked_and_comes_back(
     garin_factory: ServerFactory,
 ) -> None:
-    server, metrics, pids = with_metrics(garin_factory, GARIN_ROUTERS="2")
-    routers = [pids["router 0"], pids["router 1"]]
-    a, b = routers
-    with log_on_failure(server), contextlib.ExitStack() as stack:
-        clients = Clients(stack, server)
-        room = room_on(1, "stuck")
-        talker, listener = solo_pair(clients, server, room, a, routers)
+    with solo_room_on_two_routers(garin_factory, 1, "stuck") as solo:
+        server, metrics, routers, clients, room = solo.server, solo.metrics, solo.routers, solo.clients, solo.room
+        talker, listener = solo.talker, solo.listener
+        a, b = routers
 
         os.kill(a, signal.SIGSTOP)
         try:

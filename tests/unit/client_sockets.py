@@ -28,11 +28,16 @@ def read_available(peer: socket.socket) -> list[bytes]:
         reads.append(chunk)
 
 
-async def open_client(nursery: trio.Nursery) -> tuple[ClientWebSocket, socket.socket]:
-    """An accepted connection (its 101 answer already read) and the client's end."""
+async def open_client(
+    nursery: trio.Nursery, max_outbox_bytes: int = 1 << 20, send_buffer: int | None = None
+) -> tuple[ClientWebSocket, socket.socket]:
+    """An accepted connection (its 101 answer already read) and the client's
+    end (non-blocking); `send_buffer` shrinks the server side's SO_SNDBUF."""
     ours, peer = socket.socketpair()
+    if send_buffer is not None:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     peer.setblocking(False)
-    ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), nursery, 1 << 16, 1 << 20)
+    ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), nursery, 1 << 16, max_outbox_bytes)
     peer.sendall(UPGRADE)
     request = await ws.handshake()
     assert request is not None

@@ -11,6 +11,8 @@ import trio
 
 from garin.batch_writer import BatchWriter, LinkOverflow
 
+from .client_sockets import read_available
+
 
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[trio.socket.SocketType, socket.socket]]:
@@ -23,18 +25,6 @@ async def pair() -> AsyncIterator[tuple[trio.socket.SocketType, socket.socket]]:
     finally:
         ours.close()
         b.close()
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    out = b""
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except BlockingIOError:
-            return out
-        if not chunk:
-            return out
-        out += chunk
 
 
 async def test_one_pass_is_one_write(pair: tuple[trio.socket.SocketType, socket.socket]) -> None:
@@ -71,7 +61,7 @@ async def test_backlog_goes_out_in_order_when_the_peer_reads(pair: tuple[trio.so
         received = b""
         with trio.fail_after(10):
             while len(received) < len(sent):
-                received += _read_all(peer)
+                received += b"".join(read_available(peer))
                 await trio.sleep(0.001)
         assert received == sent
         assert writer.queued == 0
@@ -140,7 +130,7 @@ async def test_closed_writer_never_writes(pair: tuple[trio.socket.SocketType, so
     writer.close()
     writer.send(b"also lost")
     await trio.sleep(0)
-    assert _read_all(peer) == b""
+    assert b"".join(read_available(peer)) == b""
 
 
 async def test_an_unexpected_flush_error_fails_only_that_link(

@@ -13,7 +13,7 @@ import trio
 from garin import closes
 from router.frames import text_frame
 from router.websocket import ClientWebSocket, fan_out
-from .client_sockets import UPGRADE, open_client, read_available
+from .client_sockets import open_client, read_available
 
 @pytest.fixture
 async def members() -> AsyncIterator[list[tuple[ClientWebSocket, socket.socket]]]:
@@ -61,13 +61,11 @@ async def test_frames_held_for_the_pass_end_are_dropped_once_the_member_closes(
 async def test_a_held_burst_too_big_for_the_socket_reaches_the_member_without_any_other_event() -> None:
     # The rest of a partly written burst goes to a drain task started from the
     # flusher; it must run at once, not at some unrelated later event.
-    ours, peer = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     small, big = text_frame(b'{"n":0}'), text_frame(b"x" * 60000)
     token = trio.lowlevel.current_trio_token()
     received = trio.Event()
 
-    def read_all() -> None:
+    def read_all(peer: socket.socket) -> None:
         got = 0
         while got < len(small) + len(big):
             chunk = peer.recv(1 << 20)
@@ -77,14 +75,9 @@ async def test_a_held_burst_too_big_for_the_socket_reaches_the_member_without_an
         token.run_sync_soon(received.set)
 
     async with trio.open_nursery() as nursery:
-        ws = ClientWebSocket(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), nursery, 1 << 16, 1 << 24)
-        peer.sendall(UPGRADE)
-        request = await ws.handshake()
-        assert request is not None
-        ws.accept(request)
-        await trio.sleep(0)
-        assert b"101" in peer.recv(4096)
-        threading.Thread(target=read_all, daemon=True).start()
+        ws, peer = await open_client(nursery, max_outbox_bytes=1 << 24, send_buffer=4096)
+        peer.setblocking(True)
+        threading.Thread(target=read_all, args=(peer,), daemon=True).start()
         fan_out([(0, ws)], small, exclude=-1)
         fan_out([(0, ws)], big, exclude=-1)  # held for the pass end, then partly written
         with trio.fail_after(10):  # a hang guard: without the fix, this expires
