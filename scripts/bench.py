@@ -57,6 +57,8 @@ from bench_server import SpawnedServer, TokenMinter, check_python_has_garin, sig
 WORKER_START_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
 SETTLE_AFTER_JOIN_S = 0.5
+# --floor opens this many loopback connections at most (two fds each).
+FLOOR_MAX_CONNS = 5000
 
 
 class BenchError(Exception):
@@ -117,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--out", default="bench-results/bench.json", help="JSON result path (folders are created)")
     out.add_argument("--plot", default=None, help="PNG path [default: --out with .png]")
     out.add_argument("--no-plot", action="store_true")
+    out.add_argument("--floor", type=float, default=0.0, metavar="SECONDS",
+                     help="after the run, measure for SECONDS the write floor of this machine (bench_floor.py: "
+                          "the same sockets and writes per second without a server) and report the server's "
+                          "CPU per delivery as a multiple of it; 0: off")
     args = p.parse_args(argv)
 
     def bad(message: str) -> None:
@@ -335,6 +341,28 @@ def _drive(run: Run, handles: list[WorkerHandle], rooms: list[str]) -> dict[str,
     return build_result(run, rooms, connect, joins, results, times, samples, before, after_join, end, coordinator_cpu)
 
 
+def add_floor(result: dict[str, Any], members: int, seconds: float) -> None:
+    """The write floor for this run's load, measured now, and the server against it.
+
+    The host's load moves CPU figures by tens of percent within minutes; a
+    floor measured right after the run moves with them, so the ratio is the
+    figure to compare across runs and machines."""
+    import bench_floor
+
+    rate = result["traffic"]["deliveries_per_s"]
+    if not rate:
+        result["notes"].append("--floor: nothing was delivered, so there is no load to measure a floor for")
+        return
+    conns = min(result["connect"]["connections"], FLOOR_MAX_CONNS)
+    group = max(1, min(members - 1, conns))
+    print(f"bench: measuring the write floor for {seconds:g}s ({conns} sockets, {rate:,.0f} writes/s)", file=sys.stderr)
+    floor = bench_floor.measure(conns, group, rate, seconds)
+    server = result.get("server")
+    if server and server.get("cpu_us_per_delivery"):
+        floor["server_ratio"] = round(server["cpu_us_per_delivery"] / floor["us_per_write"], 2)
+    result["floor"] = floor
+
+
 def _on_alarm(signum: int, frame: Any) -> None:
     raise HardTimeout()
 
@@ -375,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             run.url, run.origin, run.server_pid = args.url, args.origin, args.server_pid
         result = run_bench(run, minter, hard_deadline)
         signal.alarm(0)
+        if args.floor > 0:
+            add_floor(result, args.members, args.floor)
         print_summary(result)
         write_outputs(result, args)
         return 0

@@ -9,7 +9,8 @@ ms the writer writes one 70-byte WebSocket text frame to each of the next
 `--group` sockets with `os.write`, in a tight loop: the least work any server
 written in any language does per delivery. It prints the writer's CPU time per
 write (user + system, from getrusage). garin's bench.py figure of "CPU per
-delivery" can be read against it: what is above this line is garin's own cost.
+delivery" can be read against it: what is above this line is garin's own cost
+(`bench.py --floor SECONDS` measures it for the run's load, right after it).
 Loopback only; the run is bounded by --seconds.
 """
 
@@ -46,6 +47,62 @@ def reader(port: int, conns: int, ready: multiprocessing.synchronize.Event, seco
                 pass
 
 
+def measure(conns: int, group: int, rate: float, seconds: float) -> dict[str, float]:
+    """Write FRAME to `group` of `conns` loopback sockets at a time, `rate`
+    writes per second in all, for `seconds`; the writer's CPU per write."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ready = multiprocessing.Event()
+    proc = multiprocessing.Process(target=reader, args=(port, conns, ready, seconds), daemon=True)
+    proc.start()
+    ready.wait(10)
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    try:
+        for s in socks:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+        fds = [s.fileno() for s in socks]
+        groups = [fds[i : i + group] for i in range(0, len(fds), group)]
+        period = group / rate
+        write = os.write
+        writes = 0
+        start_usage = resource.getrusage(resource.RUSAGE_SELF)
+        start = next_at = time.monotonic()
+        end = start + seconds
+        g = 0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            if now < next_at:
+                time.sleep(next_at - now)
+                continue
+            for fd in groups[g]:
+                try:
+                    write(fd, FRAME)
+                except BlockingIOError:
+                    pass
+            writes += len(groups[g])
+            g = (g + 1) % len(groups)
+            next_at += period
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        elapsed = time.monotonic() - start
+    finally:
+        for s in socks:
+            s.close()
+        proc.join(seconds + 10)
+    user = usage.ru_utime - start_usage.ru_utime
+    system = usage.ru_stime - start_usage.ru_stime
+    return {
+        "conns": conns, "group": group, "frame_bytes": len(FRAME), "seconds": round(elapsed, 2),
+        "writes_per_s": round(writes / elapsed, 1),
+        "us_per_write": round((user + system) / writes * 1e6, 3),
+        "user_us_per_write": round(user / writes * 1e6, 3),
+        "system_us_per_write": round(system / writes * 1e6, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conns", type=int, default=500)
@@ -53,53 +110,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50000.0, help="writes per second")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ready = multiprocessing.Event()
-    proc = multiprocessing.Process(target=reader, args=(port, args.conns, ready, args.seconds), daemon=True)
-    proc.start()
-    ready.wait(10)
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.conns)]
-    for s in socks:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setblocking(False)
-    fds = [s.fileno() for s in socks]
-    groups = [fds[i : i + args.group] for i in range(0, len(fds), args.group)]
-    period = args.group / args.rate
-    write = os.write
-    writes = 0
-    start_usage = resource.getrusage(resource.RUSAGE_SELF)
-    start = next_at = time.monotonic()
-    end = start + args.seconds
-    g = 0
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            break
-        if now < next_at:
-            time.sleep(next_at - now)
-            continue
-        for fd in groups[g]:
-            try:
-                write(fd, FRAME)
-            except BlockingIOError:
-                pass
-        writes += len(groups[g])
-        g = (g + 1) % len(groups)
-        next_at += period
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    elapsed = time.monotonic() - start
-    user = usage.ru_utime - start_usage.ru_utime
-    system = usage.ru_stime - start_usage.ru_stime
+    r = measure(args.conns, args.group, args.rate, args.seconds)
     print(
-        f"floor  {writes / elapsed:,.0f} writes/s of {len(FRAME)} bytes to {args.conns} loopback sockets, "
-        f"{args.group} per burst: {(user + system) / writes * 1e6:.2f} us CPU/write "
-        f"(user {user / writes * 1e6:.2f}, system {system / writes * 1e6:.2f})"
+        f"floor  {r['writes_per_s']:,.0f} writes/s of {r['frame_bytes']} bytes to {args.conns} loopback sockets, "
+        f"{args.group} per burst: {r['us_per_write']:.2f} us CPU/write "
+        f"(user {r['user_us_per_write']:.2f}, system {r['system_us_per_write']:.2f})"
     )
-    for s in socks:
-        s.close()
-    proc.join(args.seconds + 10)
 
 
 if __name__ == "__main__":

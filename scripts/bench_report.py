@@ -372,6 +372,12 @@ def print_summary(result: dict[str, Any]) -> None:
         + ("  <-- SATURATED" if cl["saturated"] else "")
     )
     lines.append(f"  machine    {m['busy_cores']} of {m['cpus']} cores busy in the window")
+    floor = result.get("floor")
+    if floor is not None:
+        lines.append(
+            f"  floor      {floor['us_per_write']} us CPU/write, the same writes without a server, measured after "
+            f"the run" + (f": the server used {floor['server_ratio']}x that per delivery" if "server_ratio" in floor else "")
+        )
     print("\n".join(lines))
     for note in result["notes"]:
         print(f"  note: {note}")

@@ -51,6 +51,8 @@ def numbers(run: dict[str, Any]) -> dict[str, float | None]:
         "joins_per_s": run["connect"]["joins_per_s"],
         "client_cores": run["client"]["cpu_cores_total"],
         "foreign_cores": round(foreign, 2),
+        "floor_us": (run.get("floor") or {}).get("us_per_write"),
+        "x_floor": (run.get("floor") or {}).get("server_ratio"),
     }
 
 
@@ -70,7 +72,7 @@ def summarize(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, fl
 
 def print_table(summary: dict[str, dict[str, float | None]]) -> None:
     cols = ["runs", "deliveries_per_s", "cpu_us_per_delivery", "router_us", "shard_us", "p50_ms", "p99_ms",
-            "lost", "rss_kib_per_conn", "joins_per_s", "foreign_cores"]
+            "lost", "rss_kib_per_conn", "joins_per_s", "foreign_cores", "floor_us", "x_floor"]
     print("| group | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for label, row in summary.items():

@@ -33,19 +33,15 @@ run() { # NAME DIR ARGS...
 ONE=(--procs 1)
 TWO=(--procs 2)
 
-floor() { # NAME: the same writes without garin (one os.write per delivery)
-    timeout 60 "$PY" scripts/bench_floor.py --seconds 10 > "$OUT/$1.log" 2>&1 || echo "   $1 failed" >&2
-}
-
 # The load: 10 rooms x 50 members, one sender per room every 10 ms;
 # also with two load-generator processes, the setup of earlier suites. The
-# host's load moves every number by tens of percent within minutes: each
-# round measures the floor between the two, to read garin against.
+# host's load moves every number by tens of percent within minutes: these
+# runs measure the write floor right after themselves (--floor), to read
+# garin against (the table's x_floor).
 for i in 1 2 3; do
     [ -n "${BEFORE:-}" ] && run target-before-$i "$BEFORE" "${ONE[@]}"
-    run target-r1-$i "$HERE" "${ONE[@]}"
-    floor floor-$i
-    run target-p2-$i "$HERE" "${TWO[@]}"
+    run target-r1-$i "$HERE" "${ONE[@]}" --floor 10
+    run target-p2-$i "$HERE" "${TWO[@]}" --floor 10
 done
 for i in 1 2 3; do run target-r2-$i "$HERE" "${ONE[@]}" --routers 2; done
 for s in 1 4; do for i in 1 2; do run target-s$s-$i "$HERE" "${ONE[@]}" --shards $s; done; done
@@ -73,11 +69,6 @@ echo "== room10k" >&2
 timeout 500 "$PY" scripts/bench_room.py --spawn --members 10000 --messages 5 --timeout 450 \
     --out "$OUT/room10k.json" > "$OUT/room10k.log" 2>&1 || echo "   room10k failed: see $OUT/room10k.log" >&2
 cat "$OUT/room10k.log" >&2
-
-us() { grep -ho '[0-9.]* us CPU/[a-z]*' "$OUT/$1.log" || echo "-"; }
-for i in 1 2 3; do
-    echo "round $i: garin $(us target-r1-$i) (1 load process), $(us target-p2-$i) (2); floor $(us floor-$i)" >&2
-done
 
 groups=()
 [ -n "${BEFORE:-}" ] && groups+=("cpu:before=$OUT/target-before-*.json")

@@ -39,7 +39,7 @@ def test_bench_spawns_garin_loads_it_and_reports(tmp_path: Path, client: str) ->
     out = tmp_path / "bench.json"
     ok(run(
         "bench.py", "--spawn", "--client", client, "--rooms", "2", "--members", "3", "--interval", "0.05",
-        "--warmup", "0.5", "--duration", "1", "--drain", "0.5", "--no-plot", "--out", str(out),
+        "--warmup", "0.5", "--duration", "1", "--drain", "0.5", "--no-plot", "--out", str(out), "--floor", "0.5",
     ))
     result: dict[str, Any] = json.loads(out.read_text())
     assert result["connect"]["joined"] == 6 and result["connect"]["errors"] == 0
@@ -49,6 +49,10 @@ def test_bench_spawns_garin_loads_it_and_reports(tmp_path: Path, client: str) ->
     assert result["latency_ms"]["p50"] <= result["latency_ms"]["p99"] <= result["latency_ms"]["max"]
     server = result["server"]
     assert server["spawned"] and server["cpu_us_per_delivery"] > 0 and server["rss_end_kib"] > 0
+    # --floor: the same sockets written without a server, right after the run.
+    floor = result["floor"]
+    assert floor["conns"] == 6 and floor["group"] == 2 and floor["us_per_write"] > 0
+    assert floor["server_ratio"] == round(server["cpu_us_per_delivery"] / floor["us_per_write"], 2)
     table = ok(run("bench_summary.py", f"smoke={out}"))
     assert "| smoke | 1.00 |" in table
 
