@@ -91,7 +91,7 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (bad_field("<field>", "must be a string"), "a field is missing or not a string"),
     (bad_field("<field>", "must be valid unicode"), "a field holds a lone surrogate"),
     (bad_field("username", "too short"), "username/room shorter or longer than allowed"),
-    (RATE_LIMITED, "more messages than the rate limit allows in its window"),
+    (RATE_LIMITED, "more messages (or joins) than the rate limit (or join limit) allows"),
     (BODY_TOO_LONG, "a message body longer than GARIN_MAX_BODY_CHARS characters"),
     (IDLE_TIMEOUT, "a member sent no frame for GARIN_IDLE_TIMEOUT seconds (pings and pongs do not count)"),
     (PING_TIMEOUT, "no frame at all within GARIN_PING_TIMEOUT of a keepalive ping"),

@@ -172,6 +172,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Messages allowed per rate-limit window; 0 turns the limit off.", _int(0)),
     Setting("rate_limit_window_s", "GARIN_RATE_LIMIT_WINDOW", "--rate-limit-window", "1",
             "Length of the rate-limit window, seconds.", _seconds(0.001)),
+    Setting("join_limit_count", "GARIN_JOIN_LIMIT_COUNT", "--join-limit-count", "5",
+            "Joins a connection may make at once; after that, this many per join-limit window "
+            "(each join and userleave is announced to the room); more closes 1008 (rate limit "
+            "exceeded). 0 turns the limit off.", _int(0)),
+    Setting("join_limit_window_s", "GARIN_JOIN_LIMIT_WINDOW", "--join-limit-window", "10",
+            "Length of the join-limit window, seconds.", _seconds(0.001)),
     Setting("max_message_bytes", "GARIN_MAX_MESSAGE_BYTES", "--max-message-bytes", "65536",
             "Largest client message (characters of a text frame); larger closes 1009.",
             _int(64, 16 * 1024 * 1024)),
@@ -262,6 +268,8 @@ class Config:
     join_timeout_s: float
     rate_limit_count: int
     rate_limit_window_s: float
+    join_limit_count: int
+    join_limit_window_s: float
     max_message_bytes: int
     max_body_chars: int
     ping_interval_s: float
@@ -294,6 +302,8 @@ class Config:
             join_timeout_s=self.join_timeout_s,
             rate_limit_count=self.rate_limit_count,
             rate_limit_window_s=self.rate_limit_window_s,
+            join_limit_count=self.join_limit_count,
+            join_limit_window_s=self.join_limit_window_s,
             names=NameLimits(self.username_min, self.username_max, self.room_min, self.room_max),
             max_body_chars=self.max_body_chars,
             ping_interval_s=self.ping_interval_s,

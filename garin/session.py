@@ -67,6 +67,13 @@ class SessionRules:
     # A member that sends nothing for this long is closed; 0 = never, the
     # default GarinChat planned.
     idle_timeout_s: float = 0.0
+    # Joins: bursts of join_limit_count, then join_limit_count per
+    # join_limit_window_s on average (a token bucket); 0 = no limit. Each join
+    # and userleave is announced to the whole room, so without it one client
+    # alternating the two keeps every member of a big room busy. A frontend
+    # joins once, or switches rooms at a person's pace.
+    join_limit_count: int = 5
+    join_limit_window_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +112,7 @@ class Session:
     # One per connection: slots keep it small (README, Performance: memory).
     __slots__ = (
         "rules", "_check_token", "state", "_state_deadline", "_heard_at", "_sent_at",
-        "_ping_sent_at", "room", "username", "close", "_recent",
+        "_ping_sent_at", "room", "username", "close", "_recent", "_joins_due",
     )
 
     def __init__(self, rules: SessionRules, check_token: TokenCheck, now: float):
@@ -124,6 +131,10 @@ class Session:
         # Times of the last rate_limit_count messages; made at the first
         # message (a deque is ~0.7 KiB, and many members never speak).
         self._recent: deque[float] | None = None
+        # The join limit's bucket as one time (GCRA): when the joins so far
+        # will have drained, at one per window / count. One float, not a
+        # queue of times: every member joins.
+        self._joins_due = now
 
     # -- deadlines ------------------------------------------------------------
 
@@ -265,6 +276,15 @@ class Session:
     def _join(self, event: Join, now: float) -> list[Action]:
         if self.state is State.IN_ROOM:
             return self._end(closes.ALREADY_JOINED)
+        count = self.rules.join_limit_count
+        if count > 0:
+            spacing = self.rules.join_limit_window_s / count
+            due = max(self._joins_due, now)
+            # Full when the count's worth of spacing is still to drain (the
+            # nanosecond: a join exactly on time is not refused by rounding).
+            if due - now > self.rules.join_limit_window_s - spacing + 1e-9:
+                return self._end(closes.RATE_LIMITED)
+            self._joins_due = due + spacing
         self.state = State.IN_ROOM
         self._state_deadline = None
         self.room = event.room

@@ -442,12 +442,14 @@ def clients(garin: GarinServer) -> Iterator[Clients]:
         yield Clients(stack, garin)
 
 
-def members(clients: Clients, room: str, count: int, prefix: str = "m") -> list[tuple[str, ClientConnection]]:
+def members(
+    clients: Clients, room: str, count: int, prefix: str = "m", server: GarinServer | None = None
+) -> list[tuple[str, ClientConnection]]:
     """`count` members join `room` one by one; everyone's join broadcasts are consumed and checked."""
     joined: list[tuple[str, ClientConnection]] = []
     for n in range(1, count + 1):
         name = new_user(f"{prefix}{n}")
-        ws = clients.join(name, room, total=n)
+        ws = clients.join(name, room, total=n, server=server)
         for _, earlier in joined:
             expect_join(earlier, name, n)
         joined.append((name, ws))

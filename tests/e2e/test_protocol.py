@@ -662,21 +662,47 @@ def test_wildcard_origin_allows_any_origin(garin_factory: ServerFactory) -> None
 # -- rate limit -----------------------------------------------------------------------
 
 
+JOIN_BURST = 3
+
+
 @pytest.fixture(scope="module")
 def rate_limited() -> Any:
     with running_server(
         GARIN_RATE_LIMIT_COUNT="1", GARIN_RATE_LIMIT_WINDOW="1",
+        # 3 joins at once, then one per 10 s: nothing refills during a test.
+        GARIN_JOIN_LIMIT_COUNT=str(JOIN_BURST), GARIN_JOIN_LIMIT_WINDOW="30",
         GARIN_AUTH_TIMEOUT="2", GARIN_JOIN_TIMEOUT="2",
     ) as server:
         yield server
 
 
+def test_join_limit_closes_a_client_that_keeps_rejoining(rate_limited: GarinServer, clients: Clients) -> None:
+    # Each join and userleave is announced to the whole room: a client
+    # alternating them would keep every member busy, so joins are limited.
+    room = new_room()
+    (a, ws_a), (b, ws_b) = members(clients, room, 2, server=rate_limited)
+    for _ in range(JOIN_BURST - 1):  # B's first join was one of the burst
+        ws_b.send(USERLEAVE)
+        expect_userleave(ws_a, b, 1)
+        ws_b.send(join_frame(b, room))
+        expect_join(ws_b, b, 2)
+        expect_join(ws_a, b, 2)
+    ws_b.send(USERLEAVE)
+    expect_userleave(ws_a, b, 1)
+    ws_b.send(join_frame(b, room))
+    expect_close(ws_b, POLICY, "rate limit exceeded")
+    expect_quiet([ws_a])  # the refused join was never announced
+    # The room and the server go on; A's own limits were untouched.
+    c = new_user("c")
+    ws_c = clients.join(c, room, total=2, server=rate_limited)
+    expect_join(ws_a, c, 2)
+    ws_a.send(message_frame("still here"))
+    expect_message(ws_c, a, "still here")
+
+
 def test_rate_limit_closes_a_burst(rate_limited: GarinServer, clients: Clients) -> None:
     room = new_room()
-    a, b = new_user("a"), new_user("b")
-    ws_a = clients.join(a, room, total=1, server=rate_limited)
-    ws_b = clients.join(b, room, total=2, server=rate_limited)
-    expect_join(ws_a, b, 2)
+    (a, ws_a), (b, ws_b) = members(clients, room, 2, server=rate_limited)
     ws_a.send(message_frame("one"))
     ws_a.send(message_frame("two"))
     expect_close(ws_a, POLICY, "rate limit exceeded")
@@ -687,10 +713,7 @@ def test_rate_limit_closes_a_burst(rate_limited: GarinServer, clients: Clients) 
 @pytest.mark.cap(40)
 def test_rate_limit_lets_a_paced_member_talk(rate_limited: GarinServer, clients: Clients) -> None:
     room = new_room()
-    a, b = new_user("a"), new_user("b")
-    ws_a = clients.join(a, room, total=1, server=rate_limited)
-    ws_b = clients.join(b, room, total=2, server=rate_limited)
-    expect_join(ws_a, b, 2)
+    (a, ws_a), (b, ws_b) = members(clients, room, 2, server=rate_limited)
     for n in range(4):
         if n:
             time.sleep(1.1)

@@ -48,6 +48,7 @@ def test_defaults() -> None:
     assert config.socket_dir == f"/tmp/garin-{os.getuid()}-8080"
     assert (config.auth_timeout_s, config.join_timeout_s) == (2.0, 2.0)
     assert (config.rate_limit_count, config.rate_limit_window_s) == (1, 1.0)
+    assert (config.join_limit_count, config.join_limit_window_s) == (5, 10.0)
     assert config.max_message_bytes == 65536
     assert config.max_body_chars == 4096
     assert (config.ping_interval_s, config.ping_timeout_s) == (20.0, 20.0)
@@ -97,10 +98,12 @@ def test_session_rules() -> None:
         "GARIN_RATE_LIMIT_WINDOW": "2.5", "GARIN_USERNAME_MIN": "2", "GARIN_USERNAME_MAX": "20",
         "GARIN_ROOM_MIN": "4", "GARIN_ROOM_MAX": "40", "GARIN_MAX_BODY_CHARS": "500",
         "GARIN_PING_INTERVAL": "7", "GARIN_PING_TIMEOUT": "3.5", "GARIN_IDLE_TIMEOUT": "600",
+        "GARIN_JOIN_LIMIT_COUNT": "3", "GARIN_JOIN_LIMIT_WINDOW": "30",
     })
     assert config.session_rules == SessionRules(
         1.5, 3.0, 5, 2.5, NameLimits(2, 20, 4, 40),
         max_body_chars=500, ping_interval_s=7.0, ping_timeout_s=3.5, idle_timeout_s=600.0,
+        join_limit_count=3, join_limit_window_s=30.0,
     )
 
 
@@ -214,6 +217,8 @@ INVALID = [
     ("GARIN_JOIN_TIMEOUT", "0.001"), ("GARIN_JOIN_TIMEOUT", "-inf"),
     ("GARIN_RATE_LIMIT_COUNT", "-1"), ("GARIN_RATE_LIMIT_COUNT", "1.5"),
     ("GARIN_RATE_LIMIT_WINDOW", "0"), ("GARIN_RATE_LIMIT_WINDOW", "x"),
+    ("GARIN_JOIN_LIMIT_COUNT", "-1"), ("GARIN_JOIN_LIMIT_COUNT", "two"),
+    ("GARIN_JOIN_LIMIT_WINDOW", "0"), ("GARIN_JOIN_LIMIT_WINDOW", "-5"),
     ("GARIN_MAX_MESSAGE_BYTES", "63"), ("GARIN_MAX_MESSAGE_BYTES", str(16 * 1024 * 1024 + 1)),
     ("GARIN_USERNAME_MIN", "0"), ("GARIN_USERNAME_MAX", "1025"),
     ("GARIN_ROOM_MIN", "-3"), ("GARIN_ROOM_MAX", "big"),
@@ -268,6 +273,7 @@ def test_invalid_option_value_names_the_option(env: str, value: str) -> None:
         ("GARIN_AUTH_TIMEOUT", "86400", "auth_timeout_s", 86400.0),
         ("GARIN_JWT_LEEWAY", "600", "jwt_leeway_s", 600.0),
         ("GARIN_RATE_LIMIT_COUNT", "0", "rate_limit_count", 0),
+        ("GARIN_JOIN_LIMIT_COUNT", "0", "join_limit_count", 0),
         ("GARIN_SHARDS", "1", "shards", 1),
         ("GARIN_SHARDS", "256", "shards", 256),
         ("GARIN_MAX_MESSAGE_BYTES", "64", "max_message_bytes", 64),

@@ -82,6 +82,7 @@ def test_defaults() -> None:
     assert rules.max_body_chars == 4096
     assert (rules.ping_interval_s, rules.ping_timeout_s) == (20.0, 20.0)
     assert rules.idle_timeout_s == 0.0
+    assert (rules.join_limit_count, rules.join_limit_window_s) == (5, 10.0)
 
 
 @pytest.mark.parametrize("t0", [0.0, 12345.678, -50.0, 1e9])
@@ -433,6 +434,71 @@ def test_only_messages_count_towards_the_rate_limit() -> None:
     assert s.receive_text(msg(), 0.4) == [Publish("hello")]
 
 
+# --- join limit ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "window", "times", "refused_at"),
+    [
+        # A burst of `count`, then one join per window / count (1 s here).
+        (3, 3.0, [0.0, 0.0, 0.0], None),
+        (3, 3.0, [0.0, 0.0, 0.0, 0.0], 3),
+        (3, 3.0, [0.0, 0.0, 0.0, 1.0], None),
+        (3, 3.0, [0.0, 0.0, 0.0, 0.9], 3),
+        (3, 3.0, [0.0, 0.0, 0.0, 1.0, 1.0], 4),
+        (3, 3.0, [float(t) for t in range(30)], None),
+        # 0.1 s faster than that: each join eats 0.1 s of the burst's 2 s of
+        # slack, and the 22nd is refused.
+        (3, 3.0, [t * 0.9 for t in range(30)], 21),
+        # After a quiet window the whole burst is back.
+        (3, 3.0, [0.0, 0.0, 0.0, 3.0, 3.0, 3.0], None),
+        (3, 3.0, [0.0, 0.0, 0.0, 3.0, 3.0, 3.0, 3.0], 6),
+        # The defaults: 5 at once, then one every 2 s.
+        (5, 10.0, [0.0] * 5 + [2.0, 4.0, 6.0], None),
+        (5, 10.0, [0.0] * 5 + [1.9], 5),
+        (1, 0.5, [0.0, 0.5, 1.0, 1.5], None),
+        (1, 0.5, [0.0, 0.5, 0.99], 2),
+    ],
+)
+def test_join_limit(count: int, window: float, times: list[float], refused_at: int | None) -> None:
+    s = authed(0.0, join_limit_count=count, join_limit_window_s=window, join_timeout_s=100.0)
+    for i, t in enumerate(times):
+        actions = s.receive_text(join(), t)
+        if i == refused_at:
+            assert_closed(s, actions, closes.RATE_LIMITED)
+            return
+        assert actions == [JoinRoom("lobby", "alice")], i
+        assert s.receive_text(LEAVE, t) == [LeaveRoom()]
+    assert refused_at is None
+
+
+def test_join_limit_zero_means_unlimited() -> None:
+    s = authed(0.0, join_limit_count=0)
+    for i in range(2000):
+        assert s.receive_text(join(), 0.0) == [JoinRoom("lobby", "alice")], i
+        assert s.receive_text(LEAVE, 0.0) == [LeaveRoom()]
+
+
+def test_joins_and_messages_have_separate_limits() -> None:
+    # A frontend joins and chats at once: neither limit sees the other.
+    s = authed(0.0, rate_limit_count=1, rate_limit_window_s=1.0, join_limit_count=2, join_limit_window_s=10.0)
+    assert s.receive_text(join(), 0.0) == [JoinRoom("lobby", "alice")]
+    assert s.receive_text(msg(), 0.0) == [Publish("hello")]
+    assert s.receive_text(LEAVE, 0.5) == [LeaveRoom()]
+    assert s.receive_text(join(), 0.5) == [JoinRoom("lobby", "alice")]
+    assert s.receive_text(msg(), 1.0) == [Publish("hello")]
+    assert s.receive_text(LEAVE, 1.5) == [LeaveRoom()]
+    assert_closed(s, s.receive_text(join(), 1.5), closes.RATE_LIMITED)
+
+
+def test_a_refused_join_leaves_no_room_behind() -> None:
+    s = authed(0.0, join_limit_count=1, join_limit_window_s=10.0)
+    assert s.receive_text(join(), 0.0) == [JoinRoom("lobby", "alice")]
+    assert s.receive_text(LEAVE, 0.1) == [LeaveRoom()]
+    assert_closed(s, s.receive_text(join(room="other"), 0.2), closes.RATE_LIMITED)
+    assert s.room is None
+
+
 def test_empty_body_says_bye_even_when_over_the_limit() -> None:
     s = in_room(0.0, rate_limit_count=1)
     assert s.receive_text(msg(), 0.0) == [Publish("hello")]
@@ -706,6 +772,8 @@ RULES = st.builds(
     ping_interval_s=st.sampled_from([0.0, 0.3, 1.0, 20.0]),
     ping_timeout_s=st.sampled_from([0.01, 0.5, 2.0]),
     idle_timeout_s=st.sampled_from([0.0, 0.2, 1.5]),
+    join_limit_count=st.integers(0, 3),
+    join_limit_window_s=st.sampled_from([0.001, 1.0, 10.0]),
 )
 # Where a run starts: most interesting rules only apply once in a room, and
 # random frames rarely get there on their own.
