@@ -15,10 +15,10 @@ clients until the deadline, each in a loop of short lives:
   misbehavers  (--misbehavers of them) each life breaks one rule: a bad,
                foreign or expired token, no auth, no join, the wrong order,
                invalid JSON, binary or invalid UTF-8 frames, an oversized
-               frame, a too long body, a burst over the rate limit, or a
-               client that stops reading (in a room of its own, fed by a
-               well-behaved sender); every one must get the documented close
-               code and reason
+               frame, a too long body, a burst over the rate limit, userleave
+               + join in a loop past the join limit, or a client that stops
+               reading (in a room of its own, fed by a well-behaved sender);
+               every one must get the documented close code and reason
 
 What is checked, all from the clients' side (one process, one monotonic clock):
 
@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits = p.add_argument_group("the server's limits (set with --spawn; must match the server otherwise)")
     limits.add_argument("--rate-limit-count", type=int, default=5, help="GARIN_RATE_LIMIT_COUNT (>= 1)")
     limits.add_argument("--rate-limit-window", type=float, default=1.0, help="GARIN_RATE_LIMIT_WINDOW, seconds")
+    limits.add_argument("--join-limit-count", type=int, default=5, help="GARIN_JOIN_LIMIT_COUNT (0: off)")
+    limits.add_argument("--join-limit-window", type=float, default=10.0, help="GARIN_JOIN_LIMIT_WINDOW, seconds")
     limits.add_argument("--auth-timeout", type=float, default=2.0, help="GARIN_AUTH_TIMEOUT")
     limits.add_argument("--join-timeout", type=float, default=2.0, help="GARIN_JOIN_TIMEOUT")
     limits.add_argument("--max-message-bytes", type=int, default=65536, help="GARIN_MAX_MESSAGE_BYTES")
@@ -166,6 +168,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("the soak needs a rate limit: --rate-limit-count >= 1 and --rate-limit-window > 0")
     if not 0 < args.stay[0] <= args.stay[1]:
         p.error("--stay MIN MAX with 0 < MIN <= MAX")
+    if args.join_limit_count < 0 or args.join_limit_window <= 0:
+        p.error("--join-limit-count must be >= 0 and --join-limit-window > 0")
+    if args.join_limit_count > 0 and args.stay[0] < args.join_limit_window / args.join_limit_count:
+        p.error("members would switch rooms faster than the join limit allows: "
+                "--stay MIN must be at least --join-limit-window / --join-limit-count")
     if args.spawn and (args.server_pid is not None or args.secret is not None):
         p.error("--spawn soaks the server it starts; drop --server-pid and --secret")
     duration = args.minutes * 60
@@ -450,8 +457,9 @@ class Soak:
     async def auth(self, conn: Conn) -> None:
         await self.send(conn, {"type": "auth", "body": self.minter(f"soak-{self.run_id}-{conn.cid}")})
 
-    async def join(self, conn: Conn, room: int) -> Membership | None:
-        """Join and wait for the own join broadcast; None (an error counted) if it never came."""
+    async def join(self, conn: Conn, room: int, refusal_ok: bool = False) -> Membership | None:
+        """Join and wait for the own join broadcast; None (an error counted,
+        unless `refusal_ok` and the server closed the connection) if it never came."""
         m = Membership(conn.cid, conn.username, room, conn.kind, now())
         conn.pending = m
         self.memberships.append(m)
@@ -469,7 +477,9 @@ class Soak:
             m.tracked = False
             m.t_leave_lo = m.t_leave_hi = now()
             m.ended = "never confirmed"
-            if conn.closed.is_set():
+            if conn.closed.is_set() and refusal_ok:
+                m.ended = "refused"
+            elif conn.closed.is_set():
                 self.error(f"{conn.kind} closed while joining: {conn.close_text()}", conn.username)
             else:
                 self.error(f"{conn.kind} join not confirmed within {JOIN_WAIT_S:g}s", conn.username)
@@ -816,6 +826,21 @@ class Soak:
             self.noise_sent += 1
         return Expect(1008, "rate limit exceeded")
 
+    async def b_join_flood(self, conn: Conn) -> Expect:
+        # userleave + join in a loop, each join confirmed, until the join
+        # limit refuses one: after its burst, unless the soak ran that slowly.
+        m = await self._in_room(conn)
+        if m is None:
+            return Expect(0, "")
+        for _ in range(3 * self.args.join_limit_count):
+            t = now()
+            await self.send(conn, {"type": "userleave"})
+            self.end_membership(m, t, t, "userleave")
+            m = await self.join(conn, m.room, refusal_ok=True)
+            if m is None:
+                break
+        return Expect(1008, "rate limit exceeded")
+
     def behaviours(self) -> dict[str, Callable[[Conn], Awaitable[Expect]]]:
         table: dict[str, Callable[[Conn], Awaitable[Expect]]] = {
             "garbage token": self.b_garbage_token,
@@ -839,6 +864,8 @@ class Soak:
         }
         if self.args.max_body_chars > 0:
             table["body too long"] = self.b_body_too_long
+        if self.args.join_limit_count > 0:
+            table["join flood"] = self.b_join_flood
         return table
 
     async def misbehave(self, name: str, behaviour: Callable[[Conn], Awaitable[Expect]]) -> None:
@@ -1340,6 +1367,7 @@ def build_result(soak: Soak, server: dict[str, Any], started_at: str) -> dict[st
             "rooms": args.rooms, "stay_s": list(args.stay), "settle_s": args.settle, "drain_s": args.drain,
             "warmup_s": args.warmup, "sample_every_s": args.sample_every, "seed": args.seed,
             "rate_limit": [args.rate_limit_count, args.rate_limit_window],
+            "join_limit": [args.join_limit_count, args.join_limit_window],
             "auth_timeout_s": args.auth_timeout, "join_timeout_s": args.join_timeout,
             "max_message_bytes": args.max_message_bytes, "max_body_chars": args.max_body_chars,
             "max_outbox_bytes": args.max_outbox_bytes, "stop_reader_expected_s": round(soak.slow_expected, 1),
@@ -1471,6 +1499,8 @@ def main(argv: list[str] | None = None) -> int:
             spawned.env_overrides = {
                 "GARIN_RATE_LIMIT_COUNT": str(args.rate_limit_count),
                 "GARIN_RATE_LIMIT_WINDOW": str(args.rate_limit_window),
+                "GARIN_JOIN_LIMIT_COUNT": str(args.join_limit_count),
+                "GARIN_JOIN_LIMIT_WINDOW": str(args.join_limit_window),
                 "GARIN_AUTH_TIMEOUT": str(args.auth_timeout),
                 "GARIN_JOIN_TIMEOUT": str(args.join_timeout),
                 "GARIN_MAX_MESSAGE_BYTES": str(args.max_message_bytes),
