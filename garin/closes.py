@@ -41,6 +41,7 @@ INVALID_JSON = Close(POLICY, "invalid json")
 NOT_AN_OBJECT = Close(POLICY, "not a json object")
 UNKNOWN_TYPE = Close(POLICY, "unknown type")
 RATE_LIMITED = Close(POLICY, "rate limit exceeded")
+JOIN_LIMITED = Close(POLICY, "join limit exceeded")
 BODY_TOO_LONG = Close(POLICY, "body too long")
 # A member that sent nothing for GARIN_IDLE_TIMEOUT. Not a fault, so not 1008:
 # 1001 is what AWS API Gateway sends for its idle cut, and tells the client
@@ -91,7 +92,8 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (bad_field("<field>", "must be a string"), "a field is missing or not a string"),
     (bad_field("<field>", "must be valid unicode"), "a field holds a lone surrogate"),
     (bad_field("username", "too short"), "username/room shorter or longer than allowed"),
-    (RATE_LIMITED, "more messages (or joins) than the rate limit (or join limit) allows"),
+    (RATE_LIMITED, "more messages than the rate limit allows in its window"),
+    (JOIN_LIMITED, "joins faster than the join limit allows (after its burst)"),
     (BODY_TOO_LONG, "a message body longer than GARIN_MAX_BODY_CHARS characters"),
     (IDLE_TIMEOUT, "a member sent no frame for GARIN_IDLE_TIMEOUT seconds (pings and pongs do not count)"),
     (PING_TIMEOUT, "no frame at all within GARIN_PING_TIMEOUT of a keepalive ping"),

@@ -172,12 +172,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Messages allowed per rate-limit window; 0 turns the limit off.", _int(0)),
     Setting("rate_limit_window_s", "GARIN_RATE_LIMIT_WINDOW", "--rate-limit-window", "1",
             "Length of the rate-limit window, seconds.", _seconds(0.001)),
-    Setting("join_limit_count", "GARIN_JOIN_LIMIT_COUNT", "--join-limit-count", "5",
-            "Joins a connection may make at once; after that, this many per join-limit window "
-            "(each join and userleave is announced to the room); more closes 1008 (rate limit "
-            "exceeded). 0 turns the limit off.", _int(0)),
-    Setting("join_limit_window_s", "GARIN_JOIN_LIMIT_WINDOW", "--join-limit-window", "10",
-            "Length of the join-limit window, seconds.", _seconds(0.001)),
+    Setting("join_limit_count", "GARIN_JOIN_LIMIT_COUNT", "--join-limit-count", "10",
+            "Joins a connection may make at once; after that, one every join-limit window / this "
+            "count seconds (each join and userleave is announced to the room); faster closes 1008 "
+            "(join limit exceeded). 0 turns the limit off.", _int(0)),
+    Setting("join_limit_window_s", "GARIN_JOIN_LIMIT_WINDOW", "--join-limit-window", "20",
+            "Seconds over which the join limit's count refills.", _seconds(0.001)),
     Setting("max_message_bytes", "GARIN_MAX_MESSAGE_BYTES", "--max-message-bytes", "65536",
             "Largest client message (characters of a text frame); larger closes 1009.",
             _int(64, 16 * 1024 * 1024)),

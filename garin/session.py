@@ -67,13 +67,14 @@ class SessionRules:
     # A member that sends nothing for this long is closed; 0 = never, the
     # default GarinChat planned.
     idle_timeout_s: float = 0.0
-    # Joins: bursts of join_limit_count, then join_limit_count per
-    # join_limit_window_s on average (a token bucket); 0 = no limit. Each join
-    # and userleave is announced to the whole room, so without it one client
-    # alternating the two keeps every member of a big room busy. A frontend
-    # joins once, or switches rooms at a person's pace.
-    join_limit_count: int = 5
-    join_limit_window_s: float = 10.0
+    # Joins, per connection: a burst of join_limit_count, then one every
+    # join_limit_window_s / join_limit_count seconds (a token bucket); 0 = no
+    # limit. Each join and userleave is announced to the whole room, so
+    # without it one client alternating the two keeps every member of a big
+    # room busy. A frontend joins once, or switches rooms at a person's pace:
+    # the defaults allow 10 quick switches, then one every 2 s.
+    join_limit_count: int = 10
+    join_limit_window_s: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,10 +281,13 @@ class Session:
         if count > 0:
             spacing = self.rules.join_limit_window_s / count
             due = max(self._joins_due, now)
-            # Full when the count's worth of spacing is still to drain (the
-            # nanosecond: a join exactly on time is not refused by rounding).
-            if due - now > self.rules.join_limit_window_s - spacing + 1e-9:
-                return self._end(closes.RATE_LIMITED)
+            # Full when the count's worth of spacing is still to drain. The
+            # slack keeps a join exactly on time from being refused by
+            # rounding: a nanosecond, or 1e-12 of `now` where that is more
+            # (floats round in proportion to their size).
+            slack = max(1e-9, 1e-12 * abs(now))
+            if due - now > self.rules.join_limit_window_s - spacing + slack:
+                return self._end(closes.JOIN_LIMITED)
             self._joins_due = due + spacing
         self.state = State.IN_ROOM
         self._state_deadline = None

@@ -140,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad("--connect-concurrency must be at least 1")
     if args.body_bytes < 0:
         bad("--body-bytes must be >= 0")
+    if args.floor < 0:
+        bad("--floor must be >= 0 (seconds; 0: off)")
     if args.spawn and args.server_pid is not None:
         bad("--spawn measures the server it starts; drop --server-pid")
     if args.timeout is None:
@@ -341,7 +343,7 @@ def _drive(run: Run, handles: list[WorkerHandle], rooms: list[str]) -> dict[str,
     return build_result(run, rooms, connect, joins, results, times, samples, before, after_join, end, coordinator_cpu)
 
 
-def add_floor(result: dict[str, Any], members: int, seconds: float) -> None:
+def add_floor(result: dict[str, Any], members: int, body_bytes: int, seconds: float) -> None:
     """The write floor for this run's load, measured now, and the server against it.
 
     The host's load moves CPU figures by tens of percent within minutes; a
@@ -355,8 +357,14 @@ def add_floor(result: dict[str, Any], members: int, seconds: float) -> None:
         return
     conns = min(result["connect"]["connections"], FLOOR_MAX_CONNS)
     group = max(1, min(members - 1, conns))
+    # About the size of the frames delivered: ~70 bytes with ~20 of body.
+    frame = bench_floor.text_frame(len(bench_floor.FRAME) + max(0, body_bytes - 20))
     print(f"bench: measuring the write floor for {seconds:g}s ({conns} sockets, {rate:,.0f} writes/s)", file=sys.stderr)
-    floor = bench_floor.measure(conns, group, rate, seconds)
+    try:
+        floor = bench_floor.measure(conns, group, rate, seconds, frame)
+    except Exception as exc:  # the run's own result still counts
+        result["notes"].append(f"--floor: not measured ({type(exc).__name__}: {exc})")
+        return
     server = result.get("server")
     if server and server.get("cpu_us_per_delivery"):
         floor["server_ratio"] = round(server["cpu_us_per_delivery"] / floor["us_per_write"], 2)
@@ -404,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_bench(run, minter, hard_deadline)
         signal.alarm(0)
         if args.floor > 0:
-            add_floor(result, args.members, args.floor)
+            add_floor(result, args.members, args.body_bytes, args.floor)
         print_summary(result)
         write_outputs(result, args)
         return 0

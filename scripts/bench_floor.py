@@ -47,8 +47,19 @@ def reader(port: int, conns: int, ready: multiprocessing.synchronize.Event, seco
                 pass
 
 
-def measure(conns: int, group: int, rate: float, seconds: float) -> dict[str, float]:
-    """Write FRAME to `group` of `conns` loopback sockets at a time, `rate`
+def text_frame(size: int) -> bytes:
+    """A server-to-client text frame of `size` bytes in all (header included)."""
+    if size - 2 < 126:
+        return bytes([0x81, size - 2]) + b"x" * (size - 2)
+    # (At 128 and 129 bytes a 16-bit length encodes a payload that would fit
+    # in 7 bits: no reader here minds.)
+    if size - 4 < 65536:
+        return bytes([0x81, 126]) + (size - 4).to_bytes(2, "big") + b"x" * (size - 4)
+    return bytes([0x81, 127]) + (size - 10).to_bytes(8, "big") + b"x" * (size - 10)
+
+
+def measure(conns: int, group: int, rate: float, seconds: float, frame: bytes = FRAME) -> dict[str, float]:
+    """Write `frame` to `group` of `conns` loopback sockets at a time, `rate`
     writes per second in all, for `seconds`; the writer's CPU per write."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -56,7 +67,9 @@ def measure(conns: int, group: int, rate: float, seconds: float) -> dict[str, fl
     ready = multiprocessing.Event()
     proc = multiprocessing.Process(target=reader, args=(port, conns, ready, seconds), daemon=True)
     proc.start()
-    ready.wait(10)
+    if not ready.wait(10):
+        proc.kill()
+        raise RuntimeError("the reader process did not start")
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
     try:
         for s in socks:
@@ -64,7 +77,6 @@ def measure(conns: int, group: int, rate: float, seconds: float) -> dict[str, fl
             s.setblocking(False)
         fds = [s.fileno() for s in socks]
         groups = [fds[i : i + group] for i in range(0, len(fds), group)]
-        period = group / rate
         write = os.write
         writes = 0
         start_usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -80,22 +92,25 @@ def measure(conns: int, group: int, rate: float, seconds: float) -> dict[str, fl
                 continue
             for fd in groups[g]:
                 try:
-                    write(fd, FRAME)
+                    write(fd, frame)
                 except BlockingIOError:
                     pass
             writes += len(groups[g])
+            # The last group may be short: its share of the period only.
+            next_at += len(groups[g]) / rate
             g = (g + 1) % len(groups)
-            next_at += period
         usage = resource.getrusage(resource.RUSAGE_SELF)
         elapsed = time.monotonic() - start
     finally:
         for s in socks:
             s.close()
         proc.join(seconds + 10)
+    if not writes:
+        raise ValueError(f"no write in {seconds:g}s")
     user = usage.ru_utime - start_usage.ru_utime
     system = usage.ru_stime - start_usage.ru_stime
     return {
-        "conns": conns, "group": group, "frame_bytes": len(FRAME), "seconds": round(elapsed, 2),
+        "conns": conns, "group": group, "frame_bytes": len(frame), "seconds": round(elapsed, 2),
         "writes_per_s": round(writes / elapsed, 1),
         "us_per_write": round((user + system) / writes * 1e6, 3),
         "user_us_per_write": round(user / writes * 1e6, 3),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's performance numbers and docs/perf.png, in about 20 minutes.
+# The README's performance numbers and docs/perf.png, in about 25 minutes.
 #
 #   scripts/perf_suite.sh [OUT_DIR]          # default bench-results/suite
 #   BEFORE=/path/to/older/garin/checkout scripts/perf_suite.sh

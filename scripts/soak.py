@@ -131,8 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits = p.add_argument_group("the server's limits (set with --spawn; must match the server otherwise)")
     limits.add_argument("--rate-limit-count", type=int, default=5, help="GARIN_RATE_LIMIT_COUNT (>= 1)")
     limits.add_argument("--rate-limit-window", type=float, default=1.0, help="GARIN_RATE_LIMIT_WINDOW, seconds")
-    limits.add_argument("--join-limit-count", type=int, default=5, help="GARIN_JOIN_LIMIT_COUNT (0: off)")
-    limits.add_argument("--join-limit-window", type=float, default=10.0, help="GARIN_JOIN_LIMIT_WINDOW, seconds")
+    limits.add_argument("--join-limit-count", type=int, default=10, help="GARIN_JOIN_LIMIT_COUNT (0: off)")
+    limits.add_argument("--join-limit-window", type=float, default=20.0, help="GARIN_JOIN_LIMIT_WINDOW, seconds")
     limits.add_argument("--auth-timeout", type=float, default=2.0, help="GARIN_AUTH_TIMEOUT")
     limits.add_argument("--join-timeout", type=float, default=2.0, help="GARIN_JOIN_TIMEOUT")
     limits.add_argument("--max-message-bytes", type=int, default=65536, help="GARIN_MAX_MESSAGE_BYTES")
@@ -839,7 +839,7 @@ class Soak:
             m = await self.join(conn, m.room, refusal_ok=True)
             if m is None:
                 break
-        return Expect(1008, "rate limit exceeded")
+        return Expect(1008, "join limit exceeded")
 
     def behaviours(self) -> dict[str, Callable[[Conn], Awaitable[Expect]]]:
         table: dict[str, Callable[[Conn], Awaitable[Expect]]] = {

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from conftest import (
+    USERLEAVE,
     auth_frame,
     expect_close,
     expect_join,
@@ -38,6 +39,17 @@ def spam_until_closed(server, subject: str, room: str) -> None:
         expect_close(ws, 1008, "rate limit exceeded")
 
 
+def hop_until_closed(server, subject: str, room: str) -> None:
+    """Leave and rejoin until the join limit (1 here) closes the connection."""
+    with server.connect() as ws:
+        ws.send(auth_frame(server.token(subject)))
+        ws.send(join_frame(subject, room))
+        expect_join(ws, subject, 1)
+        ws.send(USERLEAVE)
+        ws.send(join_frame(subject, room))
+        expect_close(ws, 1008, "join limit exceeded")
+
+
 def refused_as_banned(server, subject: str) -> bool:
     with server.connect() as ws:
         try:
@@ -61,6 +73,8 @@ def test_repeat_rate_limit_offenders_are_banned_across_restarts(tmp_path) -> Non
     env = {
         "GARIN_RATE_LIMIT_COUNT": "1",
         "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_JOIN_LIMIT_COUNT": "1",
+        "GARIN_JOIN_LIMIT_WINDOW": "600",
         "GARIN_BAN_STRIKES": "2",
         "GARIN_BAN_WINDOW": "600",
         "GARIN_BAN_DURATION": "600",
@@ -72,6 +86,10 @@ def test_repeat_rate_limit_offenders_are_banned_across_restarts(tmp_path) -> Non
         spam_until_closed(server, "spammer", new_room("spam"))
         assert refused_as_banned(server, "spammer")
         assert not refused_as_banned(server, "bystander")
+        # The join limit closes too, but is no strike: a person may hop rooms fast.
+        hop_until_closed(server, "hopper", new_room("hop"))
+        hop_until_closed(server, "hopper", new_room("hop"))
+        assert not refused_as_banned(server, "hopper")
         eventually(lambda: "spammer" in ban_cli(server, "list").stdout)
     with running_server(**env) as server:  # a new server on the same ban list
         assert refused_as_banned(server, "spammer")

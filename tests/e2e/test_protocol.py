@@ -690,7 +690,7 @@ def test_join_limit_closes_a_client_that_keeps_rejoining(rate_limited: GarinServ
     ws_b.send(USERLEAVE)
     expect_userleave(ws_a, b, 1)
     ws_b.send(join_frame(b, room))
-    expect_close(ws_b, POLICY, "rate limit exceeded")
+    expect_close(ws_b, POLICY, "join limit exceeded")
     expect_quiet([ws_a])  # the refused join was never announced
     # The room and the server go on; A's own limits were untouched.
     c = new_user("c")

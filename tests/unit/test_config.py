@@ -48,7 +48,7 @@ def test_defaults() -> None:
     assert config.socket_dir == f"/tmp/garin-{os.getuid()}-8080"
     assert (config.auth_timeout_s, config.join_timeout_s) == (2.0, 2.0)
     assert (config.rate_limit_count, config.rate_limit_window_s) == (1, 1.0)
-    assert (config.join_limit_count, config.join_limit_window_s) == (5, 10.0)
+    assert (config.join_limit_count, config.join_limit_window_s) == (10, 20.0)
     assert config.max_message_bytes == 65536
     assert config.max_body_chars == 4096
     assert (config.ping_interval_s, config.ping_timeout_s) == (20.0, 20.0)

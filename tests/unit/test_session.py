@@ -82,7 +82,7 @@ def test_defaults() -> None:
     assert rules.max_body_chars == 4096
     assert (rules.ping_interval_s, rules.ping_timeout_s) == (20.0, 20.0)
     assert rules.idle_timeout_s == 0.0
-    assert (rules.join_limit_count, rules.join_limit_window_s) == (5, 10.0)
+    assert (rules.join_limit_count, rules.join_limit_window_s) == (10, 20.0)
 
 
 @pytest.mark.parametrize("t0", [0.0, 12345.678, -50.0, 1e9])
@@ -453,22 +453,25 @@ def test_only_messages_count_towards_the_rate_limit() -> None:
         # After a quiet window the whole burst is back.
         (3, 3.0, [0.0, 0.0, 0.0, 3.0, 3.0, 3.0], None),
         (3, 3.0, [0.0, 0.0, 0.0, 3.0, 3.0, 3.0, 3.0], 6),
-        # The defaults: 5 at once, then one every 2 s.
-        (5, 10.0, [0.0] * 5 + [2.0, 4.0, 6.0], None),
-        (5, 10.0, [0.0] * 5 + [1.9], 5),
+        # The defaults: 10 at once, then one every 2 s.
+        (10, 20.0, [0.0] * 10 + [2.0, 4.0, 6.0], None),
+        (10, 20.0, [0.0] * 10 + [1.9], 10),
+        # A spacing that floats cannot hold exactly.
+        (3, 1.0, [0.0, 0.0, 0.0] + [k / 3 for k in range(1, 40)], None),
         (1, 0.5, [0.0, 0.5, 1.0, 1.5], None),
         (1, 0.5, [0.0, 0.5, 0.99], 2),
     ],
 )
-def test_join_limit(count: int, window: float, times: list[float], refused_at: int | None) -> None:
-    s = authed(0.0, join_limit_count=count, join_limit_window_s=window, join_timeout_s=100.0)
+@pytest.mark.parametrize("t0", [0.0, -1e6, 1e6, 1e7, 1e9])
+def test_join_limit(count: int, window: float, times: list[float], refused_at: int | None, t0: float) -> None:
+    s = authed(t0, join_limit_count=count, join_limit_window_s=window, join_timeout_s=100.0)
     for i, t in enumerate(times):
-        actions = s.receive_text(join(), t)
+        actions = s.receive_text(join(), t0 + t)
         if i == refused_at:
-            assert_closed(s, actions, closes.RATE_LIMITED)
+            assert_closed(s, actions, closes.JOIN_LIMITED)
             return
         assert actions == [JoinRoom("lobby", "alice")], i
-        assert s.receive_text(LEAVE, t) == [LeaveRoom()]
+        assert s.receive_text(LEAVE, t0 + t) == [LeaveRoom()]
     assert refused_at is None
 
 
@@ -488,14 +491,14 @@ def test_joins_and_messages_have_separate_limits() -> None:
     assert s.receive_text(join(), 0.5) == [JoinRoom("lobby", "alice")]
     assert s.receive_text(msg(), 1.0) == [Publish("hello")]
     assert s.receive_text(LEAVE, 1.5) == [LeaveRoom()]
-    assert_closed(s, s.receive_text(join(), 1.5), closes.RATE_LIMITED)
+    assert_closed(s, s.receive_text(join(), 1.5), closes.JOIN_LIMITED)
 
 
 def test_a_refused_join_leaves_no_room_behind() -> None:
     s = authed(0.0, join_limit_count=1, join_limit_window_s=10.0)
     assert s.receive_text(join(), 0.0) == [JoinRoom("lobby", "alice")]
     assert s.receive_text(LEAVE, 0.1) == [LeaveRoom()]
-    assert_closed(s, s.receive_text(join(room="other"), 0.2), closes.RATE_LIMITED)
+    assert_closed(s, s.receive_text(join(room="other"), 0.2), closes.JOIN_LIMITED)
     assert s.room is None
 
 
