@@ -347,8 +347,8 @@ def add_floor(result: dict[str, Any], members: int, body_bytes: int, seconds: fl
     """The write floor for this run's load, measured now, and the server against it.
 
     The host's load moves CPU figures by tens of percent within minutes; a
-    floor measured right after the run moves with them, so the ratio is the
-    figure to compare across runs and machines."""
+    floor measured right after the run says how busy the host was then (it
+    explains part of that noise, not all of it: README, Performance)."""
     import bench_floor
 
     rate = result["traffic"]["deliveries_per_s"]

@@ -70,8 +70,11 @@ def measure(conns: int, group: int, rate: float, seconds: float, frame: bytes = 
     if not ready.wait(10):
         proc.kill()
         raise RuntimeError("the reader process did not start")
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(conns)]
+    socks: list[socket.socket] = []
     try:
+        # Inside the try: a connection refused halfway (out of fds) still
+        # closes the others and waits for the reader.
+        socks.extend(socket.create_connection(("127.0.0.1", port)) for _ in range(conns))
         for s in socks:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.setblocking(False)
