@@ -106,8 +106,8 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
 
     config = _load(options)
     _enable_metrics(config, fresh=False)
-    from router.server import serve_router
-    from router.shard_link import ShardRefused
+    from garin.router.server import serve_router
+    from garin.router.shard_link import ShardRefused
 
     router_id = router_id or os.environ.get("HONCHO_PROCESS_NAME") or str(os.getpid())
     setup_logging(
@@ -145,7 +145,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
     setup_logging(config.log_level, f"shard.{index}", config.log_format)
     _enable_metrics(config, fresh=False)
-    from shard.server import serve_shard
+    from garin.shard.server import serve_shard
 
     try:
         run_trio(f"shard-{index}", serve_shard, config, index, lifeline_fd)

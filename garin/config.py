@@ -153,15 +153,14 @@ SETTINGS: tuple[Setting, ...] = (
             "How long an automatic ban lasts, seconds.", _seconds(1, 365 * 86400)),
     Setting("allowed_origins", "ALLOWED_ORIGINS", "--allowed-origins", None,
             "Comma list of browser origins allowed to connect; * allows any.", _origins),
-    # 2: on the measured 2-core host, 2 shards cost least per delivery (README,
-    # Performance); shards use a fifth of garin's CPU, routers the rest.
+    # One shard per core is the usual choice: each shard fans out its own
+    # rooms (README, Performance).
     Setting("shards", "GARIN_SHARDS", "--shards", "2",
             "Number of shard processes (part of the routing: all processes must agree).",
             _int(1, 256)),
     Setting("routers", "GARIN_ROUTERS", "--routers", "1",
-            "Number of router processes: `garin run` starts this many, and a starting shard "
-            "waits (2 s at most) for this many to replay their members before it applies "
-            "new events, so set it to match when you run routers yourself.", _int(1, 64)),
+            "Number of router processes `garin run` starts (they accept, authenticate and hand "
+            "each client to its room's shard).", _int(1, 64)),
     Setting("socket_dir", "GARIN_SOCKET_DIR", "--socket-dir", "",
             "Directory for the shards' Unix sockets (default /tmp/garin-UID-PORT).", _text),
     Setting("auth_timeout_s", "GARIN_AUTH_TIMEOUT", "--auth-timeout", "2",
@@ -204,17 +203,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_outbox_bytes", "GARIN_MAX_OUTBOX_BYTES", "--max-outbox-bytes", "1048576",
             "Bytes queued for a client that is not reading before it is closed (too slow).",
             _int(1024)),
-    # While a shard is unreachable (killed, restarting) each router holds the
-    # events for its rooms and sends them once it is back. 4 MiB and 10 s
-    # cover a supervisor restart (well under a second) with a wide margin,
-    # yet cap the memory one dead shard can cost a router.
+    # Kept so that existing .env files still load: since connections live in
+    # their room's shard, nothing is held for a shard any more.
     Setting("shard_hold_bytes", "GARIN_SHARD_HOLD_BYTES", "--shard-hold-bytes", "4194304",
-            "Bytes of events a router holds for an unreachable shard; past that the clients "
-            "in its rooms are closed (1013 room unavailable). 0 holds nothing.", _int(0)),
+            "No longer used (nothing is held for an unreachable shard); accepted and ignored.",
+            _int(0)),
+    # A supervisor restarts a dead shard well within a second: 10 s covers
+    # that with a wide margin while a client waits for its join.
     Setting("shard_hold_timeout_s", "GARIN_SHARD_HOLD_TIMEOUT", "--shard-hold-timeout", "10",
-            "Seconds a router waits for an unreachable shard before closing the clients in its "
-            "rooms (1013 room unavailable) and refusing joins there until it is back.",
-            _seconds(0, 3600)),
+            "Seconds a join to an unreachable shard's room waits for it before the client is "
+            "closed 1013 (room unavailable).", _seconds(0, 3600)),
     Setting("handshake_timeout_s", "GARIN_HANDSHAKE_TIMEOUT", "--handshake-timeout", "10",
             "Seconds to complete the HTTP upgrade.", _seconds(0.1)),
     Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",

@@ -29,21 +29,9 @@ CLOSES = Counter("garin_closes", "Connections closed by the server.", ["code", "
 SLOW_CONSUMER_DROPS = Counter("garin_slow_consumer_drops", "Clients closed for not reading (1013 too slow).")
 ROOMS = Gauge("garin_rooms", "Rooms owned by each shard.", ["shard"], multiprocess_mode="livesum")
 MEMBERS = Gauge("garin_members", "Members of each shard's rooms.", ["shard"], multiprocess_mode="livesum")
-LINK_QUEUE = Gauge(
-    "garin_link_queue_messages", "Messages queued on a router's link to a shard.", ["shard"],
-    multiprocess_mode="livemax",
-)
 SHARD_LINKS_UP = Gauge(
     "garin_shard_link_up", "1 if the router's link to the shard is up.", ["shard"], multiprocess_mode="livemin"
 )
-SOLO_ROOMS = Gauge(
-    "garin_solo_rooms", "Rooms whose one router fans them out itself, per shard.", ["shard"],
-    multiprocess_mode="livesum",
-)
-REVOKES = Counter(
-    "garin_solo_revokes", "Solo rooms taken back because another router's member joined (or was replayed)."
-)
-UNLINKS = Counter("garin_solo_unlinks", "Routers a shard unlinked for leaving a Revoke unanswered.")
 RESTARTS = Counter("garin_restarts", "Children restarted by the supervisor.", ["child"])
 
 

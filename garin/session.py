@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from enum import Enum
 
 from garin import closes
@@ -136,6 +137,51 @@ class Session:
         # will have drained, at one per window / count. One float, not a
         # queue of times: every member joins.
         self._joins_due = now
+
+    # -- moving to another process ----------------------------------------------
+
+    def snapshot(self, now: float) -> tuple[Any, ...]:
+        """Everything but the rules and the token check, as plain values, with
+        times relative to `now`: another process's clock has another origin."""
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else t - now
+
+        return (
+            self.state.value, rel(self._state_deadline), self._heard_at - now, self._sent_at - now,
+            rel(self._ping_sent_at), self.room, self.username,
+            tuple(t - now for t in self._recent) if self._recent is not None else None,
+            self._joins_due - now,
+        )
+
+    @classmethod
+    def restore(
+        cls, rules: SessionRules, check_token: TokenCheck, snapshot: tuple[Any, ...], now: float
+    ) -> Session:
+        """The session `snapshot` describes, its times made relative to `now`.
+        ValueError if `snapshot` is not one `snapshot()` could have made."""
+        try:
+            state, deadline, heard, sent, pinged, room, username, recent, joins_due = snapshot
+            session = cls(rules, check_token, now)
+            session.state = State(state)
+            if session.state is State.CLOSED:
+                raise ValueError("a closed session does not move")
+            session._state_deadline = None if deadline is None else now + float(deadline)
+            session._heard_at = now + float(heard)
+            session._sent_at = now + float(sent)
+            session._ping_sent_at = None if pinged is None else now + float(pinged)
+            for value in (room, username):
+                if value is not None and type(value) is not str:
+                    raise ValueError(f"room and username must be strings, not {value!r:.40}")
+            session.room, session.username = room, username
+            if recent is not None:
+                count = rules.rate_limit_count
+                if count > 0:
+                    session._recent = deque((now + float(t) for t in recent), maxlen=count)
+            session._joins_due = now + float(joins_due)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a session snapshot: {exc}") from None
+        return session
 
     # -- deadlines ------------------------------------------------------------
 

@@ -2,12 +2,15 @@
 
 Every message is one msgpack array `[tag, field, ...]`. The first message on a
 link is the router's `Hello`; the shard answers `Welcome` or `Refuse` (then
-closes). The router then replays the members it has on that shard (`Rejoin`,
-needed after a shard restart) and sends `Replayed`; everything after that is
-new. Member ids are chosen by the router and unique only within it; a shard
-keys members by (link, member). Texts sent to clients are built once by the
-shard as UTF-8 bytes and travel as msgpack `bin`, so a router turns them into
-WebSocket frames without decoding them.
+closes). After that the link carries connections, not chat traffic:
+
+- `Adopt` (router -> shard): a client that has authenticated and joined a
+  room of this shard. The client's socket travels with it as ancillary data
+  (SCM_RIGHTS, garin/link.py), one socket per `Adopt`, in order.
+- `Adopt` (shard -> router): a member left its room and joined one of another
+  shard; the router passes it on to that shard as it would a new client.
+- `Ended` (shard -> router): a connection the router handed over is gone, so
+  the router can release what its connection limits counted for it.
 
 This is the only module that touches msgpack.
 """
@@ -21,96 +24,29 @@ from typing import Any, ClassVar
 
 import msgpack
 
-# 2: Replayed. 3: solo rooms (Joined.solo, Revoke, Released, Offer, Accept, SoloFrom).
-PROTOCOL_VERSION = 3
-# One message is at most a client text plus small fields; anything far larger
-# means a corrupt or hostile peer.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# 4: connections live in their room's shard (Adopt, Ended); no chat traffic.
+PROTOCOL_VERSION = 4
+# One message is at most a session's state plus what the client sent that was
+# not handled yet: the rest of one read (64 KiB) and the part received of one
+# unfinished message, at most GARIN_MAX_MESSAGE_BYTES (16 Mi) characters of up
+# to 4 bytes each. Anything larger means a corrupt or hostile peer.
+MAX_MESSAGE_BYTES = 4 * 16 * 1024 * 1024 + 1024 * 1024
 
 
 class WireError(Exception):
     """The peer sent something that is not a valid message: drop the link."""
 
 
-# --- router -> shard -------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """Router -> shard, first on a link."""
+
     TAG: ClassVar[int] = 0
     version: int
     router_id: str
     shard_index: int
     shard_count: int
     hash_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    """A member joins a room; the room hears about it (`Joined` / `Deliver`)."""
-
-    TAG: ClassVar[int] = 1
-    member: int
-    room: str
-    username: str
-
-
-@dataclass(frozen=True, slots=True)
-class Rejoin:
-    """Replay of a member after the link came back: no announcement."""
-
-    TAG: ClassVar[int] = 2
-    member: int
-    room: str
-    username: str
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    TAG: ClassVar[int] = 3
-    member: int
-    body: str
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    TAG: ClassVar[int] = 4
-    member: int
-
-
-@dataclass(frozen=True, slots=True)
-class Replayed:
-    """The router has re-sent (`Rejoin`) every member it has on this shard.
-
-    A shard that has just started applies no other event until every router
-    has replayed (or a grace period has passed), so a join's totalUsers and a
-    held message's recipients include the members of every router."""
-
-    TAG: ClassVar[int] = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Released:
-    """Answer to `Revoke` number `no`: this router has stopped fanning `room`
-    out itself; its messages to the room come as `Publish` from here on. (The
-    number lets a shard ignore an answer replayed after a relink.)"""
-
-    TAG: ClassVar[int] = 6
-    room: str
-    no: int
-
-
-@dataclass(frozen=True, slots=True)
-class Accept:
-    """Answer to `Offer` number `no`: the shard makes `room` solo if it still
-    can, and says so with `SoloFrom` after everything this router sent before."""
-
-    TAG: ClassVar[int] = 7
-    room: str
-    no: int
-
-
-# --- shard -> router -------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,96 +63,60 @@ class Refuse:
 
 
 @dataclass(frozen=True, slots=True)
-class Joined:
-    """`member` (on the receiving router) is now in `room`; send `text` to all
-    the router's members of the room, the joiner included.
+class Adopt:
+    """A connection changes process; its socket is the next one on the link.
 
-    `solo`: every member the shard had announced to the room is on the
-    receiving router, and no other router's join will be announced before the
-    router answers a `Revoke`; it may fan its members' messages out itself
-    instead of sending `Publish`."""
+    `conn` is the id the owning router gave it (logs, `Ended`), `owner` that
+    router's instance name: the process whose connection limits count it.
+    `session` and `frames` are `Session.snapshot()` and
+    `FrameParser.snapshot()` (checked by their `restore`), with times relative
+    to `sent_at`, the sender's CLOCK_MONOTONIC reading."""
+
+    TAG: ClassVar[int] = 1
+    conn: int
+    owner: str
+    peer: str
+    subject: str | None
+    claimed_name: str | None
+    room: str
+    username: str
+    session: tuple[Any, ...]
+    frames: tuple[Any, ...]
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """Shard -> owning router: connection `conn` is closed (or its shard
+    passed it on through another router). `rate_limited`: it was closed for
+    the rate limit, a strike against its token subject."""
 
     TAG: ClassVar[int] = 12
-    room: str
-    member: int
-    text: bytes
-    solo: bool = False
+    conn: int
+    rate_limited: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """Send `text` to the router's members of `room`, except `exclude` (-1: none)."""
+WireMessage = Hello | Welcome | Refuse | Adopt | Ended
 
-    TAG: ClassVar[int] = 13
-    room: str
-    exclude: int
-    text: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Revoke:
-    """A member of another router is joining solo `room` (or was replayed
-    into it): stop fanning it out locally and answer `Released(room, no)`.
-    The shard holds such joins until then."""
-
-    TAG: ClassVar[int] = 14
-    room: str
-    no: int
-
-
-@dataclass(frozen=True, slots=True)
-class Offer:
-    """Every member of `room` is on the receiving router now (others left, or
-    the room was rebuilt by replays): answer `Accept(room, no)` to make it solo."""
-
-    TAG: ClassVar[int] = 15
-    room: str
-    no: int
-
-
-@dataclass(frozen=True, slots=True)
-class SoloFrom:
-    """`room` is solo for the receiving router from here on (as `Joined.solo`):
-    every message its members sent before its `Accept` has come back already."""
-
-    TAG: ClassVar[int] = 16
-    room: str
-    no: int
-
-
-WireMessage = (
-    Hello | Join | Rejoin | Publish | Leave | Replayed | Released | Accept
-    | Welcome | Refuse | Joined | Deliver | Revoke | Offer | SoloFrom
-)
-
-_FIELD_TYPES: dict[int, tuple[type, tuple[type, ...]]] = {
-    Hello.TAG: (Hello, (int, str, int, int, str)),
-    Join.TAG: (Join, (int, str, str)),
-    Rejoin.TAG: (Rejoin, (int, str, str)),
-    Publish.TAG: (Publish, (int, str)),
-    Leave.TAG: (Leave, (int,)),
-    Replayed.TAG: (Replayed, ()),
-    Released.TAG: (Released, (str, int)),
-    Accept.TAG: (Accept, (str, int)),
-    Welcome.TAG: (Welcome, (int, int)),
-    Refuse.TAG: (Refuse, (str,)),
-    Joined.TAG: (Joined, (str, int, bytes, bool)),
-    Deliver.TAG: (Deliver, (str, int, bytes)),
-    Revoke.TAG: (Revoke, (str, int)),
-    Offer.TAG: (Offer, (str, int)),
-    SoloFrom.TAG: (SoloFrom, (str, int)),
+_STR_OR_NONE = (str, type(None))
+# Accepted Python types per field, in order (msgpack gives tuples for arrays).
+_FIELD_TYPES: dict[int, tuple[type, tuple[tuple[type, ...], ...]]] = {
+    Hello.TAG: (Hello, ((int,), (str,), (int,), (int,), (str,))),
+    Welcome.TAG: (Welcome, ((int,), (int,))),
+    Refuse.TAG: (Refuse, ((str,),)),
+    Adopt.TAG: (
+        Adopt,
+        ((int,), (str,), (str,), _STR_OR_NONE, _STR_OR_NONE, (str,), (str,), (tuple,), (tuple,), (float,)),
+    ),
+    Ended.TAG: (Ended, ((int,), (bool,))),
 }
 
 
-# Per class, a function returning (TAG, field, ...): dataclasses.astuple deep-
-# copies every field and costs more than the packing itself.
 def _array_maker(cls: Any) -> Callable[[Any], tuple[Any, ...]]:
+    # dataclasses.astuple deep-copies every field: a getter is cheaper.
     tag = cls.TAG
-    names = [f.name for f in fields(cls)]
-    if not names:
-        return lambda m: (tag,)
-    getter = attrgetter(*names)
-    if len(names) == 1:
+    getter = attrgetter(*[f.name for f in fields(cls)])
+    if len(fields(cls)) == 1:
         return lambda m: (tag, getter(m))
     return lambda m: (tag, *getter(m))
 
@@ -240,7 +140,7 @@ def _build(item: Any) -> WireMessage:
     if spec is None:
         raise WireError(f"unknown message tag {tag!r:.40}")
     cls, types = spec
-    if tuple(map(type, values)) != types:
+    if len(values) != len(types) or not all(type(v) in t for v, t in zip(values, types)):
         raise WireError(f"bad fields for {cls.__name__}: {values!r:.120}")
     return cls(*values)  # type: ignore[no-any-return]
 

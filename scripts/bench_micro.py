@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from garin import protocol, wire  # noqa: E402
-from router.frames import text_frame  # noqa: E402
-from shard.rooms import Rooms  # noqa: E402
+from garin.frames import text_frame  # noqa: E402
+from garin.shard.rooms import Rooms  # noqa: E402
 
 BODY = "12:345:1234567890123"
 TEXT = protocol.message_text("user3", BODY)

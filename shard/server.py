@@ -1,10 +1,14 @@
-"""The shard's trio shell: a Unix socket, one task per router link.
+"""The shard's trio shell: adopt connections from routers, serve their rooms.
 
-Each link writes through a `BatchWriter` (garin/batch_writer.py): everything
-the shard produced for a link in one scheduler pass leaves in one system call
-at the end of the pass, without waking a writer task. A message for several links is encoded once.
-The rooms core decides everything, and the replay gate (shard/gate.py) when a
-newly started shard may apply new events; this module only moves bytes.
+A shard listens on a Unix socket; every router links to it (hello, welcome)
+and hands it the clients that joined one of its rooms (`Adopt`, the socket
+with it). From then on the connection lives here: one task per connection
+runs its session (garin/connection.py), and this module is the `Place` it
+runs in: a join announces in the room, a message is encoded once and
+written to every member (garin/websocket.py `fan_out`), a leave announces.
+A member that joins a room of another shard is passed back through a router
+(`move`), after its userleave was announced here. When the connection ends
+its owning router hears `Ended`, to release what it counted.
 """
 
 from __future__ import annotations
@@ -13,67 +17,47 @@ import itertools
 import logging
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
-from garin import metrics, wire
-from garin.batch_writer import BatchWriter, LinkOverflow, receive_into
+from garin import closes, metrics, protocol, wire
+from garin.closes import Close
 from garin.config import Config
+from garin.connection import MOVED, Connection, Moved, serve_connection
+from garin.frames import text_frame
+from garin.handoff import adopt_message, adopted_connection
+from garin.fdlimit import raise_file_limit
 from garin.lifeline import watch_lifeline
-from garin.routing import HASH_NAME
-from shard.gate import REPLAY_GRACE_S, ReplayGate
-from shard.rooms import Outgoing, Rooms
+from garin.link import Link, LinkClosed, receive_first
+from garin.routing import HASH_NAME, shard_for
+from garin.websocket import ClientWebSocket, fan_out
+from garin.shard.rooms import Announce, Rooms
 
 log = logging.getLogger("garin.shard")
 
 HELLO_TIMEOUT_S = 5.0
-RECEIVE_BYTES = 256 * 1024
-# A router that stops reading its link is dropped past this (it reconnects and
-# replays), so one stuck router cannot grow a shard's memory without bound.
-MAX_LINK_QUEUE_BYTES = 64 * 1024 * 1024
-# A router answers a Revoke as soon as it reads it. One that has not, although
-# for this long everything sent to it (the Revoke included) has been in its
-# socket, is stuck while a join waits on it: unlink it (it relinks and replays).
-REVOKE_TIMEOUT_S = 5.0
-
-
-class Link:
-    def __init__(self, link_id: int, router_id: str, stream: trio.SocketStream) -> None:
-        self.id = link_id
-        self.router_id = router_id
-        self.stream = stream
-        self.writer = BatchWriter(stream.socket, MAX_LINK_QUEUE_BYTES, f"router {router_id}")
-        # Cancelled to unlink a router that does not answer a Revoke.
-        self.scope = trio.CancelScope()
-        # When the shard last saw data queued for it that its socket would not take.
-        self.backlog_seen = trio.current_time()
-
-    def send(self, data: bytes) -> None:
-        self.writer.send(data)
+METRICS_SAMPLE_S = 1.0
 
 
 class Shard:
     def __init__(self, config: Config, index: int) -> None:
         self.config = config
         self.index = index
-        self.rooms = Rooms()
-        self.links: dict[int, Link] = {}
-        self._ids = itertools.count(1)
-        self.gate = ReplayGate(config.routers, trio.current_time())
-        self.ready = trio.Event()
+        self.rules = config.session_rules
+        self.rooms: Rooms[ClientWebSocket] = Rooms()
+        # Router instance -> its link, for `Ended` and for moves.
+        self.routers: dict[str, Link] = {}
+        self.conns: dict[int, Connection] = {}
+        # Shard-local member keys: connection ids are per router.
+        self._keys: dict[int, int] = {}
+        self._next_key = itertools.count(1)
+        self.stopping = trio.Event()
+        # Where connection tasks and their drains run; set by serve_shard.
+        self.nursery: trio.Nursery
 
-    def dispatch(self, outgoing: list[Outgoing]) -> None:
-        encoded: dict[int, bytes] = {}
-        for link_id, message in outgoing:
-            link = self.links.get(link_id)
-            if link is None:
-                continue
-            data = encoded.get(id(message))
-            if data is None:
-                data = encoded[id(message)] = wire.encode(message)
-            link.send(data)
+    # -- links ------------------------------------------------------------------
 
     def refusal(self, hello: wire.Hello) -> str | None:
         if hello.version != wire.PROTOCOL_VERSION:
@@ -87,122 +71,151 @@ class Shard:
         return None
 
     async def handle_link(self, stream: trio.SocketStream) -> None:
+        link = Link(stream.socket)
+        router = "?"
         try:
-            async with stream:
-                await self._serve_link(stream)
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireError, trio.TooSlowError) as group:
-            # Our own overflow wakes the reader too: name the cause, not the echo.
-            overflow, _ = group.split(LinkOverflow)
-            exc = (overflow or group).exceptions[0]
-            log.warning("shard %d: link dropped: %s", self.index, str(exc) or type(exc).__name__)
+            hello = await receive_first(link, HELLO_TIMEOUT_S)
+            if not isinstance(hello, wire.Hello):
+                raise wire.WireError(f"expected hello, got {type(hello).__name__}")
+            router = hello.router_id
+            refusal = self.refusal(hello)
+            if refusal is not None:
+                log.error("shard %d: refusing router %s: %s", self.index, router, refusal)
+                await link.send(wire.Refuse(refusal))
+                return
+            await link.send(wire.Welcome(wire.PROTOCOL_VERSION, self.index))
+            self.routers[router] = link
+            log.info("shard %d: router %s linked", self.index, router)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.run_posted)
+                while True:
+                    for message, fd in await link.receive():
+                        if isinstance(message, wire.Adopt) and fd is not None:
+                            self._adopt(message, fd)
+                        else:
+                            raise wire.WireError(f"unexpected {type(message).__name__} from router {router}")
+        except* (LinkClosed, wire.WireError, trio.TooSlowError) as group:
+            exc = group.exceptions[0]
+            log.info("shard %d: router %s unlinked (%s)", self.index, router, str(exc) or type(exc).__name__)
         except* Exception:
-            log.exception("shard %d: link crashed", self.index)
-
-    async def _serve_link(self, stream: trio.SocketStream) -> None:
-        decoder = wire.Decoder()
-        pending: list[wire.WireMessage] = []
-        with trio.fail_after(HELLO_TIMEOUT_S):
-            while not pending:
-                data = await stream.receive_some(RECEIVE_BYTES)
-                if not data:
-                    return
-                pending.extend(decoder.feed(data))
-        hello = pending.pop(0)
-        if not isinstance(hello, wire.Hello):
-            raise wire.WireError(f"expected hello, got {type(hello).__name__}")
-        refusal = self.refusal(hello)
-        if refusal is not None:
-            log.error("shard %d: refusing router %s: %s", self.index, hello.router_id, refusal)
-            await stream.send_all(wire.encode(wire.Refuse(refusal)))
-            return
-        link = Link(next(self._ids), hello.router_id, stream)
-        self.links[link.id] = link
-        log.info("shard %d: router %s linked", self.index, hello.router_id)
-        try:
-            await stream.send_all(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, self.index)))
-            with link.scope:
-                await self._pump(link, decoder, pending)
+            log.exception("shard %d: link to router %s crashed", self.index, router)
         finally:
-            link.writer.close()
-            del self.links[link.id]
-            self.dispatch(self.rooms.drop_link(link.id, trio.current_time()))
-            log.info("shard %d: router %s unlinked", self.index, hello.router_id)
+            link.close()
+            if self.routers.get(router) is link:
+                del self.routers[router]
 
-    async def _pump(self, link: Link, decoder: wire.Decoder, pending: list[wire.WireMessage]) -> None:
-        stream = link.stream
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.writer.run)
-            await self._apply_gated(link, pending)
-            sock = stream.socket
-            buffer = bytearray(RECEIVE_BYTES)
-            while True:
-                chunk = await receive_into(sock, buffer)
-                if not chunk:
-                    break
-                if self.ready.is_set():
-                    self._apply(link.id, decoder.feed(chunk))
-                else:
-                    await self._apply_gated(link, decoder.feed(chunk))
-            nursery.cancel_scope.cancel()
-
-    async def _apply_gated(self, link: Link, messages: Iterable[wire.WireMessage]) -> None:
-        """Apply `messages` in order while the replay gate may still be shut:
-        replays go through, anything else waits for the gate."""
-        for message in messages:
-            if not self.ready.is_set():
-                if type(message) is wire.Replayed:
-                    if self.gate.replayed(link.router_id):
-                        log.debug("shard %d: %d routers replayed; applying events", self.index, self.gate.expected)
-                        self.ready.set()
-                    continue
-                if type(message) is not wire.Rejoin:
-                    await self.ready.wait()
-            self._apply(link.id, (message,))
-
-    async def open_gate_after_grace(self) -> None:
-        await trio.sleep_until(self.gate.deadline)
-        if self.gate.timeout(trio.current_time()) and not self.ready.is_set():
-            log.info(
-                "shard %d: only %d of %d routers (GARIN_ROUTERS) replayed their members within %g s; "
-                "applying events without the rest",
-                self.index, len(self.gate.replayed_by), self.gate.expected, REPLAY_GRACE_S,
+    def _adopt(self, message: wire.Adopt, fd: int) -> None:
+        """Take a connection in and announce its join at once, so joins are
+        applied in the order the link brought them."""
+        try:
+            conn = adopted_connection(
+                message, fd, self.rules, self.config.max_message_bytes, self.config.max_outbox_bytes, self.nursery
             )
-            self.ready.set()
+        except ValueError as exc:
+            raise wire.WireError(f"bad Adopt: {exc}") from None
+        self.conns[id(conn)] = conn
+        metrics.CONNECTIONS.inc()
+        if self.stopping.is_set():
+            conn.socket.kick(closes.SHUTDOWN)
+        assert conn.room is not None and conn.username is not None
+        room, conn.room = conn.room, None
+        if self.join(conn, room, conn.username):
+            self.nursery.start_soon(self._serve, conn)
+        else:
+            conn.room = room  # not ours (the router's shard count differs?): pass it on
+            self.nursery.start_soon(self._pass_on, conn)
 
-    def _apply(self, link_id: int, messages: Iterable[wire.WireMessage]) -> None:
-        handle = self.rooms.handle
-        now = trio.current_time()
-        for message in messages:
-            kind = type(message)
-            if kind is wire.Join:
-                metrics.JOINS.inc()
-            elif kind is wire.Leave:
-                metrics.LEAVES.inc()
-            elif kind is wire.Replayed:
-                continue  # the gate is open already
-            out = handle(link_id, message, now)
-            if out:
-                self.dispatch(out)
+    async def _pass_on(self, conn: Connection) -> None:
+        async def moved() -> Close | Moved | None:
+            close = await self.move(conn)
+            if close is None:
+                return MOVED
+            conn.room = None
+            await conn.socket.close(close)
+            return close
 
-    async def unlink_overdue(self) -> None:
-        """Unlink routers that leave a Revoke unanswered (a join waits on them).
-        A router still working through a backlog is slow, not stuck: it is
-        given REVOKE_TIMEOUT_S from when its socket took everything."""
-        while True:
-            await trio.sleep(REVOKE_TIMEOUT_S / 5)
-            now = trio.current_time()
-            for link in self.links.values():
-                if link.writer.queued:
-                    link.backlog_seen = now
-            for link_id in self.rooms.overdue(now, REVOKE_TIMEOUT_S):
-                stuck = self.links.get(link_id)
-                if stuck is not None and not stuck.scope.cancel_called and now - stuck.backlog_seen > REVOKE_TIMEOUT_S:
-                    log.warning(
-                        "shard %d: router %s has not released a room in %g s; unlinking it",
-                        self.index, stuck.router_id, REVOKE_TIMEOUT_S,
-                    )
-                    metrics.UNLINKS.inc()
-                    stuck.scope.cancel()
+        await self._serve(conn, moved)
+
+    async def _serve(self, conn: Connection, run: Callable[[], Awaitable[Close | Moved | None]] | None = None) -> None:
+        """Run an adopted connection here (or `run` instead) and clean up after it."""
+        outcome: Close | Moved | None = None
+        try:
+            outcome = await (run() if run is not None else serve_connection(conn, self))
+        except Exception:
+            log.exception("conn %d (%s): internal error", conn.id, conn.peer)
+            if conn.room is not None:
+                self.leave(conn)
+                conn.room = None
+            with trio.move_on_after(1):
+                await conn.socket.close(closes.INTERNAL)
+        finally:
+            conn.socket.hang_up()
+            metrics.CONNECTIONS.dec()
+            del self.conns[id(conn)]
+            if outcome is not MOVED:
+                owner = self.routers.get(conn.owner)
+                if owner is not None:
+                    owner.post(wire.Ended(conn.id, outcome == closes.RATE_LIMITED))
+
+    # -- Place --------------------------------------------------------------------
+
+    def join(self, conn: Connection, room: str, username: str) -> bool:
+        if shard_for(room, self.config.shards) != self.index:
+            return False
+        key = next(self._next_key)
+        self._keys[id(conn)] = key
+        conn.room = room
+        metrics.JOINS.inc()
+        self._announce(self.rooms.join(room, key, username, conn.socket), -1)
+        return True
+
+    def publish(self, conn: Connection, body: str) -> None:
+        assert conn.room is not None and conn.username is not None
+        members = self.rooms.members(conn.room)
+        key = self._keys[id(conn)]
+        if len(members) > 1:
+            fan_out(members.items(), text_frame(protocol.message_text(conn.username, body)), key)
+            metrics.DELIVERIES.inc(len(members) - 1)
+
+    def leave(self, conn: Connection) -> None:
+        assert conn.room is not None
+        key = self._keys.pop(id(conn))
+        announce = self.rooms.leave(conn.room, key)
+        metrics.LEAVES.inc()
+        if announce is not None:
+            self._announce(announce, key)
+
+    def _announce(self, announce: Announce[ClientWebSocket], exclude: int) -> None:
+        if announce.to:
+            fan_out(announce.to.items(), text_frame(announce.text), exclude)
+            metrics.DELIVERIES.inc(len(announce.to) - (exclude in announce.to))
+
+    async def move(self, conn: Connection) -> Close | None:
+        """Pass `conn` (joining conn.room, of another shard) to a router, which
+        passes it on: its owner if still linked, else any."""
+        link = self.routers.get(conn.owner)
+        if link is None and self.routers:
+            link = next(iter(self.routers.values()))
+        sock = conn.socket
+        if link is None:
+            return closes.SHARD_UNAVAILABLE
+        with trio.move_on_after(self.config.shard_hold_timeout_s):
+            await sock.flush()
+        frames = sock.handing_over()
+        if frames is None:
+            return sock.kicked or closes.TOO_SLOW
+        try:
+            await link.send(adopt_message(conn, frames), sock.socket.fileno())
+        except LinkClosed:
+            return closes.SHARD_UNAVAILABLE
+        sock.hang_up()
+        return None
+
+    # -- stopping -------------------------------------------------------------------
+
+    def close_all(self, close: Close) -> None:
+        for conn in list(self.conns.values()):
+            conn.socket.kick(close)
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -222,6 +235,8 @@ async def serve_shard(
     *,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # Every member's socket lives here: as many as all routers may hand over.
+    raise_file_limit(config.max_connections * config.routers, config.routers, "shard")
     shard = Shard(config, index)
     path = config.shard_socket(index)
     prepare_socket_dir(path.parent)
@@ -235,16 +250,37 @@ async def serve_shard(
         os.chmod(path, 0o600)
         sock.listen(128)
         listener = trio.SocketListener(sock)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, index)
-            nursery.start_soon(_sample_rooms, shard)
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_stop_on_signal, shard)
+            outer.start_soon(_sample_rooms, shard)
             if lifeline_fd is not None:
-                nursery.start_soon(watch_lifeline, lifeline_fd, nursery.cancel_scope.cancel)
-            nursery.start_soon(shard.open_gate_after_grace)
-            nursery.start_soon(shard.unlink_overdue)
-            nursery.start_soon(trio.serve_listeners, shard.handle_link, [listener])
-            log.info("shard %d of %d listening on %s", index, config.shards, path)
-            task_status.started(path)
+                outer.start_soon(watch_lifeline, lifeline_fd, shard.stopping.set)
+            with trio.CancelScope() as grace:
+                async with trio.open_nursery() as conns:
+                    shard.nursery = conns
+                    accepting = trio.CancelScope()
+
+                    async def accept() -> None:
+                        with accepting:
+                            await trio.serve_listeners(shard.handle_link, [listener])
+
+                    conns.start_soon(accept)
+                    log.info("shard %d of %d listening on %s", index, config.shards, path)
+                    task_status.started(path)
+                    await shard.stopping.wait()
+                    log.info("shard %d stopping: closing %d clients", index, len(shard.conns))
+                    shard.close_all(closes.SHUTDOWN)
+                    grace.deadline = trio.current_time() + config.shutdown_timeout_s
+                    # Links stay up while the clients close (their Ended
+                    # reach the routers); then everything stops.
+                    while shard.conns:
+                        await trio.sleep(0.01)
+                    # Let the last `Ended` reach the routers, briefly.
+                    with trio.move_on_after(0.2):
+                        while any(link.posting for link in shard.routers.values()):
+                            await trio.sleep(0.01)
+                    accepting.cancel()
+            outer.cancel_scope.cancel()
     finally:
         try:
             path.unlink()
@@ -254,16 +290,10 @@ async def serve_shard(
 
 async def _sample_rooms(shard: Shard) -> None:
     label = str(shard.index)
-    revokes = 0
     while True:
-        rooms = shard.rooms
-        metrics.ROOMS.labels(shard=label).set(len(rooms))
-        metrics.MEMBERS.labels(shard=label).set(rooms.members())
-        metrics.SOLO_ROOMS.labels(shard=label).set(rooms.solo_rooms())
-        if rooms.revokes > revokes:
-            metrics.REVOKES.inc(rooms.revokes - revokes)
-            revokes = rooms.revokes
-        await trio.sleep(1.0)
+        metrics.ROOMS.labels(shard=label).set(len(shard.rooms))
+        metrics.MEMBERS.labels(shard=label).set(shard.rooms.member_count)
+        await trio.sleep(METRICS_SAMPLE_S)
 
 
 async def _is_alive(path: Path) -> bool:
@@ -275,9 +305,8 @@ async def _is_alive(path: Path) -> bool:
     return True
 
 
-async def _stop_on_signal(scope: trio.CancelScope, index: int) -> None:
+async def _stop_on_signal(shard: Shard) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
-            log.info("shard %d stopping", index)
-            scope.cancel()
+            shard.stopping.set()
             return

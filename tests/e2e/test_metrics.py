@@ -98,7 +98,7 @@ def test_metrics_and_health_across_routers_and_shards() -> None:
                 return text if ok else None
 
             text = eventually(counted)
-            assert "garin_slow_consumer_drops_total" in text and "garin_link_queue_messages" in text
+            assert "garin_slow_consumer_drops_total" in text and "garin_rooms" in text
         status, _ = get(base + "/nope")
         assert status == 404
 

@@ -7,7 +7,7 @@ import socket
 
 import trio
 
-from router.websocket import ClientWebSocket
+from garin.websocket import ClientWebSocket
 
 UPGRADE = (
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -1,4 +1,4 @@
-"""router.websocket.fan_out: one write per member per scheduler pass for the
+"""garin.websocket.fan_out: one write per member per scheduler pass for the
 first frame, the rest of a burst coalesced into one more write, in order."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from garin import closes
-from router.frames import text_frame
-from router.websocket import ClientWebSocket, fan_out
+from garin.frames import text_frame
+from garin.websocket import ClientWebSocket, fan_out
 from .client_sockets import open_client, read_available
 
 @pytest.fixture

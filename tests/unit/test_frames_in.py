@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from garin.closes import Close
-from router.frames import close_frame, pong_frame
-from router.frames_in import BINARY, HEARD, FrameParser, PeerClosed, Ping, unmask
+from garin.frames import close_frame, pong_frame
+from garin.frames_in import BINARY, HEARD, FrameParser, PeerClosed, Ping, unmask
 
 KEY = b"\x37\xfa\x21\x3d"
 MAX = 1000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.handshake import (
+from garin.handshake import (
     BAD_REQUEST,
     NO_VERSION,
     WRONG_VERSION,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from garin import closes
 from garin.limits import ConnectionLimits, client_key
-from router import server
+from garin import fdlimit as server
 
 
 def test_per_client_limit() -> None:
@@ -176,7 +176,7 @@ def test_raise_file_limit(
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
-    with caplog.at_level(logging.WARNING, logger="garin.router"):
+    with caplog.at_level(logging.WARNING, logger="garin"):
         result = server.raise_file_limit(max_connections, 4)
     assert calls == ([] if set_to is None else [(set_to, hard)])
     assert result == (soft if set_to is None else set_to)
@@ -189,6 +189,6 @@ def test_raise_file_limit_survives_a_refusal(monkeypatch: pytest.MonkeyPatch, ca
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 65536))
     monkeypatch.setattr(resource, "setrlimit", refuse)
-    with caplog.at_level(logging.WARNING, logger="garin.router"):
+    with caplog.at_level(logging.WARNING, logger="garin"):
         assert server.raise_file_limit(10_000, 4) == 1024
     assert "may open only 1024 files" in caplog.text

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from garin import closes
 from garin.closes import Close
@@ -117,6 +117,44 @@ class FrameParser:
         self._decoder: codecs.IncrementalDecoder | None = None
         self._parts: list[str] | None = None
         self._chars = 0
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Where parsing stands, as plain values, for the process that goes on
+        reading this connection: the bytes not parsed yet and the state of a
+        frame or message only partly received."""
+        decoder = self._decoder.getstate() if self._decoder is not None else None
+        return (
+            bytes(self._buf[self._pos:]), self._done, self._remaining, self._key, self._fin,
+            self._message, decoder, None if self._parts is None else "".join(self._parts), self._chars,
+        )
+
+    @classmethod
+    def restore(cls, max_message_chars: int, snapshot: tuple[Any, ...]) -> FrameParser:
+        """The parser `snapshot` describes. ValueError if it is not one."""
+        try:
+            buf, done, remaining, key, fin, message, decoder, parts, chars = snapshot
+            if type(buf) is not bytes or type(key) is not bytes or len(key) not in (0, 4):
+                raise ValueError("buffer and key must be bytes")
+            if message not in (None, _TEXT, _BINARY) or (message == _TEXT) != (decoder is not None):
+                raise ValueError(f"bad message state {message!r}")
+            parser = cls(max_message_chars, buf)
+            parser._done = bool(done)
+            parser._remaining = int(remaining)
+            parser._key = key
+            parser._fin = bool(fin)
+            parser._message = message
+            if decoder is not None:
+                pending, flag = decoder
+                parser._decoder = _Utf8Decoder()
+                parser._decoder.setstate((bytes(pending), int(flag)))
+            if parts is not None:
+                if type(parts) is not str:
+                    raise ValueError("message parts must be text")
+                parser._parts = [parts] if parts else []
+            parser._chars = int(chars)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a frame parser snapshot: {exc}") from None
+        return parser
 
     def feed(self, data: bytes) -> None:
         if self._done:

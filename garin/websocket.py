@@ -1,4 +1,8 @@
-"""A server-side WebSocket with a bounded outbox (frames parsed by router/frames_in.py).
+"""A server-side WebSocket with a bounded outbox (frames parsed by garin/frames_in.py).
+
+A router runs the HTTP upgrade and the session up to the join on it; the
+shard that adopts the connection builds a new one around the same socket,
+with the router's frame parser state (`adopted`), and runs the rest.
 
 Why not trio-websocket's connection object: it runs a reader task and a
 message channel per connection (about 20 KiB each), writes through an
@@ -18,15 +22,16 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 import trio
 
 from garin import closes
-from garin.batch_writer import current_flusher
+from garin.flusher import current_flusher
 from garin.closes import Close
-from router.frames import PING_FRAME, close_frame, pong_frame
-from router.frames_in import HEARD, BinaryMessage, FrameParser, Heard, PeerClosed, Ping
-from router.handshake import (
+from garin.frames import PING_FRAME, close_frame, pong_frame
+from garin.frames_in import HEARD, BinaryMessage, FrameParser, Heard, PeerClosed, Ping
+from garin.handshake import (
     HEAD_END,
     MAX_HEAD_BYTES,
     TOO_BIG,
@@ -64,13 +69,13 @@ class ClientWebSocket:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.SocketStream | trio.socket.SocketType,
         nursery: trio.Nursery,
         max_message_bytes: int,
         max_outbox_bytes: int,
     ) -> None:
-        self._sock = stream.socket
-        self._fd = stream.socket.fileno()
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else stream
+        self._fd = self._sock.fileno()
         self._nursery = nursery
         # Made by `accept` (router/handshake.py did the HTTP): the incoming
         # frame parser, and where the closing handshake stands.
@@ -138,6 +143,32 @@ class ClientWebSocket:
         self._state = OPEN
         self._early = b""
         self._update_fanout()
+
+    @classmethod
+    def adopted(
+        cls, sock: trio.socket.SocketType, frames: FrameParser, nursery: trio.Nursery, max_outbox_bytes: int
+    ) -> ClientWebSocket:
+        """An open WebSocket another process has read from so far (`frames`)."""
+        ws = cls(sock, nursery, 0, max_outbox_bytes)
+        ws._frames = frames
+        ws._state = OPEN
+        ws._update_fanout()
+        return ws
+
+    def handing_over(self) -> tuple[Any, ...] | None:
+        """The frame parser's snapshot, if this connection can change process
+        now: open, nothing left to write. The caller then sends the socket
+        and calls `hang_up` (closing our copy; the other process has one)."""
+        if self._frames is None or self._state != OPEN or self._outbox or self.dead or self.kicked is not None:
+            return None
+        self._flush()
+        if self._outbox or self.dead:
+            return None
+        return self._frames.snapshot()
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._sock
 
     def _update_fanout(self) -> None:
         self._fanout = self.kicked is None and not self.dead and self._state == OPEN

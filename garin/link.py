@@ -1,0 +1,163 @@
+"""One end of a router <-> shard link: wire messages, and client sockets with them.
+
+A link carries connections, not chat: a few messages per client lifetime
+(`Adopt` with the client's socket, `Ended`), so plain awaited writes do.
+A socket travels as SCM_RIGHTS ancillary data on the `sendmsg` that sends its
+`Adopt`'s first bytes. On a Unix stream socket the kernel hands a receiver the
+descriptors together with the first byte they were sent with, and one
+`recvmsg` never returns the descriptors of two sends, so the receiver keeps
+them in arrival order and gives the next one to each `Adopt` it decodes.
+
+A descriptor received is ours until given to an `Adopt`'s handler; a link
+that closes closes those still waiting.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+from collections import deque
+
+import trio
+
+from garin import wire
+
+log = logging.getLogger("garin.link")
+
+RECEIVE_BYTES = 256 * 1024
+# Descriptors one recvmsg may carry. One per send is what we send; room for
+# more only so that a misbehaving peer is detected (MSG_CTRUNC), not silent.
+MAX_FDS = 16
+_ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+# A send that cannot finish in this long means the peer stopped reading.
+SEND_TIMEOUT_S = 5.0
+
+
+class LinkClosed(Exception):
+    """The link is gone (peer closed, write failed, or it was closed here)."""
+
+
+class Link:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        self._decoder = wire.Decoder()
+        self._fds: deque[int] = deque()
+        self._lock = trio.StrictFIFOLock()
+        self._posted: list[bytes] = []
+        self._wake = trio.Event()
+        self.closed = False
+
+    # -- sending --------------------------------------------------------------
+
+    async def send(self, message: wire.WireMessage, fd: int | None = None) -> None:
+        """Send `message` (and the descriptor `fd` with it); LinkClosed if the
+        link broke. A half-sent message would corrupt the link for good, so
+        once begun a send is finished or the link closed, even if the caller
+        is cancelled meanwhile."""
+        data = wire.encode(message)
+        async with self._lock:
+            await self._send_locked(data, fd)
+
+    def post(self, message: wire.WireMessage) -> None:
+        """Queue `message` for `run_posted` to send; never blocks (for code
+        that must not wait: a connection's last words in a `finally`)."""
+        if not self.closed:
+            self._posted.append(wire.encode(message))
+            self._wake.set()
+
+    @property
+    def posting(self) -> bool:
+        """Something posted is not written yet."""
+        return bool(self._posted) or self._lock.locked()
+
+    async def run_posted(self) -> None:
+        """Send what `post` queued, until the link closes (then LinkClosed)."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if self.closed:
+                raise LinkClosed("link closed")
+            batch, self._posted = b"".join(self._posted), []
+            if batch:
+                async with self._lock:
+                    await self._send_locked(batch, None)
+
+    async def _send_locked(self, data: bytes, fd: int | None) -> None:
+        if self.closed:
+            raise LinkClosed("link closed")
+        view = memoryview(data)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SEND_TIMEOUT_S) as timer:
+                while view:
+                    try:
+                        sent = await self._sock.sendmsg([view], ancillary)
+                    except OSError as exc:
+                        self.close()
+                        raise LinkClosed(f"link write failed: {exc}") from None
+                    # The descriptor went with the first bytes.
+                    ancillary = []
+                    view = view[sent:]
+        if timer.cancelled_caught:
+            self.close()
+            raise LinkClosed(f"peer has not read its link for {SEND_TIMEOUT_S:g} s")
+
+    # -- receiving ------------------------------------------------------------
+
+    async def receive(self) -> list[tuple[wire.WireMessage, int | None]]:
+        """Wait for data, read once; the complete messages, each `Adopt` with
+        its descriptor (now the caller's to close). LinkClosed at end of
+        stream; WireError if the peer broke the protocol."""
+        while True:
+            try:
+                data, ancdata, flags, _ = await self._sock.recvmsg(
+                    RECEIVE_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError as exc:
+                raise LinkClosed(f"link read failed: {exc}") from None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise wire.WireError("too many descriptors in one read")
+            if not data:
+                raise LinkClosed("peer closed the link")
+            out: list[tuple[wire.WireMessage, int | None]] = []
+            for message in self._decoder.feed(data):
+                fd: int | None = None
+                if type(message) is wire.Adopt:
+                    if not self._fds:
+                        raise wire.WireError("an Adopt came without its socket")
+                    fd = self._fds.popleft()
+                out.append((message, fd))
+            if out:
+                return out
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the socket and every descriptor not handed out yet."""
+        if self.closed:
+            return
+        self.closed = True
+        self._wake.set()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self._sock.close()
+
+
+async def receive_first(link: Link, timeout_s: float) -> wire.WireMessage:
+    """The first message on a new link (hello or welcome), within `timeout_s`."""
+    with trio.fail_after(timeout_s):
+        messages = await link.receive()
+    message, fd = messages[0]
+    if len(messages) > 1 or fd is not None:
+        raise wire.WireError("expected one message to start the link")
+    return message
+
+
+__all__ = ["Link", "LinkClosed", "receive_first"]
