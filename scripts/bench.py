@@ -52,7 +52,7 @@ from bench_report import (
     Run, Sample, build_result, print_summary, sleep_until, summarize_connect, take_sample, write_outputs, fmt,
 )
 from bench_server import ORIGIN as SPAWN_ORIGIN
-from bench_server import SpawnedServer, TokenMinter, check_python_has_garin, sigterm_as_interrupt
+from bench_server import SpawnedServer, TokenMinter, check_python_has_garin, shard_for, sigterm_as_interrupt
 
 WORKER_START_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
@@ -173,11 +173,23 @@ def check_target(url: str, allow_remote: bool) -> tuple[str, int]:
 # -- the plan ---------------------------------------------------------------
 
 
+def balanced_rooms(run_id: str, count: int, shards: int) -> list[str]:
+    """Room names whose shards take turns (room r on shard r % shards), so
+    that every shard carries an equal share of the load."""
+    rooms = []
+    for r in range(count):
+        salt = 0
+        while shard_for(name := f"bench-{run_id}-{r}-{salt}", shards) != r % shards:
+            salt += 1
+        rooms.append(name)
+    return rooms
+
+
 def make_plans(args: argparse.Namespace, url: str, origin: str, minter: TokenMinter, run_id: str,
                hard_deadline: float) -> tuple[list[WorkerPlan], list[str]]:
     """Members go round-robin over the workers, so every room's fan-out is shared by all of them."""
     shares: list[list[MemberSpec]] = [[] for _ in range(args.procs)]
-    rooms = [f"bench-{run_id}-{r}" for r in range(args.rooms)]
+    rooms = balanced_rooms(run_id, args.rooms, args.shards if args.spawn else 1)
     n = 0
     for r, room in enumerate(rooms):
         for i in range(args.members):

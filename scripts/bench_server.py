@@ -102,9 +102,8 @@ class SpawnedServer:
             GARIN_LOG_LEVEL=self.log_level,
         )
         env.update(self.env_overrides)
-        # The repo root on the path, in case garin is not installed in this Python.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # garin must be installed in self.python (check_python_has_garin):
+        # router/ and shard/ import as garin.router and garin.shard only then.
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [self.python, "-m", "garin", "run"],
@@ -271,10 +270,11 @@ async def probe_until_ready(
 
 
 def check_python_has_garin(python: str) -> str | None:
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root}
     result = subprocess.run(
-        [python, "-c", "import garin.cli, router, shard"], env=env, capture_output=True, text=True, timeout=30
+        [python, "-c", "import garin.cli, garin.router.server, garin.shard.server"],
+        # Not from the checkout: its garin/ lacks router/ and shard/ (an
+        # installed garin has them inside).
+        cwd="/", capture_output=True, text=True, timeout=30,
     )
     if result.returncode != 0:
         return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "import failed"
