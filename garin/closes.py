@@ -53,6 +53,9 @@ IDLE_TIMEOUT = Close(GOING_AWAY, "idle timeout")
 PING_TIMEOUT = Close(INTERNAL_ERROR, "keepalive ping timeout")
 BINARY_FRAME = Close(UNSUPPORTED_DATA, "binary frames not supported")
 TOO_BIG_FRAME = Close(TOO_BIG, "message too big")
+TOO_FRAGMENTED = Close(POLICY, "message in too many fragments")
+# Control frames and empty fragments cost a parser pass each and carry nothing.
+TOO_MANY_FRAMES = Close(POLICY, "too many frames")
 TOO_SLOW = Close(TRY_AGAIN_LATER, "too slow")
 SHARD_UNAVAILABLE = Close(TRY_AGAIN_LATER, "room unavailable")
 AUTH_UNAVAILABLE = Close(TRY_AGAIN_LATER, "auth unavailable")
@@ -98,6 +101,8 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (IDLE_TIMEOUT, "a member sent no frame for GARIN_IDLE_TIMEOUT seconds (pings and pongs do not count)"),
     (PING_TIMEOUT, "no frame at all within GARIN_PING_TIMEOUT of a keepalive ping"),
     (TOO_BIG_FRAME, "a message larger than GARIN_MAX_MESSAGE_BYTES"),
+    (TOO_FRAGMENTED, "a message split into more than 256 frames"),
+    (TOO_MANY_FRAMES, "pings, pongs and message fragments faster than the frame budget allows"),
     (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),
     (SHARD_UNAVAILABLE, "the shard that owns the room could not be reached"),
     (AUTH_UNAVAILABLE, "the JWKS keys have not been fetched yet (GARIN_JWKS_URL unreachable)"),

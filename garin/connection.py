@@ -124,7 +124,7 @@ async def serve_connection(conn: Connection, place: Place) -> Close | Moved | No
             elif isinstance(item, str):
                 actions = session.receive_text(item, now)
             elif isinstance(item, Heard):
-                actions = session.heard(now)
+                actions = session.heard(now, item.frame)
             elif isinstance(item, PeerClosed):
                 log.debug("conn %d: peer closed %d", conn.id, item.code)
                 return await _end(place, conn, closes.BYE, quiet=True)

@@ -43,7 +43,13 @@ class BinaryMessage:
 
 @dataclass(frozen=True, slots=True)
 class Heard:
-    """A ping, a pong or part of a message: the peer is alive, nothing to act on."""
+    """A ping, a pong or part of a message: the peer is alive, nothing to act on.
+
+    `frame`: a whole frame that carried no message (a control frame, or a
+    fragment before the last); such frames count against the connection's
+    frame budget (garin/session.py). More bytes of a frame under way are free."""
+
+    frame: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,7 @@ class Ping:
 
 
 HEARD: Final = Heard()
+HEARD_FRAME: Final = Heard(frame=True)
 BINARY: Final = BinaryMessage()
 
 Event = str | Heard | BinaryMessage | Ping | PeerClosed | Close
@@ -76,6 +83,10 @@ _SENDABLE_BELOW_3000 = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010
 _KNOWN_CODES = _SENDABLE_BELOW_3000 | {1005, 1006, 1015}
 
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+# Frames one data message may be split into. Browsers and common client
+# libraries send a message as one frame; each fragment costs a header and a
+# parser pass, so a message in thousands of one-byte fragments is an attack.
+MAX_FRAGMENTS = 256
 
 
 def unmask(data: bytes, key: bytes) -> bytes:
@@ -96,7 +107,7 @@ class FrameParser:
 
     __slots__ = (
         "_buf", "_pos", "_max_chars", "_done",
-        "_remaining", "_key", "_fin", "_message", "_decoder", "_parts", "_chars",
+        "_remaining", "_key", "_fin", "_message", "_decoder", "_parts", "_chars", "_fragments",
     )
 
     def __init__(self, max_message_chars: int, data: bytes = b"") -> None:
@@ -115,8 +126,12 @@ class FrameParser:
         # the text so far and its length in characters.
         self._message: int | None = None
         self._decoder: codecs.IncrementalDecoder | None = None
-        self._parts: list[str] | None = None
+        # The message's UTF-8 bytes so far, checked by the decoder as they
+        # come (bytes, not decoded pieces: a message sent one character per
+        # fragment must cost its size, not a string object per fragment).
+        self._parts: bytearray | None = None
         self._chars = 0
+        self._fragments = 0
 
     def snapshot(self) -> tuple[Any, ...]:
         """Where parsing stands, as plain values, for the process that goes on
@@ -125,14 +140,15 @@ class FrameParser:
         decoder = self._decoder.getstate() if self._decoder is not None else None
         return (
             bytes(self._buf[self._pos:]), self._done, self._remaining, self._key, self._fin,
-            self._message, decoder, None if self._parts is None else "".join(self._parts), self._chars,
+            self._message, decoder, None if self._parts is None else bytes(self._parts), self._chars,
+            self._fragments,
         )
 
     @classmethod
     def restore(cls, max_message_chars: int, snapshot: tuple[Any, ...]) -> FrameParser:
         """The parser `snapshot` describes. ValueError if it is not one."""
         try:
-            buf, done, remaining, key, fin, message, decoder, parts, chars = snapshot
+            buf, done, remaining, key, fin, message, decoder, parts, chars, fragments = snapshot
             if type(buf) is not bytes or type(key) is not bytes or len(key) not in (0, 4):
                 raise ValueError("buffer and key must be bytes")
             if message not in (None, _TEXT, _BINARY) or (message == _TEXT) != (decoder is not None):
@@ -148,10 +164,11 @@ class FrameParser:
                 parser._decoder = _Utf8Decoder()
                 parser._decoder.setstate((bytes(pending), int(flag)))
             if parts is not None:
-                if type(parts) is not str:
-                    raise ValueError("message parts must be text")
-                parser._parts = [parts] if parts else []
+                if type(parts) is not bytes:
+                    raise ValueError("message parts must be bytes")
+                parser._parts = bytearray(parts)
             parser._chars = int(chars)
+            parser._fragments = int(fragments)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a frame parser snapshot: {exc}") from None
         return parser
@@ -228,7 +245,7 @@ class FrameParser:
             if opcode == _PING:
                 return Ping(payload)
             if opcode == _PONG:
-                return HEARD
+                return HEARD_FRAME
             return self._close(payload)
         # A data frame: wsproto checks its place in the message once it has
         # some payload (or an empty one), so do the same.
@@ -267,9 +284,13 @@ class FrameParser:
         if opcode == _TEXT:
             self._decoder = _Utf8Decoder()
             if self._parts is None:
-                self._parts = []
+                self._parts = bytearray()
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:
+            return self._fail(closes.TOO_FRAGMENTED)
         self._remaining = length
-        return self._payload()
+        event = self._payload()
+        return HEARD_FRAME if event is HEARD else event
 
     # -- helpers --------------------------------------------------------------
 
@@ -328,18 +349,19 @@ class FrameParser:
             text = decoder.decode(data, finished)
         except UnicodeDecodeError as exc:
             return self._fail(Close(closes.INVALID_DATA, str(exc)))
+        self._parts += data
         if text:
-            self._parts.append(text)
             self._chars += len(text)
             if self._chars > self._max_chars:
                 return self._fail(closes.TOO_BIG_FRAME)
         if not finished:
             return HEARD
-        text = "".join(self._parts)
+        text = self._parts.decode("utf-8")  # checked piece by piece already
         self._message = None
         self._decoder = None
         self._parts = None
         self._chars = 0
+        self._fragments = 0
         return text
 
     def _close(self, payload: bytes) -> PeerClosed | Close:

@@ -9,6 +9,13 @@ finish their handshake count too (until GARIN_HANDSHAKE_TIMEOUT drops them). A
 refused connection is not counted: the shell completes its handshake only to
 close it with the returned `Close`, bounded by the same timeout.
 
+A refused connection is answered (the handshake completed, then a close
+frame that a browser shows its page) only while fewer than `max_refusing`
+refusals are under way (`start_refusal` / `end_refusal`), each bounded by a
+short timeout in the shell; past that a refused connection is dropped at
+once. So one address opening sockets in a loop holds at most its limit plus
+that many descriptors, and cannot starve the others.
+
 The per-client limit is checked first: when both apply, "too many connections"
 is the one the client can do something about.
 
@@ -40,13 +47,34 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
+# Refusals answered at once, per router: enough for a burst of clients over
+# a limit to be told why, few enough that refused sockets cannot exhaust
+# descriptors.
+MAX_REFUSING = 64
+
+
 class ConnectionLimits:
-    def __init__(self, max_total: int, max_per_client: int) -> None:
-        """0 turns a limit off."""
+    def __init__(self, max_total: int, max_per_client: int, max_refusing: int = MAX_REFUSING) -> None:
+        """0 turns a limit off (but for max_refusing: 0 answers no refusal)."""
         self.max_total = max_total
         self.max_per_client = max_per_client
+        self.max_refusing = max_refusing
         self.total = 0
+        self.refusing = 0
         self._held: dict[str, int] = {}
+
+    def start_refusal(self) -> bool:
+        """May a refused connection be answered with a close frame? If True,
+        call `end_refusal` when it is gone."""
+        if self.refusing >= self.max_refusing:
+            return False
+        self.refusing += 1
+        return True
+
+    def end_refusal(self) -> None:
+        if self.refusing <= 0:
+            raise ValueError("end_refusal() without start_refusal()")
+        self.refusing -= 1
 
     def held(self, address: str) -> int:
         """Connections counted for `address`'s client."""

@@ -30,7 +30,7 @@ from garin import closes
 from garin.flusher import current_flusher
 from garin.closes import Close
 from garin.frames import PING_FRAME, close_frame, pong_frame
-from garin.frames_in import HEARD, BinaryMessage, FrameParser, Heard, PeerClosed, Ping
+from garin.frames_in import HEARD, HEARD_FRAME, BinaryMessage, FrameParser, Heard, PeerClosed, Ping
 from garin.handshake import (
     HEAD_END,
     MAX_HEAD_BYTES,
@@ -229,7 +229,7 @@ class ClientWebSocket:
             if type(event) is Ping:
                 if self._state == OPEN:
                     self.send_bytes(pong_frame(event.payload))
-                return HEARD
+                return HEARD_FRAME
             if type(event) is PeerClosed:
                 if self._state == LOCAL_CLOSING:
                     self._state = CLOSED

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import gc
 import logging
-import math
 import os
 import signal
 import socket as stdlib_socket
@@ -20,8 +19,9 @@ from garin.config import Config
 from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.fdlimit import raise_file_limit
+from garin.limits import MAX_REFUSING
 from garin.lifeline import watch_lifeline
-from garin.connection import MOVED, Connection, Moved, serve_connection
+from garin.connection import MOVED, Connection, Moved, count_close, serve_connection
 from garin.session import Session
 from garin.router.status import serve_status
 from garin.router.router import Router
@@ -34,6 +34,9 @@ METRICS_SAMPLE_S = 1.0
 # As trio.serve_listeners does.
 ACCEPT_CAPACITY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 ACCEPT_RETRY_S = 0.1
+# A connection over a limit gets this long to finish its handshake and read
+# our close frame, not GARIN_HANDSHAKE_TIMEOUT: it holds a descriptor uncounted.
+REFUSAL_TIMEOUT_S = 2.0
 
 
 def origin_allowed(request: Upgrade, allowed: tuple[str, ...]) -> bool:
@@ -53,6 +56,17 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     peer = f"{host}:{port}"
     # Counted from accept, so a handshake that never ends still holds a slot.
     refusal = router.limits.admit(host)
+    if refusal is not None:
+        if not router.limits.start_refusal():
+            stream.socket.close()  # too many refusals under way: no answer
+            return
+        try:
+            with trio.move_on_after(REFUSAL_TIMEOUT_S):
+                await _refuse(router, host, port, stream, refusal)
+        finally:
+            stream.socket.close()
+            router.limits.end_refusal()
+        return
     # A connection's drain task (only while its outbox is non-empty) runs in
     # the router-wide nursery: no nursery per connection.
     sock = ClientWebSocket(stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
@@ -60,7 +74,7 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     metrics.CONNECTIONS.inc()
     outcome: Close | Moved | None = None
     try:
-        outcome = await _serve(router, verifier, conn_id, peer, sock, refusal)
+        outcome = await _serve(router, verifier, conn_id, peer, sock)
     except Exception:
         log.exception("conn %d (%s): internal error", conn_id, peer)
         with trio.move_on_after(1):
@@ -70,12 +84,32 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
         metrics.CONNECTIONS.dec()
         router.clients.pop(conn_id, None)
         # A connection handed over stays counted until its shard says it ended.
-        if refusal is None and outcome is not MOVED:
+        if outcome is not MOVED:
             router.limits.release(host)
 
 
+async def _refuse(router: Router, host: str, port: int, stream: trio.SocketStream, refusal: Close) -> None:
+    """Over a connection limit: complete the handshake and send a close frame,
+    which (unlike an HTTP status) a browser shows the page; bounded in time
+    by the caller, and uncounted."""
+    sock = ClientWebSocket(stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
+    try:
+        request = await sock.handshake()
+        if request is None:
+            return
+        if request.target.split("?", 1)[0] != "/" or not origin_allowed(request, router.config.allowed_origins):
+            await sock.reject(403 if request.target.split("?", 1)[0] == "/" else 404, "refused")
+            return
+        sock.accept(request)
+        log.info("conn - (%s:%d): closing %d %s", host, port, refusal.code, refusal.reason)
+        count_close(refusal)
+        await sock.close(refusal)
+    finally:
+        sock.hang_up()
+
+
 async def _serve(
-    router: Router, verifier: TokenVerifier, conn_id: int, peer: str, sock: ClientWebSocket, refusal: Close | None
+    router: Router, verifier: TokenVerifier, conn_id: int, peer: str, sock: ClientWebSocket
 ) -> Close | Moved | None:
     config = router.config
     with trio.move_on_after(config.handshake_timeout_s):
@@ -90,12 +124,6 @@ async def _serve(
         await sock.reject(403, "origin not allowed")
         return None
     sock.accept(request)
-    if refusal is not None:
-        # Over a connection limit: a close frame, which (unlike an HTTP
-        # status) a browser shows the page.
-        log.info("conn %d (%s): closing %d %s", conn_id, peer, refusal.code, refusal.reason)
-        await sock.close(refusal)
-        return refusal
     del request  # its headers would otherwise live as long as the session
 
     def check_token(token: str) -> Close | None:
@@ -164,7 +192,8 @@ async def serve_router(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `stopping` is set (by a signal), then close every client with 1001."""
-    raise_file_limit(config.max_connections, config.shards)
+    # Counted connections, refusals under way (uncounted), shard links.
+    raise_file_limit(config.max_connections and config.max_connections + MAX_REFUSING, config.shards)
     router = Router(config, router_id)
     verifier, jwks = verifier_for(config)
     if listen_fd is not None:

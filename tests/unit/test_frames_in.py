@@ -9,7 +9,7 @@ import pytest
 
 from garin.closes import Close
 from garin.frames import close_frame, pong_frame
-from garin.frames_in import BINARY, HEARD, FrameParser, PeerClosed, Ping, unmask
+from garin.frames_in import BINARY, HEARD, HEARD_FRAME, MAX_FRAGMENTS, FrameParser, Heard, PeerClosed, Ping, unmask
 
 KEY = b"\x37\xfa\x21\x3d"
 MAX = 1000
@@ -44,8 +44,14 @@ def events(data: bytes, chunks: list[int] | None = None, max_chars: int = MAX) -
     for piece in pieces:
         parser.feed(piece)
         while (event := parser.next_event()) is not None:
-            out.append(event)
+            out.append(heard(event))
     return out
+
+
+def heard(event: object) -> object:
+    """Every `Heard` as HEARD: whether a frame was charged to the frame
+    budget is checked by test_heard_frames_are_whole_frames_only."""
+    return HEARD if isinstance(event, Heard) else event
 
 
 def _split(data: bytes, sizes: list[int]) -> list[bytes]:
@@ -141,7 +147,7 @@ def test_binary_frames() -> None:
     assert parser.next_event() is BINARY
     assert parser.next_event() is None
     parser.feed(b"x" * 100)
-    assert parser.next_event() is HEARD
+    assert isinstance(parser.next_event(), Heard)
 
 
 def test_control_frame_waits_for_its_whole_payload() -> None:
@@ -168,7 +174,7 @@ def test_a_huge_declared_length_is_not_buffered() -> None:
     parser.feed(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 1 << 40) + KEY)
     assert parser.next_event() is None
     parser.feed(unmask(b"a" * 60, KEY))
-    assert parser.next_event() is HEARD
+    assert isinstance(parser.next_event(), Heard)
     assert parser._buf == b""  # decoded and counted, not kept as bytes
     parser.feed(unmask(b"a" * 60, KEY))
     assert parser.next_event() == TOO_BIG
@@ -303,7 +309,7 @@ def test_matches_wsproto_on_random_streams() -> None:
         for piece in pieces:
             parser.feed(piece)
             while (event := parser.next_event()) is not None:
-                ours.append(event)
+                ours.append(heard(event))
             conn.receive_data(piece)
             for ev in conn.events():
                 if isinstance(ev, TextMessage):
@@ -326,3 +332,32 @@ def test_matches_wsproto_on_random_streams() -> None:
                         theirs.append(Close(ev.code, ev.reason or "protocol error"))
         assert ours == theirs, (data, pieces)
     assert wsproto
+
+
+def test_heard_frames_are_whole_frames_only() -> None:
+    """A pong and each fragment before the last cost a frame from the budget;
+    more bytes of a frame already begun do not."""
+    parser = FrameParser(1 << 20)
+    parser.feed(frame(0xA, b"") + text("ab", fin=False) + frame(0, b"", fin=False))
+    assert [parser.next_event() for _ in range(3)] == [HEARD_FRAME, HEARD_FRAME, HEARD_FRAME]
+    parser = FrameParser(1 << 20)
+    parser.feed(text("y" * 1000, fin=False)[:600])
+    assert parser.next_event() is HEARD_FRAME  # a frame begins
+    parser.feed(text("y" * 1000, fin=False)[600:])
+    assert parser.next_event() is HEARD  # the rest of it: free
+
+
+def test_a_message_in_too_many_fragments_closes() -> None:
+    ok = text("a", fin=False) + b"".join(frame(0, b"a", fin=False) for _ in range(MAX_FRAGMENTS - 2)) + frame(0, b"a")
+    assert messages(events(ok)) == ["a" * MAX_FRAGMENTS]
+    too_many = text("a", fin=False) + b"".join(frame(0, b"a", fin=False) for _ in range(MAX_FRAGMENTS))
+    assert messages(events(too_many))[-1] == Close(1008, "message in too many fragments")
+
+
+def test_an_unfinished_message_costs_its_size_not_its_fragment_count() -> None:
+    parser = FrameParser(1 << 20)
+    parser.feed(text("a", fin=False) + b"".join(frame(0, b"b", fin=False) for _ in range(200)))
+    while parser.next_event() is not None:
+        pass
+    snapshot = parser.snapshot()
+    assert snapshot[7] == b"a" + b"b" * 200  # the message so far, as its bytes

@@ -378,25 +378,33 @@ def test_closed_sessions_ignore_everything(how: str) -> None:
 @pytest.mark.parametrize(
     ("count", "window", "times", "refused_at"),
     [
-        (1, 1.0, [0.0, 0.999], 1),
+        (1, 1.0, [0.0, 0.74], 1),
         (1, 1.0, [0.0, 0.5], 1),
         (1, 1.0, [0.0, 1.0], None),
         (1, 1.0, [0.0, 1.0, 2.0, 3.0, 4.5], None),
         (1, 1.0, [0.0, 1.0, 1.5], 2),
+        # A message may come a quarter of the spacing early ...
+        (1, 1.0, [0.0, 0.75], None),
+        # ... so a sender every 1.05 s whose one message was delayed 0.2 s
+        # (the next one 0.85 s after it) is not an offender ...
+        (1, 1.0, [0.0, 1.25, 2.1, 3.15, 4.2], None),
+        # ... but one sending faster than the limit still is, soon.
+        (1, 1.0, [0.0, 0.9, 1.8, 2.7, 3.6], 3),
         (3, 1.0, [0.0, 0.1, 0.2], None),
         (3, 1.0, [0.0, 0.0, 0.0], None),
         (3, 1.0, [0.0, 0.0, 0.0, 0.0], 3),
-        (3, 1.0, [0.0, 0.1, 0.2, 0.3], 3),
+        (3, 1.0, [0.0, 0.0, 0.0, 0.2], 3),
         (3, 1.0, [0.0, 0.1, 0.2, 1.0], None),
-        # The window slides: 1.05 - 0.1 < 1 s, so 0.1, 0.2, 1.0 and 1.05 is four.
-        (3, 1.0, [0.0, 0.1, 0.2, 1.0, 1.05], 4),
+        (3, 1.0, [0.0, 0.1, 0.2, 1.0, 1.05], None),
+        (3, 1.0, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0], 6),
         (3, 1.0, [0.0, 0.1, 0.2, 1.0, 1.1, 1.2, 2.0, 2.1, 2.2], None),
-        # Not a fixed per-second bucket: 0.9 and 1.1 are in one window.
         (2, 1.0, [0.9, 1.1, 1.2], 2),
-        (2, 10.0, [0.0, 5.0, 9.9], 2),
+        (2, 10.0, [0.0, 0.0, 3.0], 2),
+        (2, 10.0, [0.0, 0.0, 3.8], None),
         (2, 10.0, [0.0, 5.0, 10.0, 15.0], None),
         (5, 0.5, [0.0] * 5 + [0.5] * 5 + [1.0] * 5, None),
-        (5, 0.5, [0.0] * 5 + [0.49], 5),
+        (5, 0.5, [0.0] * 5 + [0.07], 5),
+        (5, 0.5, [0.0] * 5 + [0.08], None),
     ],
 )
 def test_rate_limit(count: int, window: float, times: list[float], refused_at: int | None) -> None:
@@ -919,3 +927,35 @@ def test_a_peer_that_answers_in_time_is_only_dropped_when_it_stops(
         assert dropped_at == ping_at + timeout
         actions = s.timeout(dropped_at)
     assert_closed(s, actions, closes.PING_TIMEOUT)
+
+
+# -- the frame budget ------------------------------------------------------------
+
+from garin.session import FRAME_BURST, FRAMES_PER_S  # noqa: E402
+
+
+@pytest.mark.parametrize("make", [authed, in_room])
+def test_frames_past_the_budget_close_the_connection(make: object) -> None:
+    s = make()  # type: ignore[operator]
+    for _ in range(FRAME_BURST):
+        assert s.heard(1.0, frame=True) == []
+    assert s.heard(1.0, frame=True) == [CloseClient(closes.TOO_MANY_FRAMES)]
+
+
+def test_the_frame_budget_refills_and_progress_within_a_frame_is_free() -> None:
+    s = in_room()
+    for _ in range(FRAME_BURST):
+        assert s.heard(1.0, frame=True) == []
+    assert s.heard(1.0) == []  # more bytes of a frame: not a frame
+    # One more frame is allowed every 1 / FRAMES_PER_S seconds.
+    now = 1.0
+    for _ in range(50):
+        now += 1 / FRAMES_PER_S
+        assert s.heard(now, frame=True) == []
+    assert s.heard(now, frame=True) == [CloseClient(closes.TOO_MANY_FRAMES)]
+
+
+def test_a_keepalive_client_never_runs_out_of_frames() -> None:
+    s = in_room(idle_timeout_s=0)
+    for n in range(1000):
+        assert s.heard(n * 0.5, frame=True) == []  # a pong twice a second: far above any keepalive

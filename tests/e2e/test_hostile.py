@@ -1,0 +1,191 @@
+"""garin attacked as an attacker would: raw sockets against real processes.
+
+Each case is one of the ways found to hurt garin (its issue tracker's
+"Hardening" issue), kept here so that it stays fixed: a flood of sockets
+from one address, a message in thousands of fragments, floods of empty
+control frames, a huge message with permissive limits, and bytes sent in
+the same packet as the join. Every case is bounded in time and in the
+connections it opens, and each ends by proving the server still serves
+everyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    OP_PONG,
+    OP_TEXT,
+    Clients,
+    GarinServer,
+    RawClient,
+    ServerFactory,
+    auth_frame,
+    close_of,
+    expect_join,
+    expect_message,
+    join_frame,
+    message_frame,
+    new_room,
+    new_user,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("hard_cap")]
+
+
+def pids_of(server: GarinServer, role: str) -> list[int]:
+    """Live garin processes under `server` whose command line names `role`."""
+    assert server.process is not None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+            ppid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+            if ppid == server.process.pid and role.encode() in args:
+                found.append(int(entry.name))
+    return found
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def member(server: GarinServer, name: str, room: str) -> RawClient:
+    """A raw client that authenticated and joined (its own join read)."""
+    raw = RawClient(server.port)
+    raw.send_text(auth_frame(server.token(name)))
+    raw.send_text(join_frame(name, room))
+    frame = raw.recv_frame()
+    assert frame is not None and frame[0] == OP_TEXT and b'"join"' in frame[1], frame
+    return raw
+
+
+def send_fragment(raw: RawClient, opcode: int, payload: bytes, fin: bool) -> None:
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    raw.sock.sendall(bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + mask + masked)
+
+
+def masked_text(text: str) -> bytes:
+    """One final masked text frame, as a client sends it."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, 0x80 | size))
+    else:
+        header = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
+    mask = os.urandom(4)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def still_serving(clients: Clients) -> None:
+    room = new_room("ok")
+    a = clients.join(new_user("a"), room, total=1)
+    b_name = new_user("b")
+    clients.join(b_name, room, total=2)
+    expect_join(a, b_name, 2)
+
+
+def test_one_address_opening_sockets_in_a_loop_cannot_starve_another(garin_factory: ServerFactory) -> None:
+    """Refused connections are answered only while few refusals are under way
+    and for a short time, so a router's descriptors stay bounded by its
+    limits, not by what one address opens."""
+    server = garin_factory(GARIN_MAX_CONNECTIONS_PER_IP="10", GARIN_HANDSHAKE_TIMEOUT="30")
+    (router,) = pids_of(server, "router")
+    before = open_fds(router)
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(400):  # idle: never send a byte
+            sock = socket.socket()
+            sock.bind(("127.0.0.9", 0))
+            sock.connect(("127.0.0.1", server.port))
+            flood.append(sock)
+        time.sleep(1.0)  # let the router accept them all
+        # 10 counted, at most 64 refusals under way: far fewer than 400.
+        assert open_fds(router) - before <= 10 + 64 + 5, open_fds(router) - before
+        with contextlib.ExitStack() as stack:
+            still_serving(Clients(stack, server))
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_a_message_in_thousands_of_fragments_is_closed(garin_factory: ServerFactory) -> None:
+    server = garin_factory()
+    room = new_room("frag")
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        listener = clients.join("listener", room, total=1)
+        raw = member(server, "fragger", room)
+        expect_join(listener, "fragger", 2)
+        send_fragment(raw, OP_TEXT, b"x", fin=False)
+        with contextlib.suppress(OSError):  # the server may hang up while we send
+            for _ in range(2000):
+                send_fragment(raw, 0x0, b"y", fin=False)
+        # Sent this fast, the frame budget (100 at once) ends it before the
+        # fragment limit (256 per message) would: either bound holds.
+        assert close_of(raw.recv_frame()) in {(1008, "too many frames"), (1008, "message in too many fragments")}
+        raw.close()
+        assert '"userleave"' in listener.recv(timeout=5)
+        still_serving(clients)
+
+
+def test_a_flood_of_empty_pongs_is_closed(garin_factory: ServerFactory) -> None:
+    server = garin_factory()
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        raw = member(server, "ponger", new_room("pong"))
+        with contextlib.suppress(OSError):
+            for _ in range(500):
+                send_fragment(raw, OP_PONG, b"", fin=True)
+        assert close_of(raw.recv_frame()) == (1008, "too many frames")
+        raw.close()
+        still_serving(clients)
+
+
+def test_a_huge_message_with_permissive_limits_reaches_the_room(garin_factory: ServerFactory) -> None:
+    """With the message limits at their largest, a body of 4 million 4-byte
+    characters (16 MB of UTF-8; no link between processes carries chat any
+    more) reaches its room."""
+    server = garin_factory(GARIN_MAX_MESSAGE_BYTES="16777216", GARIN_MAX_BODY_CHARS="0", GARIN_MAX_OUTBOX_BYTES="67108864")
+    room = new_room("huge")
+    body = "🙂" * 4_000_000
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        a = clients.join("sender", room, total=1)
+        b = clients.open(max_size=None)
+        b.send(auth_frame(server.token("reader")))
+        b.send(join_frame("reader", room))
+        expect_join(b, "reader", 2)
+        expect_join(a, "reader", 2)
+        a.send(json.dumps({"type": "message", "body": body}, ensure_ascii=False))
+        expect_message(b, "sender", body)
+
+
+def test_messages_sent_in_the_same_packet_as_the_join_are_not_lost(garin_factory: ServerFactory) -> None:
+    """The router reads the join and what follows it in one read; what it did
+    not parse travels to the shard with the socket."""
+    server = garin_factory()
+    room = new_room("packet")
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        listener = clients.join("listener", room, total=1)
+        raw = RawClient(server.port)
+        frames = [auth_frame(server.token("burst")), join_frame("burst", room)] + [
+            message_frame(f"m{n}") for n in range(5)
+        ]
+        raw.sock.sendall(b"".join(masked_text(text) for text in frames))  # one write: one packet on loopback
+        expect_join(listener, "burst", 2)
+        for n in range(5):
+            expect_message(listener, "burst", f"m{n}")
+        raw.close()
