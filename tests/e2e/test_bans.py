@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,7 +86,9 @@ def test_repeat_rate_limit_offenders_are_banned_across_restarts(tmp_path) -> Non
         spam_until_closed(server, "spammer", new_room("spam"))
         assert not refused_as_banned(server, "spammer")  # one strike is not enough
         spam_until_closed(server, "spammer", new_room("spam"))
-        assert refused_as_banned(server, "spammer")
+        # The strike is counted in the shared store by a worker thread: the
+        # ban lands milliseconds after the close.
+        eventually(lambda: refused_as_banned(server, "spammer"))
         assert not refused_as_banned(server, "bystander")
         # The join limit closes too, but is no strike: a person may hop rooms fast.
         hop_until_closed(server, "hopper", new_room("hop"))
@@ -118,3 +122,79 @@ def test_username_claim_overrides_the_join(tmp_path) -> None:
         with server.connect() as ws:
             ws.send(auth_frame(server.token("ab")))  # too short for a username
             expect_close(ws, 1008, "token has no usable username claim")
+
+
+def spam(server, ws, subject: str) -> None:
+    """An authed, joined `ws` trips the rate limit (1 message per window here)."""
+    ws.send(message_frame("one"))
+    ws.send(message_frame("two"))
+    expect_close(ws, 1008, "rate limit exceeded")
+
+
+def test_rate_limit_closes_never_shorten_a_manual_ban(tmp_path) -> None:
+    """`garin ban add` (until removed) while the subject is connected, then 3
+    rate-limit closes: the ban stays until removed (it became 1 hour)."""
+    env = {
+        "GARIN_RATE_LIMIT_COUNT": "1",
+        "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "3",
+        "GARIN_BAN_DB": str(tmp_path / "bans.sqlite3"),
+    }
+    with running_server(**env) as server, contextlib.ExitStack() as stack:
+        sockets = []
+        for _ in range(3):
+            ws = stack.enter_context(server.connect())
+            ws.send(auth_frame(server.token("zed")))
+            ws.send(join_frame("zed", new_room("zed")))
+            expect_join(ws, "zed", 1)
+            sockets.append(ws)
+        result = ban_cli(server, "add", "zed")
+        assert result.returncode == 0, result.stderr
+        for ws in sockets:
+            spam(server, ws, "zed")
+        time.sleep(1)  # let the strikes reach the store
+        eventually(lambda: refused_as_banned(server, "zed"))
+        listing = ban_cli(server, "list").stdout
+        assert "zed\tuntil removed\tmanual" in listing, listing
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_strikes_through_two_routers_add_up(tmp_path) -> None:
+    """With 2 routers, 2 rate-limit closes on one and 1 on the other ban at 3
+    strikes (each router used to count only its own)."""
+    from test_faults import only_router, roles, router_pid
+
+    env = {
+        "GARIN_ROUTERS": "2",
+        "GARIN_RATE_LIMIT_COUNT": "1",
+        "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "3",
+        "GARIN_BAN_DB": str(tmp_path / "bans.sqlite3"),
+    }
+    with running_server(**env) as server:
+        assert server.process is not None
+        pids = roles(server.process.pid)
+        routers = [pids["router 0"], pids["router 1"]]
+        strikes = 0
+        for router, times in ((routers[0], 2), (routers[1], 1)):
+            for _ in range(times):
+                with only_router(router, routers), server.connect() as ws:
+                    ws.send(auth_frame(server.token("spammer")))
+                    ws.send(join_frame("spammer", new_room("spam")))
+                    expect_join(ws, "spammer", 1)
+                    assert router_pid(ws, server.port, routers) == router
+                    spam(server, ws, "spammer")
+                strikes += 1
+                # Before the next SIGSTOP: a stopped router's strike would wait with it.
+                eventually(lambda: stored(tmp_path / "bans.sqlite3", strikes))
+        for router in routers:
+            with only_router(router, routers):
+                eventually(lambda: refused_as_banned(server, "spammer"))
+
+
+def stored(path, strikes: int) -> bool:
+    """`strikes` strikes of "spammer" are in the store (the third one bans, clearing them)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        if strikes == 3:
+            return db.execute("SELECT count(*) FROM bans WHERE subject = 'spammer'").fetchone()[0] == 1
+        return db.execute("SELECT count(*) FROM strikes WHERE subject = 'spammer'").fetchone()[0] == strikes
