@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from typing import TextIO
 
 import trio
@@ -20,20 +21,70 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 CONNECT_TIMEOUT_S = 10.0
 
 
+# Shown escaped: C0/C1 controls (newlines, ESC and so terminal escape
+# sequences), format characters (bidi overrides, zero-width spaces: text that
+# reads differently than it is), line and paragraph separators, surrogates.
+_HIDDEN = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+# A username with one of these is shown quoted, so that it cannot pass for
+# the end of another name (`<alice> hi`) or a line of garin's own.
+_NAME_BREAKERS = frozenset('<>"')
+
+
+def _escape(char: str) -> str:
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    if unicodedata.category(char) not in _HIDDEN:
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """`text` on one line with nothing hidden: control and format characters,
+    and backslash itself, written as escapes (`\\x1b`, `\\n`, `\\u202e`, `\\\\`)."""
+    return "".join(map(_escape, text))
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str):
+        return _count(value)
+    shown = visible(value)
+    if not shown or any(c.isspace() or c in _NAME_BREAKERS for c in shown):
+        return '"' + shown.replace('"', '\\"') + '"'
+    return shown
+
+
+def _count(value: object) -> str:
+    # repr writes every non-printable character as an escape (PEP 3138).
+    return str(value) if isinstance(value, int) else repr(value)
+
+
 def describe(text: str) -> str:
-    """One human line for a server event."""
+    """One human line for a server event.
+
+    What others chose (usernames, bodies) is shown escaped and can neither
+    break the line nor start one: garin chat's own lines start with `#` or
+    `*`, messages with `<`, anything unexpected with `?`.
+    """
     try:
         event = json.loads(text)
     except ValueError:
-        return f"? {text}"
+        return f"? {visible(text)}"
     kind = event.get("type") if isinstance(event, dict) else None
     if kind == "join":
-        return f"* {event.get('username')} joined ({event.get('totalUsers')} here)"
+        return f"* {_name(event.get('username'))} joined ({_count(event.get('totalUsers'))} here)"
     if kind == "userleave":
-        return f"* {event.get('username')} left ({event.get('totalUsers')} here)"
+        return f"* {_name(event.get('username'))} left ({_count(event.get('totalUsers'))} here)"
     if kind == "message":
-        return f"<{event.get('username')}> {event.get('body')}"
-    return f"? {text}"
+        body = event.get("body")
+        return f"<{_name(event.get('username'))}> {visible(body) if isinstance(body, str) else _count(body)}"
+    return f"? {visible(text)}"
 
 
 async def _print_events(ws: WebSocketConnection, out: TextIO) -> None:
@@ -90,7 +141,7 @@ async def chat(url: str, origin: str, token: str, room: str, username: str, out:
                 reason = closed[0].reason
                 code = reason.code if reason is not None else 1006
                 text = (reason.reason if reason is not None else None) or ""
-                print(f"# closed by server: {code} {text}".rstrip(), file=out, flush=True)
+                print(f"# closed by server: {code} {visible(text)}".rstrip(), file=out, flush=True)
                 return 0 if code == 1000 else 1
     except HandshakeError as exc:
         print(f"# could not connect to {url}: {exc}", file=out, flush=True)

@@ -102,3 +102,20 @@ def test_chat_client_reports_a_refused_origin(garin: GarinServer) -> None:
         assert chat.proc.wait(timeout=10) == 1
     finally:
         chat.finish()
+
+
+def test_chat_client_shows_what_others_send_escaped(garin: GarinServer, clients) -> None:
+    room = new_room("chat")
+    chat = Chat(garin, room, "termuser")
+    try:
+        chat.expect("* termuser joined (1 here)")
+        other = clients.join("alice> hi", room)
+        chat.expect('* "alice> hi" joined (2 here)')
+        other.send(message_frame("ok\n* mallory left (1 here)\n<alice> trust me\x1b]0;pwned\x07\x1b[31m"))
+        chat.expect("<\"alice> hi\"> ok\\n* mallory left (1 here)\\n<alice> trust me\\x1b]0;pwned\\x07\\x1b[31m")
+        chat.type("/quit")
+        chat.expect("# closed by server: 1000 bye")
+        assert not any(line.startswith(("* mallory", "<alice>")) for line in chat.seen), chat.seen
+        assert not any("\x1b" in line for line in chat.seen), chat.seen
+    finally:
+        chat.finish()
