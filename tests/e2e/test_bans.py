@@ -24,9 +24,9 @@ from websockets.exceptions import ConnectionClosed
 pytestmark = pytest.mark.e2e
 
 
-def ban_cli(server, *args: str) -> subprocess.CompletedProcess[str]:
+def ban_cli(server, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "garin", "ban", *args], env=server.env(), cwd=server.workdir,
+        [sys.executable, "-m", "garin", "ban", *args], env=env or server.env(), cwd=cwd or server.workdir,
         capture_output=True, text=True, timeout=30,
     )
 
@@ -110,6 +110,21 @@ def test_garin_ban_add_reaches_a_running_router(tmp_path) -> None:
         eventually(lambda: refused_as_banned(server, "troll"))
         listing = ban_cli(server, "list").stdout
         assert "troll" in listing and "abuse" in listing
+
+
+def test_garin_ban_from_another_directory_with_ban_db(tmp_path) -> None:
+    """The server's GARIN_BAN_DB is relative to its working directory; `garin ban`
+    run elsewhere reaches the same file with --ban-db and says which file it used."""
+    with running_server(GARIN_BAN_DB="relative-bans.sqlite3") as server:
+        path = server.workdir / "relative-bans.sqlite3"
+        env = {k: v for k, v in server.env().items() if k != "GARIN_BAN_DB"}
+        result = ban_cli(server, "add", "zed", "--ban-db", str(path), cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"banned zed (ban list: {path})\n"
+        eventually(lambda: refused_as_banned(server, "zed"))
+        elsewhere = ban_cli(server, "list", cwd=tmp_path, env=env)
+        assert elsewhere.stdout == f"no active bans (ban list: {tmp_path / 'garin-bans.sqlite3'}, no such file yet)\n"
+        assert not (tmp_path / "garin-bans.sqlite3").exists()
 
 
 def test_username_claim_overrides_the_join(tmp_path) -> None:
