@@ -182,27 +182,47 @@ def token(username: str, ttl: str, **options: Any) -> None:
 
 
 @main.command()
-@click.argument("url", default="ws://127.0.0.1:8080/")
+@click.argument("url", required=False)
 @click.option("--room", required=True, help="Room to join (3+ characters).")
 @click.option("--user", "username", required=True, help="Username to join as (3+ characters).")
 @click.option("--token", default=None, help="JWT to send; default: mint one with JWT_DECODE_SECRET (as `garin token`).")
 @click.option("--origin", default=None, help="Origin header; default: the first of ALLOWED_ORIGINS, else http://localhost.")
-def chat(url: str, room: str, username: str, token: str | None, origin: str | None) -> None:
-    """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit."""
+def chat(url: str | None, room: str, username: str, token: str | None, origin: str | None) -> None:
+    """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit.
+
+    URL defaults to ws://127.0.0.1:PORT/ with the port the server is
+    configured with: GARIN_PORT, else PORT, from the environment or ./.env
+    (8080 if neither is set). JWT_DECODE_SECRET and ALLOWED_ORIGINS are read
+    the same way.
+    """
     import trio
 
     from garin.auth import make_token
     from garin.chat import chat as run_chat
+    from garin.chat import url_problem
 
-    environ = {**(read_dotenv(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
+    # Everything given: no settings needed (nor checked).
+    config = _load({}, required=()) if None in (url, token, origin) else None
+    if url is None:
+        assert config is not None
+        url = f"ws://127.0.0.1:{config.port}/"
+    problem = url_problem(url)
+    if problem is not None:
+        _fail(problem)
     if token is None:
-        config = _load({}, required=("jwt_secret",))
-        if config.jwt_secret is None or config.jwt_algorithm not in HMAC_ALGORITHMS:
-            _fail("pass --token: without an HMAC JWT_DECODE_SECRET, garin chat cannot mint one")
+        assert config is not None
+        if config.jwt_algorithm not in HMAC_ALGORITHMS:
+            _fail(f"pass --token TOKEN: with GARIN_JWT_ALGORITHM={config.jwt_algorithm}, tokens come from your auth provider")
+        if config.jwt_secret is None:
+            _fail(
+                "garin chat needs a token: pass --token TOKEN, or set JWT_DECODE_SECRET "
+                "(in the environment or ./.env) to mint one"
+            )
         assert config.jwt_secret is not None
         token = make_token(config.jwt_secret, username, time.time(), 3600, config.jwt_algorithm)
     if origin is None:
-        origins = [o.strip() for o in environ.get("ALLOWED_ORIGINS", "").split(",") if o.strip() not in ("", "*")]
+        assert config is not None
+        origins = [o for o in config.allowed_origins or () if o != "*"]
         origin = origins[0] if origins else "http://localhost"
     sys.exit(trio.run(run_chat, url, origin, token, room, username))
 

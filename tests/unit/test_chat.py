@@ -1,14 +1,23 @@
-"""garin chat's pure parts: how server events are shown."""
+"""garin chat's pure parts: how server events are shown, what typed lines
+send, which URLs it takes and how it says why it could not connect."""
 
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from trio_websocket import ConnectionRejected, ConnectionTimeout, HandshakeError, open_websocket_url
 
-from garin.chat import describe, visible
+from garin.chat import ChatInput, Step, connect_error, describe, refused_handshake, url_problem, visible
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def event(**fields: object) -> str:
@@ -98,3 +107,110 @@ def test_no_event_makes_more_than_one_line_or_a_line_of_garins_own(username: str
             assert name == visible(username)
     else:
         assert line.startswith("* ")
+
+
+# -- typed commands ------------------------------------------------------------
+
+
+def frames(step: Step) -> list[dict[str, str]]:
+    return [json.loads(frame) for frame in step.frames]
+
+
+def test_lines_are_messages_and_empty_lines_nothing() -> None:
+    typed = ChatInput("alice")
+    assert frames(typed.line("hello")) == [{"type": "message", "body": "hello"}]
+    assert typed.line("") == Step()
+
+
+def test_join_while_in_a_room_leaves_it_first() -> None:
+    """The reported bug: /join in a room closed the connection 1008 already joined."""
+    typed = ChatInput("alice")
+    assert frames(typed.line("/join other-room")) == [
+        {"type": "userleave"},
+        {"type": "join", "username": "alice", "room": "other-room"},
+    ]
+    assert typed.in_room
+
+
+def test_leave_then_join() -> None:
+    typed = ChatInput("alice")
+    step = typed.line("/leave")
+    assert frames(step) == [{"type": "userleave"}] and not typed.in_room and step.note
+    assert frames(typed.line("/join  lobby ")) == [{"type": "join", "username": "alice", "room": "lobby"}]
+    assert typed.in_room
+
+
+def test_outside_a_room_nothing_is_sent_that_the_server_would_close_us_for() -> None:
+    typed = ChatInput("alice", in_room=False)
+    for line in ("/leave", "hello"):
+        step = typed.line(line)
+        assert step.frames == () and step.note is not None and step.note.startswith("#")
+    quit_step = typed.line("/quit")
+    assert quit_step.frames == () and quit_step.done
+
+
+@pytest.mark.parametrize("line", ["/join", "/join ", "/join    "])
+def test_join_without_a_room_is_explained(line: str) -> None:
+    typed = ChatInput("alice")
+    assert typed.line(line) == Step(note="# usage: /join ROOM")
+    assert typed.in_room
+
+
+def test_quit_and_end_of_input_leave_with_an_empty_message() -> None:
+    for step in (ChatInput("alice").line("/quit"), ChatInput("alice").end()):
+        assert frames(step) == [{"type": "message", "body": ""}] and step.done
+
+
+def test_other_slash_words_are_messages() -> None:
+    assert frames(ChatInput("alice").line("/joinery is fun")) == [{"type": "message", "body": "/joinery is fun"}]
+
+
+# -- URLs and connection errors -----------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["ws://127.0.0.1:8080/", "wss://chat.example.com/", "ws://[::1]:9000/", "ws://host"])
+def test_good_urls(url: str) -> None:
+    assert url_problem(url) is None
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://127.0.0.1:8080/", "use ws:// or wss://"),
+        ("https://chat.example.com/", "use ws:// or wss://"),
+        ("127.0.0.1:8080", "use ws:// or wss://"),
+        ("ws:///path", "names no host"),
+        ("ws://127.0.0.1:99999/", "not a URL"),
+        ("ws://[::1/", "not a URL"),
+    ],
+)
+def test_bad_urls_are_one_line(url: str, words: str) -> None:
+    problem = url_problem(url)
+    assert problem is not None and words in problem and "\n" not in problem
+
+
+async def test_connect_error_names_the_os_error() -> None:
+    port = free_port()
+    with pytest.raises(HandshakeError) as info:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/", connect_timeout=5):
+            pass
+    assert connect_error(info.value) == "Connection refused"
+
+
+def test_connect_error_of_groups_and_plain_errors() -> None:
+    refused = ConnectionRefusedError(111, "Connection refused")
+    unreachable = OSError(101, "Network is unreachable")
+    wrapped = HandshakeError()
+    wrapped.__cause__ = OSError("all attempts failed")
+    wrapped.__cause__.__cause__ = ExceptionGroup("all attempts", [refused, unreachable, refused])
+    assert connect_error(wrapped) == "Connection refused; Network is unreachable"
+    assert connect_error(ConnectionTimeout()) == "no answer within 10 s"
+    assert connect_error(HandshakeError()) == "HandshakeError"
+
+
+def test_a_refused_handshake_reads_as_http() -> None:
+    rejected = ConnectionRejected(403, ((b"content-type", b"text/plain"),), b"origin not allowed\n")
+    text = refused_handshake(rejected, "http://elsewhere.test")
+    assert text.startswith("server refused the handshake: HTTP 403 origin not allowed (Origin sent: http://elsewhere.test;")
+    assert "content-type" not in text
+    assert refused_handshake(ConnectionRejected(404, (), None), "x") == "server refused the handshake: HTTP 404"
