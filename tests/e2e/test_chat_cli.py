@@ -109,6 +109,7 @@ def test_chat_client_reports_a_refused_origin(garin: GarinServer) -> None:
         chat.finish()
 
 
+@pytest.mark.usefixtures("hard_cap")
 def test_chat_client_defaults_to_the_configured_port(garin: GarinServer, clients) -> None:
     """No URL: ws://127.0.0.1:<GARIN_PORT>/ (it was always port 8080); GARIN_PORT beats PORT."""
     room = new_room("chat")
@@ -122,6 +123,7 @@ def test_chat_client_defaults_to_the_configured_port(garin: GarinServer, clients
         chat.finish()
 
 
+@pytest.mark.usefixtures("hard_cap")
 def test_join_moves_to_another_room(garin: GarinServer, clients) -> None:
     """/join in a room leaves it first (it closed 1008 already joined)."""
     first, second = new_room("chat"), new_room("chat")
@@ -149,6 +151,7 @@ def test_join_moves_to_another_room(garin: GarinServer, clients) -> None:
         chat.finish()
 
 
+@pytest.mark.usefixtures("hard_cap")
 def test_chat_client_reports_a_server_that_is_not_there(garin: GarinServer) -> None:
     port = free_port()
     chat = Chat(garin, new_room("chat"), "visitor", url=None, GARIN_PORT=str(port))
@@ -159,6 +162,7 @@ def test_chat_client_reports_a_server_that_is_not_there(garin: GarinServer) -> N
         chat.finish()
 
 
+@pytest.mark.usefixtures("hard_cap")
 def test_chat_client_refuses_an_http_url(garin: GarinServer) -> None:
     chat = Chat(garin, new_room("chat"), "visitor", url=f"http://127.0.0.1:{garin.port}/")
     try:
@@ -169,6 +173,7 @@ def test_chat_client_refuses_an_http_url(garin: GarinServer) -> None:
         chat.finish()
 
 
+@pytest.mark.usefixtures("hard_cap")
 def test_chat_client_shows_what_others_send_escaped(garin: GarinServer, clients) -> None:
     room = new_room("chat")
     chat = Chat(garin, room, "termuser")
