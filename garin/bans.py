@@ -1,17 +1,63 @@
-"""The ban list's rules, as a pure object: strikes, windows, ban expiry.
+"""The ban list's rules, as pure objects: strikes, windows, ban expiry.
 
-A strike is one close by the rate limiter. A subject (the token's `sub`) with
-`strikes` strikes inside `window_s` is banned for `ban_s`. Bans may also be
-set by hand (`garin ban add`), with or without an end. Times are wall-clock
-seconds passed in by the caller; storage lives in `garin/banstore.py`.
+A strike is one close by the rate limiter ("rate limit exceeded"). A subject
+(the token's `sub`) with `strikes` strikes inside `window_s` is banned for
+`ban_s`. Bans may also be set by hand (`garin ban add`), with or without an
+end. Times are wall-clock seconds passed in by the caller.
+
+Every process that closes clients (routers, and whatever else runs a
+`router.bans.RouterBans`) records its strikes in one shared store
+(`garin/banstore.py`), which asks `BanPolicy.judge` what each strike does,
+knowing the subject's current ban and its earlier strikes in the window, all
+processes' together. So three strikes ban a subject whether they came through
+one router or three. The rules:
+
+- A subject that is banned gets no strikes: closes of connections it opened
+  before its ban do not add up to another ban.
+- An automatic ban never shortens a ban: the stored end becomes the later of
+  the two (`later`), and a ban without an end (FOREVER) stays one. Only
+  `garin ban add` and `garin ban remove`, the operator's word, set an end
+  outright.
+- A ban clears the subject's strikes: after it ends, counting starts afresh.
+
+`BanList` is a process's in-memory copy of the active bans, refreshed from the
+store, so that checking a token at auth costs no I/O.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 FOREVER = float("inf")
+
+
+def later(a: float | None, b: float | None) -> float | None:
+    """The later of two ban ends (None: no ban, FOREVER: until removed)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """Not a strike: automatic bans are off, or the subject is banned already."""
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """A strike, below the number that bans."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """The strike that bans: the subject's ban now ends at `until`."""
+
+    until: float
+
+
+Verdict = Ignore | Count | Ban
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,16 +66,26 @@ class BanPolicy:
     window_s: float = 600.0
     ban_s: float = 3600.0
 
+    def window_start(self, now: float) -> float:
+        """Strikes at or after this time count at `now`; earlier ones may be forgotten."""
+        return now - self.window_s
+
+    def judge(self, banned_until: float | None, earlier_strikes: int, now: float) -> Verdict:
+        """What a rate-limit close at `now` does, given the subject's stored ban end
+        (None: none) and its strikes since `window_start(now)`, this one not included."""
+        if self.strikes <= 0:
+            return Ignore()
+        if banned_until is not None and banned_until > now:
+            return Ignore()
+        if earlier_strikes + 1 < self.strikes:
+            return Count()
+        return Ban(now + self.ban_s)
+
 
 @dataclass(slots=True)
 class BanList:
-    policy: BanPolicy
-    # subject -> unix time the ban ends (FOREVER for a manual permanent ban)
+    # subject -> unix time the ban ends (FOREVER for a ban until removed)
     bans: dict[str, float] = field(default_factory=dict)
-    _strikes: dict[str, deque[float]] = field(default_factory=dict)
-    # Bans made here and not yet confirmed written to the store: a refresh
-    # from the store must not forget them in the meantime.
-    pending: set[str] = field(default_factory=set)
 
     def is_banned(self, subject: str, now: float) -> bool:
         until = self.bans.get(subject)
@@ -40,29 +96,10 @@ class BanList:
             return False
         return True
 
-    def strike(self, subject: str, now: float) -> float | None:
-        """Record a rate-limit close; the ban's end if this strike bans them."""
-        if self.policy.strikes <= 0:
-            return None
-        recent = self._strikes.setdefault(subject, deque(maxlen=self.policy.strikes))
-        recent.append(now)
-        while recent and now - recent[0] > self.policy.window_s:
-            recent.popleft()
-        if len(recent) < self.policy.strikes:
-            return None
-        recent.clear()
-        until = now + self.policy.ban_s
-        self.bans[subject] = max(until, self.bans.get(subject, 0.0))
-        self.pending.add(subject)
-        return until
-
-    def written(self, subject: str) -> None:
-        self.pending.discard(subject)
+    def extend(self, subject: str, until: float) -> None:
+        """An automatic ban, already stored: never shortens the one we know of."""
+        self.bans[subject] = max(until, self.bans.get(subject, until))
 
     def replace(self, bans: dict[str, float], now: float) -> None:
-        """Take the stored ban list (another router or `garin ban` changed it)."""
-        fresh = {subject: until for subject, until in bans.items() if until > now}
-        for subject in self.pending:
-            if subject in self.bans:
-                fresh[subject] = max(fresh.get(subject, 0.0), self.bans[subject])
-        self.bans = fresh
+        """Take the stored ban list (another process or `garin ban` changed it)."""
+        self.bans = {subject: until for subject, until in bans.items() if until > now}

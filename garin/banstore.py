@@ -2,6 +2,15 @@
 
 All calls here block; routers run them with `trio.to_thread.run_sync`, never on
 the event loop. WAL mode lets several routers and the CLI use the file at once.
+
+Two tables: `bans` (one row per subject, NULL `until` = until removed) and
+`strikes` (one row per rate-limit close still inside the ban window). A strike
+is recorded and judged in one write transaction (BEGIN IMMEDIATE), so strikes
+from several processes at once are counted one after the other, each seeing
+the others'; what a strike does is `BanPolicy.judge`'s decision, and an
+automatic ban's end is `later` of the old and the new (garin/bans.py). Each
+strike first deletes the strikes that fell out of the window, so the table
+holds at most one window's strikes.
 """
 
 from __future__ import annotations
@@ -9,19 +18,38 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
-from garin.bans import FOREVER
+from garin.bans import FOREVER, Ban, BanPolicy, Count, Verdict, later
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS bans (
-    subject TEXT PRIMARY KEY,
-    until REAL,            -- unix time the ban ends; NULL = until removed
-    reason TEXT NOT NULL,
-    created REAL NOT NULL
+SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS bans (
+        subject TEXT PRIMARY KEY,
+        until REAL,            -- unix time the ban ends; NULL = until removed
+        reason TEXT NOT NULL,
+        created REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS strikes (
+        subject TEXT NOT NULL,
+        at REAL NOT NULL       -- unix time of the rate-limit close
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS strikes_by_subject ON strikes (subject, at)",
 )
-"""
+
+
+def _end(until: float | None) -> float:
+    """A stored `until` as a ban end (NULL: FOREVER)."""
+    return FOREVER if until is None else until
+
+
+def _stored(until: float | None) -> float | None:
+    return None if until in (None, FOREVER) else until
 
 
 class BanStore:
@@ -34,24 +62,85 @@ class BanStore:
             try:
                 with closing(self._connect()) as db, db:
                     db.execute("PRAGMA journal_mode=WAL")
-                    db.execute(SCHEMA)
+                    for statement in SCHEMA:
+                        db.execute(statement)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == 49:
                     raise
                 time.sleep(0.02 + random.random() * 0.05)
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=5.0)
+    def _connect(self, autocommit: bool = False) -> sqlite3.Connection:
+        """`autocommit`: no implicit transactions (the caller sends BEGIN and COMMIT)."""
+        if autocommit:
+            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        else:
+            db = sqlite3.connect(self.path, timeout=5.0)
+        # WAL: a commit need not wait for the disk; a power cut may lose the
+        # last strikes, never corrupt the file.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the write lock from its first read."""
+        with closing(self._connect(autocommit=True)) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def add(self, subject: str, until: float | None, reason: str, now: float) -> None:
+        """Set a ban as given (`garin ban add`): it may shorten one."""
         with closing(self._connect()) as db, db:
             db.execute(
                 "INSERT INTO bans (subject, until, reason, created) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(subject) DO UPDATE SET until = excluded.until, reason = excluded.reason, "
                 "created = excluded.created",
-                (subject, None if until in (None, FOREVER) else until, reason, now),
+                (subject, _stored(until), reason, now),
             )
+
+    def extend(self, subject: str, until: float, reason: str, now: float) -> float:
+        """An automatic ban: the ban ends at the later of its stored end and `until`;
+        that end is returned."""
+        with self._writing() as db:
+            return self._extend(db, subject, until, reason, now)
+
+    def _extend(self, db: sqlite3.Connection, subject: str, until: float, reason: str, now: float) -> float:
+        row = db.execute("SELECT until FROM bans WHERE subject = ?", (subject,)).fetchone()
+        current = None if row is None else _end(row[0])
+        end = later(current, until)
+        assert end is not None
+        if end != current:
+            db.execute(
+                "INSERT INTO bans (subject, until, reason, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(subject) DO UPDATE SET until = excluded.until, reason = excluded.reason, "
+                "created = excluded.created",
+                (subject, _stored(end), reason, now),
+            )
+        return end
+
+    def strike(self, subject: str, now: float, policy: BanPolicy) -> Verdict:
+        """Record a rate-limit close of `subject` at `now`, counted with every
+        process's strikes; what it did (a Ban carries the ban's stored end)."""
+        since = policy.window_start(now)
+        with self._writing() as db:
+            db.execute("DELETE FROM strikes WHERE at < ?", (since,))
+            row = db.execute("SELECT until FROM bans WHERE subject = ?", (subject,)).fetchone()
+            banned_until = None if row is None else _end(row[0])
+            (earlier,) = db.execute(
+                "SELECT count(*) FROM strikes WHERE subject = ? AND at >= ?", (subject, since)
+            ).fetchone()
+            verdict = policy.judge(banned_until, earlier, now)
+            if isinstance(verdict, Count):
+                db.execute("INSERT INTO strikes (subject, at) VALUES (?, ?)", (subject, now))
+            elif isinstance(verdict, Ban):
+                db.execute("DELETE FROM strikes WHERE subject = ?", (subject,))
+                verdict = Ban(self._extend(db, subject, verdict.until, "rate limit", now))
+            return verdict
 
     def remove(self, subject: str) -> bool:
         with closing(self._connect()) as db, db:
@@ -60,7 +149,7 @@ class BanStore:
     def active(self, now: float) -> dict[str, float]:
         with closing(self._connect()) as db:
             rows = db.execute("SELECT subject, until FROM bans WHERE until IS NULL OR until > ?", (now,))
-            return {subject: FOREVER if until is None else until for subject, until in rows}
+            return {subject: _end(until) for subject, until in rows}
 
     def listing(self, now: float) -> list[tuple[str, float | None, str, float]]:
         with closing(self._connect()) as db:

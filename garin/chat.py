@@ -3,8 +3,11 @@
 It speaks the same protocol as any GarinChat frontend (auth, join, message,
 userleave) through trio-websocket, so it exercises a server exactly as a
 browser would, Origin header included. Lines typed are sent as messages;
-`/leave` leaves the room, `/join ROOM` joins another, `/quit` (or Ctrl-D)
-sends an empty message, which leaves and closes.
+`/leave` leaves the room, `/join ROOM` joins another (leaving the one we are
+in first), `/quit` (or Ctrl-D) sends an empty message, which leaves and
+closes. The typed commands (`ChatInput`), how events are shown (`describe`)
+and why a connection failed (`connect_error`, `refused_handshake`) are pure
+functions; `chat` only moves their frames and lines.
 """
 
 from __future__ import annotations
@@ -12,28 +15,89 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
+import urllib.parse
+from dataclasses import dataclass
 from typing import TextIO
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    DisconnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 CONNECT_TIMEOUT_S = 10.0
 
 
+# Shown escaped: C0/C1 controls (newlines, ESC and so terminal escape
+# sequences), format characters (bidi overrides, zero-width spaces: text that
+# reads differently than it is), line and paragraph separators, surrogates.
+_HIDDEN = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+# A username with one of these is shown quoted, so that it cannot pass for
+# the end of another name (`<alice> hi`) or a line of garin's own.
+_NAME_BREAKERS = frozenset('<>"')
+
+
+def _escape(char: str) -> str:
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    if unicodedata.category(char) not in _HIDDEN:
+        return char
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """`text` on one line with nothing hidden: control and format characters,
+    and backslash itself, written as escapes (`\\x1b`, `\\n`, `\\u202e`, `\\\\`)."""
+    return "".join(map(_escape, text))
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str):
+        return _count(value)
+    shown = visible(value)
+    if not shown or any(c.isspace() or c in _NAME_BREAKERS for c in shown):
+        return '"' + shown.replace('"', '\\"') + '"'
+    return shown
+
+
+def _count(value: object) -> str:
+    # repr writes every non-printable character as an escape (PEP 3138).
+    return str(value) if isinstance(value, int) else repr(value)
+
+
 def describe(text: str) -> str:
-    """One human line for a server event."""
+    """One human line for a server event.
+
+    What others chose (usernames, bodies) is shown escaped and can neither
+    break the line nor start one: garin chat's own lines start with `#` or
+    `*`, messages with `<`, anything unexpected with `?`.
+    """
     try:
         event = json.loads(text)
     except ValueError:
-        return f"? {text}"
+        return f"? {visible(text)}"
     kind = event.get("type") if isinstance(event, dict) else None
     if kind == "join":
-        return f"* {event.get('username')} joined ({event.get('totalUsers')} here)"
+        return f"* {_name(event.get('username'))} joined ({_count(event.get('totalUsers'))} here)"
     if kind == "userleave":
-        return f"* {event.get('username')} left ({event.get('totalUsers')} here)"
+        return f"* {_name(event.get('username'))} left ({_count(event.get('totalUsers'))} here)"
     if kind == "message":
-        return f"<{event.get('username')}> {event.get('body')}"
-    return f"? {text}"
+        body = event.get("body")
+        return f"<{_name(event.get('username'))}> {visible(body) if isinstance(body, str) else _count(body)}"
+    return f"? {visible(text)}"
 
 
 async def _print_events(ws: WebSocketConnection, out: TextIO) -> None:
@@ -42,33 +106,147 @@ async def _print_events(ws: WebSocketConnection, out: TextIO) -> None:
         print(describe(message if isinstance(message, str) else repr(message)), file=out, flush=True)
 
 
-async def _send_lines(ws: WebSocketConnection, username: str) -> None:
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one typed line does: frames to send, a note to print, whether we are done."""
+
+    frames: tuple[str, ...] = ()
+    note: str | None = None
+    done: bool = False
+
+
+def _frame(**fields: str) -> str:
+    return json.dumps(fields)
+
+
+@dataclass(slots=True)
+class ChatInput:
+    """The typed commands, as a pure object: what each line sends.
+
+    It keeps the one piece of session state the server would otherwise
+    close us for: whether we are in a room (a message or /leave outside one
+    closes 1008 `not in a room`, a join inside one 1008 `already joined`).
+    """
+
+    username: str
+    in_room: bool = True
+
+    def line(self, text: str) -> Step:
+        if text == "/quit":
+            return self.end()
+        if text == "/leave":
+            if not self.in_room:
+                return Step(note="# not in a room; /join ROOM to join one")
+            self.in_room = False
+            return Step((_frame(type="userleave"),), note="# left the room; /join ROOM to join another")
+        if text == "/join" or text.startswith("/join "):
+            room = text.removeprefix("/join").strip()
+            if not room:
+                return Step(note="# usage: /join ROOM")
+            join = _frame(type="join", username=self.username, room=room)
+            frames = (_frame(type="userleave"), join) if self.in_room else (join,)
+            self.in_room = True
+            return Step(frames)
+        if not text:
+            return Step()
+        if not self.in_room:
+            return Step(note="# not sent: not in a room; /join ROOM first")
+        return Step((_frame(type="message", body=text),))
+
+    def end(self) -> Step:
+        """/quit or the end of input: in a room, an empty message leaves it and
+        the server closes 1000 bye; outside one, we just close."""
+        if self.in_room:
+            return Step((_frame(type="message", body=""),), done=True)
+        return Step(note="# bye", done=True)
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is no WebSocket URL garin chat can use, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not a URL: {exc}"
+    if parts.scheme not in ("ws", "wss"):
+        return f"{url!r} is not a WebSocket URL: use ws:// or wss://, e.g. ws://127.0.0.1:{port or 8080}/"
+    if not parts.hostname:
+        return f"{url!r} names no host, e.g. ws://127.0.0.1:8080/"
+    return None
+
+
+def connect_error(exc: BaseException) -> str:
+    """The reason a connection attempt failed, in words (`Connection refused`).
+
+    trio-websocket wraps the OS error in a HandshakeError, and trio wraps the
+    errors of every address it tried in a group: find the OS errors inside."""
+    if isinstance(exc, ConnectionTimeout):
+        return f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    reasons: list[str] = []
+    seen: set[int] = set()
+
+    def walk(error: BaseException | None) -> None:
+        if error is None or id(error) in seen:
+            return
+        seen.add(id(error))
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        elif isinstance(error, OSError) and error.strerror:
+            # trio's strerror names the address too, which the URL already does.
+            reason = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else error.strerror
+            if reason not in reasons:
+                reasons.append(reason)
+            return
+        walk(error.__cause__ or error.__context__)
+
+    walk(exc)
+    return "; ".join(reasons) or str(exc) or type(exc).__name__
+
+
+def refused_handshake(exc: ConnectionRejected, origin: str) -> str:
+    body = (exc.body or b"").decode("utf-8", errors="replace").strip().splitlines()
+    text = f"server refused the handshake: HTTP {exc.status_code}"
+    if body:
+        text += f" {visible(body[0][:200])}"
+    if exc.status_code == 403:
+        text += f" (Origin sent: {origin}; --origin sets it, the server's ALLOWED_ORIGINS lists those allowed)"
+    return text
+
+
+async def _send_lines(ws: WebSocketConnection, typed: ChatInput, out: TextIO) -> None:
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     buffer = b""
     async with stdin:
         while True:
             data = await stdin.receive_some(4096)
-            if not data:
-                await ws.send_message(json.dumps({"type": "message", "body": ""}))
-                return
-            buffer += data
-            while b"\n" in buffer:
-                raw, buffer = buffer.split(b"\n", 1)
-                line = raw.decode(errors="replace")
-                if line == "/quit":
-                    await ws.send_message(json.dumps({"type": "message", "body": ""}))
+            lines: list[bytes] = []
+            if data:
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+            steps = [typed.line(raw.decode(errors="replace")) for raw in lines] if data else [typed.end()]
+            for step in steps:
+                for frame in step.frames:
+                    await ws.send_message(frame)
+                if step.note is not None:
+                    print(step.note, file=out, flush=True)
+                if step.done:
                     return
-                if line == "/leave":
-                    await ws.send_message(json.dumps({"type": "userleave"}))
-                elif line.startswith("/join "):
-                    room = line.removeprefix("/join ").strip()
-                    await ws.send_message(json.dumps({"type": "join", "username": username, "room": room}))
-                elif line:
-                    await ws.send_message(json.dumps({"type": "message", "body": line}))
 
 
-async def chat(url: str, origin: str, token: str, room: str, username: str, out: TextIO = sys.stdout) -> int:
-    """Run until the server closes us or stdin ends; returns a process exit code."""
+async def _converse(ws: WebSocketConnection, typed: ChatInput, out: TextIO) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_print_events, ws, out)
+        await _send_lines(ws, typed, out)
+        if not typed.in_room:
+            nursery.cancel_scope.cancel()  # nothing to wait for: we close
+        # In a room, the server answers the empty message with 1000 bye.
+
+
+async def chat(url: str, origin: str, token: str, room: str, username: str, out: TextIO | None = None) -> int:
+    """Run until the server closes us or stdin ends; returns a process exit code.
+    `url` must pass `url_problem`; lines go to `out` (default: stdout)."""
+    out = out or sys.stdout
     headers = [(b"origin", origin.encode())]
     try:
         async with open_websocket_url(url, extra_headers=headers, connect_timeout=CONNECT_TIMEOUT_S,
@@ -77,25 +255,28 @@ async def chat(url: str, origin: str, token: str, room: str, username: str, out:
             try:
                 # Inside the guard: the server may close us (bad token) before
                 # the join is even sent.
-                await ws.send_message(json.dumps({"type": "auth", "body": token}))
-                await ws.send_message(json.dumps({"type": "join", "username": username, "room": room}))
+                await ws.send_message(_frame(type="auth", body=token))
+                await ws.send_message(_frame(type="join", username=username, room=room))
                 print(f"# connected to {url} as {username} in {room}; type to chat, /quit to leave",
                       file=out, flush=True)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_print_events, ws, out)
-                    nursery.start_soon(_send_lines, ws, username)
+                await _converse(ws, ChatInput(username), out)
             except* ConnectionClosed as group:
                 closed.extend(group.exceptions)  # type: ignore[arg-type]
             if closed:
                 reason = closed[0].reason
                 code = reason.code if reason is not None else 1006
                 text = (reason.reason if reason is not None else None) or ""
-                print(f"# closed by server: {code} {text}".rstrip(), file=out, flush=True)
+                print(f"# closed by server: {code} {visible(text)}".rstrip(), file=out, flush=True)
                 return 0 if code == 1000 else 1
+    except ConnectionRejected as exc:
+        print(f"# {refused_handshake(exc, origin)}", file=out, flush=True)
+        return 1
+    except DisconnectionTimeout:
+        return 0  # we were leaving anyway
     except HandshakeError as exc:
-        print(f"# could not connect to {url}: {exc}", file=out, flush=True)
+        print(f"# could not connect to {url}: {connect_error(exc)}", file=out, flush=True)
         return 1
     except OSError as exc:
-        print(f"# could not connect to {url}: {exc.strerror or exc}", file=out, flush=True)
+        print(f"# connection to {url} lost: {connect_error(exc)}", file=out, flush=True)
         return 1
     return 0

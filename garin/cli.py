@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES
-from garin.config import SETTINGS, Config, ConfigError, load_config, read_dotenv
+from garin.config import BY_NAME, SETTINGS, Config, ConfigError, load_config, read_dotenv
 
 F = Callable[..., Any]
 
@@ -181,27 +182,47 @@ def token(username: str, ttl: str, **options: Any) -> None:
 
 
 @main.command()
-@click.argument("url", default="ws://127.0.0.1:8080/")
+@click.argument("url", required=False)
 @click.option("--room", required=True, help="Room to join (3+ characters).")
 @click.option("--user", "username", required=True, help="Username to join as (3+ characters).")
 @click.option("--token", default=None, help="JWT to send; default: mint one with JWT_DECODE_SECRET (as `garin token`).")
 @click.option("--origin", default=None, help="Origin header; default: the first of ALLOWED_ORIGINS, else http://localhost.")
-def chat(url: str, room: str, username: str, token: str | None, origin: str | None) -> None:
-    """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit."""
+def chat(url: str | None, room: str, username: str, token: str | None, origin: str | None) -> None:
+    """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit.
+
+    URL defaults to ws://127.0.0.1:PORT/ with the port the server is
+    configured with: GARIN_PORT, else PORT, from the environment or ./.env
+    (8080 if neither is set). JWT_DECODE_SECRET and ALLOWED_ORIGINS are read
+    the same way.
+    """
     import trio
 
     from garin.auth import make_token
     from garin.chat import chat as run_chat
+    from garin.chat import url_problem
 
-    environ = {**(read_dotenv(Path(".env")) if Path(".env").is_file() else {}), **os.environ}
+    # Everything given: no settings needed (nor checked).
+    config = _load({}, required=()) if None in (url, token, origin) else None
+    if url is None:
+        assert config is not None
+        url = f"ws://127.0.0.1:{config.port}/"
+    problem = url_problem(url)
+    if problem is not None:
+        _fail(problem)
     if token is None:
-        config = _load({}, required=("jwt_secret",))
-        if config.jwt_secret is None or config.jwt_algorithm not in HMAC_ALGORITHMS:
-            _fail("pass --token: without an HMAC JWT_DECODE_SECRET, garin chat cannot mint one")
+        assert config is not None
+        if config.jwt_algorithm not in HMAC_ALGORITHMS:
+            _fail(f"pass --token TOKEN: with GARIN_JWT_ALGORITHM={config.jwt_algorithm}, tokens come from your auth provider")
+        if config.jwt_secret is None:
+            _fail(
+                "garin chat needs a token: pass --token TOKEN, or set JWT_DECODE_SECRET "
+                "(in the environment or ./.env) to mint one"
+            )
         assert config.jwt_secret is not None
         token = make_token(config.jwt_secret, username, time.time(), 3600, config.jwt_algorithm)
     if origin is None:
-        origins = [o.strip() for o in environ.get("ALLOWED_ORIGINS", "").split(",") if o.strip() not in ("", "*")]
+        assert config is not None
+        origins = [o for o in config.allowed_origins or () if o != "*"]
         origin = origins[0] if origins else "http://localhost"
     sys.exit(trio.run(run_chat, url, origin, token, room, username))
 
@@ -212,26 +233,69 @@ def ban() -> None:
 
     Routers add token subjects closed by the rate limiter GARIN_BAN_STRIKES
     times within GARIN_BAN_WINDOW; changes made here reach running routers
-    within a few seconds. The list lives in GARIN_BAN_DB.
+    within a few seconds. The list lives in GARIN_BAN_DB (or --ban-db); a
+    relative path is taken from the working directory, so every ban command
+    prints the absolute path of the file it used.
     """
 
 
-def _ban_store() -> Any:
-    from garin.banstore import BanStore
+def _ban_db_option(func: F) -> F:
+    setting = BY_NAME["ban_db"]
+    return click.option(
+        setting.option,
+        setting.name,
+        default=None,
+        metavar="FILE",
+        help=f"{setting.help} [env {setting.env}; default {setting.default}]",
+    )(func)
 
-    config = _load({}, required=())
+
+def _ban_path(ban_db: str | None) -> str:
+    """The ban list's absolute path, from --ban-db, GARIN_BAN_DB or ./.env."""
+    config = _load({"ban_db": ban_db}, required=())
     if not config.ban_db:
         _fail("GARIN_BAN_DB is empty: the ban list is turned off")
-    return BanStore(config.ban_db)
+    return os.path.abspath(config.ban_db)
+
+
+@contextlib.contextmanager
+def _ban_store(path: str) -> Iterator[Any]:
+    """The store at `path`; any SQLite or file error is one line and exit 2."""
+    import sqlite3
+
+    from garin.banstore import BanStore
+
+    try:
+        yield BanStore(path)
+    except (sqlite3.Error, OSError) as exc:
+        _fail(f"cannot use the ban list {path}: {exc}")
+
+
+def _ban_seconds(text: str) -> float | None:
+    """--for as seconds (None: until removed); zero or negative is refused."""
+    try:
+        seconds = _duration(text)
+    except click.BadParameter:
+        seconds = -1.0
+    if seconds is not None and seconds <= 0:
+        _fail(f"--for must be a duration like 30m, 12h or 7d, or 0 to ban until removed; not {text!r}")
+    return seconds
 
 
 @ban.command("list")
-def ban_list() -> None:
+@_ban_db_option
+def ban_list(ban_db: str | None) -> None:
     """Show the active bans."""
-    now = time.time()
-    rows = _ban_store().listing(now)
+    path = _ban_path(ban_db)
+    if not os.path.exists(path):  # do not leave an empty file where no server looks
+        click.echo(f"no active bans (ban list: {path}, no such file yet)")
+        return
+    with _ban_store(path) as store:
+        rows = store.listing(time.time())
     if not rows:
-        click.echo("no active bans")
+        click.echo(f"no active bans (ban list: {path})")
+        return
+    click.echo(f"{len(rows)} active {'ban' if len(rows) == 1 else 'bans'} (ban list: {path})")
     for subject, until, reason, created in rows:
         ends = "until removed" if until is None else time.strftime("until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
         click.echo(f"{subject}\t{ends}\t{reason}")
@@ -241,18 +305,28 @@ def ban_list() -> None:
 @click.argument("subject")
 @click.option("--for", "duration", default="0", show_default=True, help="How long: 30m, 12h, 7d; 0 bans until removed.")
 @click.option("--reason", default="manual", show_default=True)
-def ban_add(subject: str, duration: str, reason: str) -> None:
-    """Ban a token subject (the JWT `sub`)."""
+@_ban_db_option
+def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> None:
+    """Ban a token subject (the JWT `sub`), replacing any ban it has."""
+    seconds = _ban_seconds(duration)
+    path = _ban_path(ban_db)
     now = time.time()
-    seconds = _duration(duration)
-    _ban_store().add(subject, None if seconds is None else now + seconds, reason, now)
-    click.echo(f"banned {subject}" + ("" if seconds is None else f" for {duration}"))
+    with _ban_store(path) as store:
+        store.add(subject, None if seconds is None else now + seconds, reason, now)
+    how = "" if seconds is None else f" for {duration}"
+    click.echo(f"banned {subject}{how} (ban list: {path})")
 
 
 @ban.command("remove")
 @click.argument("subject")
-def ban_remove(subject: str) -> None:
+@_ban_db_option
+def ban_remove(subject: str, ban_db: str | None) -> None:
     """Lift a ban."""
-    if not _ban_store().remove(subject):
-        _fail(f"{subject} is not banned")
-    click.echo(f"unbanned {subject}")
+    path = _ban_path(ban_db)
+    if not os.path.exists(path):
+        _fail(f"{subject} is not banned (ban list: {path}, no such file)")
+    with _ban_store(path) as store:
+        removed = store.remove(subject)
+    if not removed:
+        _fail(f"{subject} is not banned (ban list: {path})")
+    click.echo(f"unbanned {subject} (ban list: {path})")

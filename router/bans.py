@@ -1,68 +1,103 @@
-"""The router's side of the ban list: an in-memory copy, kept fresh off the loop.
+"""A process's side of the ban list: an in-memory copy, kept fresh off the loop.
 
-Auth checks read the in-memory `BanList` (no I/O on the event loop). A task
-refreshes it from the shared SQLite store every REFRESH_S, so `garin ban`
-and other routers' bans arrive within seconds; bans made here are written
-through a channel by the same task, in a worker thread.
+Auth checks read the in-memory `BanList` (no I/O on the event loop). One task,
+`run`, owns the shared SQLite store: every REFRESH_S it reloads the active
+bans, so `garin ban` and other processes' bans arrive within seconds, and in
+between it records the strikes that `rate_limited` queued, one worker-thread
+call each. The store counts every process's strikes together and decides the
+ban (garin/bans.py, garin/banstore.py); a ban decided here is applied to the
+copy at once. Refreshes and strikes run one after the other in that task, so
+a refresh read before a ban was stored can never undo it.
+
+Any process that closes clients for the rate limit runs one of these
+(`await bans.run()` in its nursery) and calls `rate_limited`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import trio
 
-from garin.bans import BanList, BanPolicy
+from garin.bans import Ban, BanList, BanPolicy
 from garin.banstore import BanStore
 
 log = logging.getLogger("garin.router")
 
 REFRESH_S = 2.0
+# Strikes waiting for the store (each is one rate-limit close). A store that
+# stays unreachable must not cost unbounded memory; past this, strikes are
+# dropped with a warning, which can only delay a ban.
+MAX_QUEUED_STRIKES = 1024
 
 
 class RouterBans:
     def __init__(self, path: str, policy: BanPolicy) -> None:
         self.path = path
-        self.list = BanList(policy)
-        self._writes_in, self._writes_out = trio.open_memory_channel[tuple[str, float, float]](math.inf)
-        self._store: BanStore | None = None
+        self.policy = policy
+        self.list = BanList()
+        self._strikes_in, self._strikes_out = trio.open_memory_channel[tuple[str, float]](MAX_QUEUED_STRIKES)
+        self._dropped = 0
 
     def is_banned(self, subject: str) -> bool:
         return self.list.is_banned(subject, time.time())
 
     def rate_limited(self, subject: str) -> None:
-        """A rate-limit close of `subject`: a strike, maybe a ban."""
+        """A rate-limit close of `subject`: a strike, maybe a ban. Never blocks."""
         now = time.time()
-        until = self.list.strike(subject, now)
-        if until is not None:
-            log.info("banning subject %r for %.0f s after repeated rate-limit closes", subject, until - now)
-            self._writes_in.send_nowait((subject, until, now))
+        if self.policy.strikes <= 0 or self.list.is_banned(subject, now):
+            return
+        try:
+            self._strikes_in.send_nowait((subject, now))
+        except trio.WouldBlock:
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % MAX_QUEUED_STRIKES == 0:
+                log.warning("ban list %s: %d strikes dropped, the store is not keeping up", self.path, self._dropped)
 
     async def run(self) -> None:
-        while self._store is None:
+        store = await self._open()
+        next_refresh = trio.current_time()
+        while True:
+            item: tuple[str, float] | None = None
+            with trio.move_on_at(next_refresh):
+                item = await self._strikes_out.receive()
+            if item is None:
+                await self._refresh(store)
+                next_refresh = trio.current_time() + REFRESH_S
+            else:
+                await self._strike(store, *item)
+
+    async def _open(self) -> BanStore:
+        while True:
             try:
-                self._store = await trio.to_thread.run_sync(BanStore, self.path)
+                return await trio.to_thread.run_sync(BanStore, self.path)
             except Exception as exc:  # unwritable path, locked file: keep serving without bans
                 log.error("cannot open the ban list %s: %s; retrying", self.path, exc)
                 await trio.sleep(REFRESH_S * 5)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_forever)
-            while True:
-                try:
-                    active = await trio.to_thread.run_sync(self._store.active, time.time())
-                    self.list.replace(active, time.time())
-                except Exception as exc:  # a locked or broken file: keep the copy we have
-                    log.warning("cannot read the ban list %s: %s", self.path, exc)
-                await trio.sleep(REFRESH_S)
 
-    async def _write_forever(self) -> None:
-        assert self._store is not None
-        store = self._store
-        async for subject, until, now in self._writes_out:
-            try:
-                await trio.to_thread.run_sync(store.add, subject, until, "rate limit", now)
-                self.list.written(subject)
-            except Exception as exc:
-                log.error("cannot write a ban to %s: %s", self.path, exc)
+    async def _refresh(self, store: BanStore) -> None:
+        try:
+            active = await trio.to_thread.run_sync(store.active, time.time())
+        except Exception as exc:  # a locked or broken file: keep the copy we have
+            log.warning("cannot read the ban list %s: %s", self.path, exc)
+            return
+        self.list.replace(active, time.time())
+
+    async def _strike(self, store: BanStore, subject: str, now: float) -> None:
+        if self.list.is_banned(subject, time.time()):
+            return  # banned by an earlier strike in the queue: the store would ignore it too
+        try:
+            verdict = await trio.to_thread.run_sync(store.strike, subject, now, self.policy)
+        except Exception as exc:
+            log.error("cannot record a strike in the ban list %s: %s", self.path, exc)
+            return
+        if isinstance(verdict, Ban):
+            self.list.extend(subject, verdict.until)
+            log.info("banned subject %r until %s after repeated rate-limit closes", subject, _when(verdict.until))
+
+
+def _when(until: float) -> str:
+    if until == float("inf"):
+        return "removed"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))

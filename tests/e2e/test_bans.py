@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,9 +26,9 @@ from websockets.exceptions import ConnectionClosed
 pytestmark = pytest.mark.e2e
 
 
-def ban_cli(server, *args: str) -> subprocess.CompletedProcess[str]:
+def ban_cli(server, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "garin", "ban", *args], env=server.env(), cwd=server.workdir,
+        [sys.executable, "-m", "garin", "ban", *args], env=env or server.env(), cwd=cwd or server.workdir,
         capture_output=True, text=True, timeout=30,
     )
 
@@ -84,7 +88,9 @@ def test_repeat_rate_limit_offenders_are_banned_across_restarts(tmp_path) -> Non
         spam_until_closed(server, "spammer", new_room("spam"))
         assert not refused_as_banned(server, "spammer")  # one strike is not enough
         spam_until_closed(server, "spammer", new_room("spam"))
-        assert refused_as_banned(server, "spammer")
+        # The strike is counted in the shared store by a worker thread: the
+        # ban lands milliseconds after the close.
+        eventually(lambda: refused_as_banned(server, "spammer"))
         assert not refused_as_banned(server, "bystander")
         # The join limit closes too, but is no strike: a person may hop rooms fast.
         hop_until_closed(server, "hopper", new_room("hop"))
@@ -108,6 +114,22 @@ def test_garin_ban_add_reaches_a_running_router(tmp_path) -> None:
         assert "troll" in listing and "abuse" in listing
 
 
+@pytest.mark.usefixtures("hard_cap")
+def test_garin_ban_from_another_directory_with_ban_db(tmp_path) -> None:
+    """The server's GARIN_BAN_DB is relative to its working directory; `garin ban`
+    run elsewhere reaches the same file with --ban-db and says which file it used."""
+    with running_server(GARIN_BAN_DB="relative-bans.sqlite3") as server:
+        path = server.workdir / "relative-bans.sqlite3"
+        env = {k: v for k, v in server.env().items() if k != "GARIN_BAN_DB"}
+        result = ban_cli(server, "add", "zed", "--ban-db", str(path), cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"banned zed (ban list: {path})\n"
+        eventually(lambda: refused_as_banned(server, "zed"))
+        elsewhere = ban_cli(server, "list", cwd=tmp_path, env=env)
+        assert elsewhere.stdout == f"no active bans (ban list: {tmp_path / 'garin-bans.sqlite3'}, no such file yet)\n"
+        assert not (tmp_path / "garin-bans.sqlite3").exists()
+
+
 def test_username_claim_overrides_the_join(tmp_path) -> None:
     with running_server(GARIN_USERNAME_CLAIM="sub") as server:
         room = new_room("claim")
@@ -118,3 +140,94 @@ def test_username_claim_overrides_the_join(tmp_path) -> None:
         with server.connect() as ws:
             ws.send(auth_frame(server.token("ab")))  # too short for a username
             expect_close(ws, 1008, "token has no usable username claim")
+
+
+def spam(server, ws, subject: str) -> None:
+    """An authed, joined `ws` trips the rate limit (1 message per window here)."""
+    ws.send(message_frame("one"))
+    ws.send(message_frame("two"))
+    expect_close(ws, 1008, "rate limit exceeded")
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_rate_limit_closes_never_shorten_a_manual_ban(tmp_path) -> None:
+    """`garin ban add` (until removed) while the subject is connected, then 3
+    rate-limit closes: the ban stays until removed (it became 1 hour)."""
+    env = {
+        "GARIN_RATE_LIMIT_COUNT": "1",
+        "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "3",
+        "GARIN_BAN_DB": str(tmp_path / "bans.sqlite3"),
+    }
+    with running_server(**env) as server, contextlib.ExitStack() as stack:
+        sockets = []
+        for _ in range(3):
+            ws = stack.enter_context(server.connect())
+            ws.send(auth_frame(server.token("zed")))
+            ws.send(join_frame("zed", new_room("zed")))
+            expect_join(ws, "zed", 1)
+            sockets.append(ws)
+        result = ban_cli(server, "add", "zed")
+        assert result.returncode == 0, result.stderr
+        for ws in sockets:
+            spam(server, ws, "zed")
+        time.sleep(1)  # let the strikes reach the store
+        eventually(lambda: refused_as_banned(server, "zed"))
+        listing = ban_cli(server, "list").stdout
+        assert "zed\tuntil removed\tmanual" in listing, listing
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_strikes_through_two_routers_add_up(tmp_path) -> None:
+    """With 2 routers, 2 rate-limit closes on one and 1 on the other ban at 3
+    strikes (each router used to count only its own)."""
+    from test_faults import roles
+
+    env = {
+        "GARIN_ROUTERS": "2",
+        "GARIN_RATE_LIMIT_COUNT": "1",
+        "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "3",
+        "GARIN_BAN_DB": str(tmp_path / "bans.sqlite3"),
+    }
+    with running_server(**env) as server:
+        assert server.process is not None
+        pids = roles(server.process.pid)
+        routers = [pids["router 0"], pids["router 1"]]
+        strikes = 0
+        for router, times in ((routers[0], 2), (routers[1], 1)):
+            for _ in range(times):
+                with only_router(router, routers), server.connect() as ws:
+                    ws.send(auth_frame(server.token("spammer")))
+                    ws.send(join_frame("spammer", new_room("spam")))
+                    expect_join(ws, "spammer", 1)
+                    spam(server, ws, "spammer")
+                strikes += 1
+                # Before the next SIGSTOP: a stopped router's strike would wait with it.
+                eventually(lambda: stored(tmp_path / "bans.sqlite3", strikes))
+        for router in routers:
+            with only_router(router, routers):
+                eventually(lambda: refused_as_banned(server, "spammer"))
+
+
+@contextlib.contextmanager
+def only_router(chosen: int, routers: list[int]):
+    """New connections reach only `chosen`: the other routers are stopped
+    (SIGSTOP) meanwhile, since a shared listening socket gives each
+    connection to whichever router accepts first."""
+    others = [pid for pid in routers if pid != chosen]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def stored(path, strikes: int) -> bool:
+    """`strikes` strikes of "spammer" are in the store (the third one bans, clearing them)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        if strikes == 3:
+            return db.execute("SELECT count(*) FROM bans WHERE subject = 'spammer'").fetchone()[0] == 1
+        return db.execute("SELECT count(*) FROM strikes WHERE subject = 'spammer'").fetchone()[0] == strikes

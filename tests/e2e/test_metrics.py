@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,3 +144,67 @@ def test_restarts_are_counted_per_child() -> None:
 
         text = eventually(counted)
         assert sample(text, "garin_restarts_total", child="shard 1") == 0
+
+
+def raw_exchange(port: int, data: bytes, half_close: bool = True, timeout: float = 10.0) -> bytes:
+    """Send `data` to 127.0.0.1:`port` on a plain socket; all it answers until it closes."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return received
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_nothing_sent_to_the_status_port_stops_the_router() -> None:
+    from test_faults import roles
+
+    port = free_port()
+    with running_server(GARIN_METRICS_PORT=str(port)) as server:
+        assert server.process is not None
+        before = roles(server.process.pid)
+        room = new_room("status")
+        with server.connect() as ws:
+            ws.send(auth_frame(server.token("watcher")))
+            ws.send(join_frame("watcher", room))
+            expect_join(ws, "watcher", 1)
+
+            for target in (b"/health", b"/metrics", b"/nope"):
+                for version, host in ((b"HTTP/1.1", b"Host: x\r\n"), (b"HTTP/1.0", b"")):
+                    answer = raw_exchange(port, b"HEAD " + target + b" " + version + b"\r\n" + host + b"\r\n")
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 "), answer
+                    assert b"content-length: " in head.lower() and body == b"", answer
+            for bad in (
+                b"\x00\xff\xfe garbage\r\n\r\n",
+                b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"G@T / HTTP/1.1\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 3,
+                b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\nHEAD /metrics HTTP/1.0\r\n\r\n",
+                b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world",
+                b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + os.urandom(200),
+                b"",
+            ):
+                answer = raw_exchange(port, bad)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 "), (bad[:40], answer)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.close()  # hang up before the answer
+
+            # The router that was there is still there, and still serving.
+            assert roles(server.process.pid) == before
+            ws.send(message_frame("still here"))
+            status, body = get(f"http://127.0.0.1:{port}/health")
+            assert status == 200 and json.loads(body)["status"] == "ok"
+            with server.connect() as other:
+                other.send(auth_frame(server.token("newcomer")))
+                other.send(join_frame("newcomer", room))
+                expect_join(other, "newcomer", 2)
+                expect_join(ws, "newcomer", 2)
+        assert "Too much data for declared Content-Length" not in server.log_tail(200)

@@ -1,0 +1,117 @@
+"""`garin ban`: which file it uses, bad durations, broken files; one line each."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from garin.bans import FOREVER
+from garin.banstore import BanStore
+from garin.cli import main
+
+
+@pytest.fixture(autouse=True)
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with no .env, and no GARIN_* from the caller's environment."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in list(os.environ):
+        if name.startswith("GARIN_") or name in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
+            monkeypatch.delenv(name)
+    return work
+
+
+def ban(*args: str, **env: str) -> Result:
+    return CliRunner().invoke(main, ["ban", *args], env=env)
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("garin: error: "), result.output
+    return lines[0]
+
+
+def test_every_command_names_the_absolute_file(elsewhere: Path) -> None:
+    path = elsewhere / "garin-bans.sqlite3"
+    added = ban("add", "zed")
+    assert added.exit_code == 0 and added.stdout == f"banned zed (ban list: {path})\n"
+    listed = ban("list")
+    assert listed.stdout.splitlines() == [f"1 active ban (ban list: {path})", "zed\tuntil removed\tmanual"]
+    removed = ban("remove", "zed")
+    assert removed.stdout == f"unbanned zed (ban list: {path})\n"
+    assert ban("list").stdout == f"no active bans (ban list: {path})\n"
+    assert str(path) in one_line_error(ban("remove", "zed"))
+
+
+@pytest.mark.parametrize("command", [["list"], ["add", "zed"], ["remove", "zed"]])
+def test_ban_db_option_beats_the_environment_and_dotenv(elsewhere: Path, tmp_path: Path, command: list[str]) -> None:
+    (elsewhere / ".env").write_text("GARIN_BAN_DB=from-dotenv.sqlite3\n")
+    chosen = tmp_path / "chosen.sqlite3"
+    BanStore(chosen).add("zed", None, "manual", now=0)
+    result = ban(*command, "--ban-db", str(chosen), GARIN_BAN_DB=str(tmp_path / "from-env.sqlite3"))
+    assert str(chosen) in result.output, result.output
+    assert not (elsewhere / "from-dotenv.sqlite3").exists() and not (tmp_path / "from-env.sqlite3").exists()
+
+
+def test_environment_and_dotenv_are_read_and_relative_paths_resolved(elsewhere: Path) -> None:
+    (elsewhere / ".env").write_text("GARIN_BAN_DB=sub/dotenv.sqlite3\n")
+    (elsewhere / "sub").mkdir()
+    assert f"(ban list: {elsewhere / 'sub' / 'dotenv.sqlite3'})" in ban("add", "zed").stdout
+    assert f"(ban list: {elsewhere / 'env.sqlite3'})" in ban("add", "zed", GARIN_BAN_DB="env.sqlite3").stdout
+
+
+def test_list_and_remove_do_not_create_a_file(elsewhere: Path) -> None:
+    listed = ban("list")
+    assert listed.exit_code == 0 and "no such file yet" in listed.stdout
+    assert "no such file" in one_line_error(ban("remove", "zed"))
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("duration", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", ""])
+def test_zero_negative_and_bad_durations_are_refused(elsewhere: Path, duration: str) -> None:
+    line = one_line_error(ban("add", "zed", "--for", duration))
+    assert "--for must be a duration" in line and repr(duration) in line
+    assert list(elsewhere.iterdir()) == []  # nothing was banned, no file made
+
+
+@pytest.mark.parametrize("duration, seconds", [("0", FOREVER), ("90s", 90), ("30m", 1800), ("1.5h", 5400), ("7d", 604800), ("45", 45)])
+def test_good_durations(elsewhere: Path, duration: str, seconds: float) -> None:
+    before = time.time()
+    result = ban("add", "zed", "--for", duration)
+    assert result.exit_code == 0
+    assert result.stdout.startswith("banned zed" + ("" if seconds == FOREVER else f" for {duration}") + " (ban list: ")
+    until = BanStore(elsewhere / "garin-bans.sqlite3").active(before)["zed"]
+    assert until == FOREVER if seconds == FOREVER else before + seconds <= until <= time.time() + seconds
+
+
+@pytest.mark.parametrize("command", [["list"], ["add", "zed"], ["remove", "zed"]])
+@pytest.mark.parametrize("content", [b"this is not a database, just text " * 100, b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_a_corrupt_file_is_one_line(elsewhere: Path, command: list[str], content: bytes) -> None:
+    path = elsewhere / "garin-bans.sqlite3"
+    path.write_bytes(content)
+    line = one_line_error(ban(*command))
+    assert str(path) in line
+    assert path.read_bytes() == content
+
+
+def test_an_unreachable_directory_is_one_line(elsewhere: Path) -> None:
+    line = one_line_error(ban("add", "zed", "--ban-db", str(elsewhere / "missing" / "bans.sqlite3")))
+    assert "missing" in line and "unable to open" in line
+
+
+def test_empty_ban_db_means_bans_are_off() -> None:
+    assert "turned off" in one_line_error(ban("list", GARIN_BAN_DB=""))
+    assert "turned off" in one_line_error(ban("add", "zed", "--ban-db", ""))
+
+
+@pytest.mark.parametrize("command", ["list", "add", "remove"])
+def test_help_shows_ban_db(command: str) -> None:
+    result = CliRunner().invoke(main, ["ban", command, "--help"], terminal_width=200)
+    assert "--ban-db" in result.output and "GARIN_BAN_DB" in result.output
