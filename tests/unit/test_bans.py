@@ -13,8 +13,8 @@ import trio
 
 from garin.bans import FOREVER, Ban, BanList, BanPolicy, Count, Ignore, later
 from garin.banstore import BanStore
-from router import bans as router_bans
-from router.bans import RouterBans
+from garin.router import bans as router_bans
+from garin.router.bans import RouterBans
 
 # -- the rules -------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from router.status import REQUEST_TIMEOUT_S, Reply, handle_status_request, reply_events
+from garin.router.status import REQUEST_TIMEOUT_S, Reply, handle_status_request, reply_events
 
 HEALTHY = {"0": True, "1": True}
 
