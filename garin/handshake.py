@@ -26,6 +26,7 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 # The headers we read, each allowed once: a second Origin or key is ambiguous.
+_BODY = frozenset((b"content-length", b"transfer-encoding"))
 _ONCE = frozenset((b"host", b"upgrade", b"sec-websocket-key", b"sec-websocket-version", b"origin"))
 
 
@@ -76,6 +77,12 @@ def parse_upgrade(head: bytes) -> Upgrade | BadRequest:
         name = name.lower()
         if name == b"connection":
             connection += [token.strip(b" \t").lower() for token in value.split(b",")]
+        elif name in _BODY:
+            # An upgrade has no body (RFC 6455 4.1); what would follow the
+            # head is WebSocket frames, so a declared body must be refused,
+            # not read as frames.
+            if name == b"transfer-encoding" or value.strip(b" \t0") != b"":
+                return _bad("a request body")
         elif name in _ONCE:
             if name in headers:
                 return _bad("repeated header")

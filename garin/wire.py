@@ -11,6 +11,8 @@ closes). After that the link carries connections, not chat traffic:
   shard; the router passes it on to that shard as it would a new client.
 - `Ended` (shard -> router): a connection the router handed over is gone, so
   the router can release what its connection limits counted for it.
+- `Ping` / `Pong`: the router asks every second whether the shard is
+  reading; one that does not answer is not handed new clients.
 
 This is the only module that touches msgpack.
 """
@@ -96,7 +98,22 @@ class Ended:
     rate_limited: bool
 
 
-WireMessage = Hello | Welcome | Refuse | Adopt | Ended
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Router -> shard, every second: are you reading? (A stopped shard keeps
+    its sockets open: only an unanswered ping shows it is not serving.)"""
+
+    TAG: ClassVar[int] = 2
+    no: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TAG: ClassVar[int] = 13
+    no: int
+
+
+WireMessage = Hello | Welcome | Refuse | Adopt | Ended | Ping | Pong
 
 _STR_OR_NONE = (str, type(None))
 # Accepted Python types per field, in order (msgpack gives tuples for arrays).
@@ -109,6 +126,8 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[tuple[type, ...], ...]]] = {
         ((int,), (str,), (str,), _STR_OR_NONE, _STR_OR_NONE, (str,), (str,), (tuple,), (tuple,), (float,)),
     ),
     Ended.TAG: (Ended, ((int,), (bool,))),
+    Ping.TAG: (Ping, ((int,),)),
+    Pong.TAG: (Pong, ((int,),)),
 }
 
 

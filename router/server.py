@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.fdlimit import raise_file_limit
 from garin.limits import MAX_REFUSING
 from garin.lifeline import watch_lifeline
+from garin.profiling import tune_gc
 from garin.connection import MOVED, Connection, Moved, count_close, serve_connection
 from garin.session import Session
 from garin.router.status import serve_status
@@ -167,16 +167,6 @@ async def _accept_loop(
             handlers.start_soon(handle_client, router, verifier, stream)
 
 
-def _tune_gc() -> None:
-    """Each connection allocates a few hundred objects: at the default
-    threshold (700) the collector ran ~90 times per 1,000 connects, ~8% of a
-    router's CPU in a connect burst. 10,000 allocations between young
-    collections is about a MiB. What start-up built is never garbage: frozen,
-    no collection walks it again."""
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-
-
 def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
     sock = stdlib_socket.socket(fileno=fd)
     sock.setblocking(False)
@@ -229,7 +219,7 @@ async def serve_router(
                                 loops.start_soon(_accept_loop, router, verifier, listener, handlers)
 
                 handlers.start_soon(accept)
-                _tune_gc()
+                tune_gc()
                 log.info("router %s listening on %s:%d, %d shards", router_id, config.host, port, config.shards)
                 task_status.started(port)
                 await router.stopping.wait()

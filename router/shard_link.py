@@ -9,6 +9,7 @@ callbacks. A lost link is retried every RETRY_MAX_S at most, forever.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -27,6 +28,11 @@ RETRY_MIN_S = 0.05
 # A restarted shard is back within a second or so; retrying a Unix socket
 # connect twice a second costs nothing and keeps the outage short.
 RETRY_MAX_S = 0.5
+# A linked shard is asked every PING_EVERY_S whether it is reading; one that
+# has not answered for UNRESPONSIVE_S (stopped, deadlocked) counts as down:
+# /health says so and hand-offs wait for it as for a shard that is down.
+PING_EVERY_S = 1.0
+UNRESPONSIVE_S = 3.0
 
 
 class ShardRefused(Exception):
@@ -53,18 +59,41 @@ class ShardLink:
         self._on_down = on_down
         self.link: Link | None = None
         self._up = trio.Event()
+        # The shard answered a ping recently (or was just linked).
+        self.responsive = False
+        self._answered_at = 0.0
 
     @property
     def connected(self) -> bool:
-        return self.link is not None
+        return self.link is not None and self.responsive
+
+    def _serving(self) -> Link | None:
+        link = self.link
+        return link if link is not None and not link.closed and self.responsive else None
 
     async def wait_up(self, timeout_s: float) -> Link | None:
         """The live link, waiting for it up to `timeout_s`; None if it stays down."""
         with trio.move_on_after(timeout_s):
-            while self.link is None or self.link.closed:
+            while self._serving() is None:
                 await self._up.wait()
-        link = self.link
-        return link if link is not None and not link.closed else None
+        return self._serving()
+
+    def _set_responsive(self, responsive: bool) -> None:
+        if responsive and not self.responsive:
+            self._up.set()
+        elif not responsive and self.responsive:
+            self._up = trio.Event()
+        self.responsive = responsive
+
+    async def _keep_asking(self, link: Link) -> None:
+        """Ping the shard; mark it unresponsive while its answers are overdue."""
+        for no in itertools.count(1):
+            await link.send(wire.Ping(no))
+            await trio.sleep(PING_EVERY_S)
+            overdue = trio.current_time() - self._answered_at > UNRESPONSIVE_S
+            if overdue and self.responsive:
+                log.warning("shard %d has not answered for %g s; not handing it clients", self.index, UNRESPONSIVE_S)
+            self._set_responsive(not overdue)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the link up forever; `started` at once (the router serves
@@ -94,15 +123,20 @@ class ShardLink:
             try:
                 await self._hello(link)
                 self.link = link
-                self._up.set()
+                self._answered_at = trio.current_time()
+                self._set_responsive(True)
                 log.info("linked to shard %d", self.index)
-                await self._pump(link)
-            except (LinkClosed, wire.WireError, trio.TooSlowError) as exc:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_asking, link)
+                    await self._pump(link)
+            except* (LinkClosed, wire.WireError, trio.TooSlowError) as group:
+                exc = group.exceptions[0]
                 log.warning("link to shard %d lost (%s); reconnecting", self.index, str(exc) or type(exc).__name__)
             finally:
                 link.close()
                 if self.link is link:
                     self.link = None
+                    self._set_responsive(False)
                     self._up = trio.Event()
                     self._on_down(self.index)
             await trio.sleep(RETRY_MIN_S)
@@ -120,6 +154,9 @@ class ShardLink:
             for message, fd in await link.receive():
                 if isinstance(message, wire.Ended):
                     self._on_ended(message)
+                elif isinstance(message, wire.Pong):
+                    self._answered_at = trio.current_time()
+                    self._set_responsive(True)
                 elif isinstance(message, wire.Adopt) and fd is not None:
                     self._on_move(message, fd)  # owns fd from here
                 else:

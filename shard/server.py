@@ -30,6 +30,7 @@ from garin.frames import text_frame
 from garin.handoff import adopt_message, adopted_connection
 from garin.fdlimit import raise_file_limit
 from garin.lifeline import watch_lifeline
+from garin.profiling import tune_gc
 from garin.link import Link, LinkClosed, receive_first
 from garin.routing import HASH_NAME, shard_for
 from garin.websocket import ClientWebSocket, fan_out
@@ -92,6 +93,8 @@ class Shard:
                     for message, fd in await link.receive():
                         if isinstance(message, wire.Adopt) and fd is not None:
                             self._adopt(message, fd)
+                        elif isinstance(message, wire.Ping):
+                            link.post(wire.Pong(message.no))
                         else:
                             raise wire.WireError(f"unexpected {type(message).__name__} from router {router}")
         except* (LinkClosed, wire.WireError, trio.TooSlowError) as group:
@@ -265,6 +268,7 @@ async def serve_shard(
                             await trio.serve_listeners(shard.handle_link, [listener])
 
                     conns.start_soon(accept)
+                    tune_gc()
                     log.info("shard %d of %d listening on %s", index, config.shards, path)
                     task_status.started(path)
                     await shard.stopping.wait()

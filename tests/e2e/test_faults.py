@@ -17,6 +17,7 @@ Waits poll with a bound; nothing here asserts on timing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ from conftest import (
     recv_json,
     room_on,
 )
+from test_metrics import get
 from test_processes import (
     ORIGIN,
     SECRET,
@@ -337,6 +339,35 @@ def test_joins_to_a_dead_shards_rooms_wait_then_close_1013(socket_dir: str, tmp_
             ws.close()
         outputs = {name: finish(proc) for name, proc in procs.items()}
     assert "Traceback" not in "".join(outputs.values()), outputs
+
+
+def test_a_stopped_shard_is_reported_and_gets_no_new_clients_until_it_runs_again(
+    garin_factory: ServerFactory,
+) -> None:
+    metrics_port = free_port()
+    server = garin_factory(GARIN_METRICS_PORT=str(metrics_port), GARIN_SHARD_HOLD_TIMEOUT="1")
+    assert server.process is not None
+    pids = roles(server.process.pid)
+    health = f"http://127.0.0.1:{metrics_port}/health"
+    with log_on_failure(server), contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        room = room_on(2, "stopped")
+        alice = clients.join("alice", room, total=1)
+        os.kill(pids["shard 2"], signal.SIGSTOP)
+        try:
+            # Stopped, its sockets stay open: only its silence on the link shows.
+            wait_until(lambda: get(health)[0] == 503, "/health to report the stopped shard")
+            assert json.loads(get(health)[1])["shards"]["2"] is False
+            carol = clients.authed("carol")
+            carol.send(join_frame("carol", room))
+            expect_close(carol, *UNAVAILABLE)
+            # Other shards serve on.
+            clients.join(new_user(), room_on(1, "fine"), total=1)
+        finally:
+            os.kill(pids["shard 2"], signal.SIGCONT)
+        wait_until(lambda: get(health)[0] == 200, "/health to recover")
+        clients.join("bobby", room, total=2)
+        expect_join(alice, "bobby", 2)
 
 
 # -- a router dies -----------------------------------------------------------------

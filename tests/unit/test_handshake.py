@@ -1,4 +1,4 @@
-"""router/handshake.py: the upgrade request parser, a pure function."""
+"""garin/handshake.py: the upgrade request parser, a pure function."""
 
 from __future__ import annotations
 
@@ -100,3 +100,16 @@ def test_a_refusal_carries_a_plain_text_body() -> None:
         b"HTTP/1.1 403 \r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 19\r\n\r\n"
         b"origin not allowed\n"
     )
+
+
+@pytest.mark.parametrize(
+    "header", [b"Content-Length: 5", b"content-length: 10", b"Transfer-Encoding: chunked", b"Content-Length: 01"]
+)
+def test_a_request_with_a_body_is_refused(header: bytes) -> None:
+    """The bytes after the head would otherwise be read as WebSocket frames."""
+    result = parse_upgrade(head(extra=[header]))
+    assert isinstance(result, BadRequest) and result.reason == "a request body", result
+
+
+def test_a_zero_content_length_is_no_body() -> None:
+    assert isinstance(parse_upgrade(head(extra=[b"Content-Length: 0"])), Upgrade)
