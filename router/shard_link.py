@@ -130,8 +130,8 @@ class ShardLink:
                     nursery.start_soon(self._keep_asking, link)
                     await self._pump(link)
             except* (LinkClosed, wire.WireError, trio.TooSlowError) as group:
-                exc = group.exceptions[0]
-                log.warning("link to shard %d lost (%s); reconnecting", self.index, str(exc) or type(exc).__name__)
+                cause = group.exceptions[0]
+                log.warning("link to shard %d lost (%s); reconnecting", self.index, str(cause) or type(cause).__name__)
             finally:
                 link.close()
                 if self.link is link:

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from garin import closes, wire
 from garin.closes import Close
-from garin.frames_in import BINARY, HEARD, FrameParser, PeerClosed, Ping, unmask
+from garin.frames_in import BINARY, HEARD, HEARD_FRAME, MAX_FRAGMENTS, FrameParser, Heard, PeerClosed, Ping, unmask
 from garin.session import (
+    FRAME_BURST,
     CloseClient,
     JoinRoom,
     LeaveRoom,
@@ -80,16 +81,18 @@ def same(original: Session, restored: Session, shift: float) -> None:
 
 # Inputs: the same for both sessions, at the same time relative to the move.
 Input = tuple[str, str]
+# Frames in a "frames" input: a few of them exhaust the budget (garin.session.FRAME_BURST).
+FRAMES_BURST = 45
 
 TEXTS = [
     auth(), auth("bad"), join("alice", "lobby"), join("bob", "den"), msg("hi"), msg("x" * 20), msg(""),
     LEAVE, "not json", '{"type":"nope"}',
 ]
 inputs: st.SearchStrategy[Input] = st.one_of(
+    # The inputs that limits and deadlines are about, often.
+    st.tuples(st.sampled_from(["say", "switch"]), st.just("")),
     st.tuples(st.just("text"), st.sampled_from(TEXTS)),
-    st.tuples(st.just("text"), st.sampled_from([msg("hi"), msg("yo"), join("carol", "attic"), LEAVE])),
-    st.tuples(st.sampled_from(["heard", "timeout", "timeout"]), st.just("")),
-    st.tuples(st.sampled_from(["binary", "end"]), st.just("")),
+    st.tuples(st.sampled_from(["heard", "timeout", "frame", "frames", "timeout", "binary", "end"]), st.just("")),
 )
 
 
@@ -105,7 +108,7 @@ rules_strategy = st.builds(
     SessionRules,
     auth_timeout_s=st.sampled_from([1.0, 2.0, 4.0]),
     join_timeout_s=st.sampled_from([1.0, 2.0, 4.0]),
-    rate_limit_count=st.sampled_from([0, 1, 2, 3]),
+    rate_limit_count=st.sampled_from([0, 1, 2, 4]),
     rate_limit_window_s=st.sampled_from([0.5, 1.0, 2.0]),
     max_body_chars=st.sampled_from([0, 10]),
     ping_interval_s=st.sampled_from([0.0, 1.0, 2.5]),
@@ -118,10 +121,19 @@ rules_strategy = st.builds(
 
 def apply(session: Session, item: Input, now: float) -> list[Any]:
     kind, text = item
+    # Inputs that depend on the state (the same in both sessions: checked).
+    if kind == "switch":  # leave the room, or join one
+        kind, text = "text", LEAVE if session.state is State.IN_ROOM else join("carol", "attic")
+    elif kind == "say":  # a message, where it is allowed
+        kind, text = ("text", msg("hi")) if session.state is State.IN_ROOM else ("heard", "")
     if kind == "text":
         return list(session.receive_text(text, now))
-    if kind == "heard":
+    if kind == "heard":  # more of a frame under way
         return list(session.heard(now))
+    if kind == "frame":  # a ping, a pong or a fragment: from the frame budget
+        return list(session.heard(now, frame=True))
+    if kind == "frames":  # a burst of them, to reach the budget's end
+        return [action for _ in range(FRAMES_BURST) for action in session.heard(now, frame=True)]
     if kind == "timeout":
         return list(session.timeout(now))
     if kind == "binary":
@@ -130,24 +142,19 @@ def apply(session: Session, item: Input, now: float) -> list[Any]:
     return list(session.end(closes.SHUTDOWN))
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    rules=rules_strategy,
-    start=st.sampled_from(["fresh", "authed", "in_room"]),
-    t0=grid(-1e5, 1e5),
-    there=grid(-1e5, 1e5),
-    before=steps,
-    gap=gaps,
-    after=steps,
-)
-def test_a_restored_session_behaves_exactly_like_the_original(
+OPENINGS = {"fresh": [], "authed": [auth()], "in_room": [auth(), join()], "left": [auth(), join(), LEAVE]}
+
+
+def check_move(
     rules: SessionRules, start: str, t0: float, there: float,
     before: list[tuple[float, Input]], gap: float, after: list[tuple[float, Input]],
 ) -> None:
+    """Drive a session through `before`, move it `gap` later onto a clock at
+    `there`, then drive it and the original through `after` at the same
+    times relative to the move: the same actions, states and deadlines."""
     original = Session(rules, check_token, t0)
     now = t0
-    opening = {"fresh": [], "authed": [auth()], "in_room": [auth(), join()]}[start]
-    for text in opening:
+    for text in OPENINGS[start]:
         original.receive_text(text, now)
     for dt, item in before:
         now += dt
@@ -172,20 +179,96 @@ def test_a_restored_session_behaves_exactly_like_the_original(
         same(original, again, t0 - (now + elapsed))
 
 
-def test_the_rate_limit_window_moves_with_the_session() -> None:
+@settings(max_examples=250, deadline=None)
+@given(
+    rules=rules_strategy,
+    start=st.sampled_from(sorted(OPENINGS)),
+    t0=grid(-1e5, 1e5),
+    there=grid(-1e5, 1e5),
+    before=steps,
+    gap=gaps,
+    after=steps,
+)
+def test_a_restored_session_behaves_exactly_like_the_original(
+    rules: SessionRules, start: str, t0: float, there: float,
+    before: list[tuple[float, Input]], gap: float, after: list[tuple[float, Input]],
+) -> None:
+    check_move(rules, start, t0, there, before, gap, after)
+
+
+# The same, narrowed to what the limits and the keepalive depend on: a member
+# sending, leaving, rejoining, pinged and answering, sending bursts of frames,
+# idle, at short intervals.
+busy_rules = st.builds(
+    SessionRules,
+    join_timeout_s=st.just(4.0),
+    rate_limit_count=st.sampled_from([1, 2]),
+    rate_limit_window_s=st.sampled_from([0.5, 1.0]),
+    ping_interval_s=st.sampled_from([0.5, 1.0]),
+    ping_timeout_s=st.sampled_from([0.5, 1.0]),
+    idle_timeout_s=st.sampled_from([0.0, 0.75, 1.5]),
+    join_limit_count=st.sampled_from([1, 2]),
+    join_limit_window_s=st.sampled_from([1.0, 2.0]),
+)
+busy_steps = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.125, 0.25, 0.5]),
+        st.sampled_from([("say", ""), ("switch", ""), ("timeout", ""), ("heard", ""), ("frames", "")]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rules=busy_rules, t0=grid(-100, 100), there=grid(-100, 100),
+    before=busy_steps, gap=st.sampled_from([0.0, 0.125, 0.5]), after=busy_steps,
+)
+def test_limits_and_keepalive_carry_over_a_move(
+    rules: SessionRules, t0: float, there: float,
+    before: list[tuple[float, Input]], gap: float, after: list[tuple[float, Input]],
+) -> None:
+    check_move(rules, "in_room", t0, there, before, gap, after)
+
+
+def test_the_rate_limit_moves_with_the_session() -> None:
+    # Two at once, then one every 0.5 s, up to 0.125 s early.
     rules = SessionRules(rate_limit_count=2, rate_limit_window_s=1.0, ping_interval_s=0)
     s = Session(rules, check_token, 0.0)
     s.receive_text(auth(), 0.0)
     s.receive_text(join(), 0.0)
     assert s.receive_text(msg("a"), 10.0) == [Publish("a")]
-    assert s.receive_text(msg("b"), 10.5) == [Publish("b")]
-    # Moved at 10.75 onto a clock 5000 s ahead: a third message within a
-    # second of the first is refused, one a second after it is not.
-    r1 = moved(s, 10.75, 5010.75)
-    assert r1.receive_text(msg("c"), 5010.875) == [CloseClient(closes.RATE_LIMITED)]
-    r2 = moved(s, 10.75, 5010.75)
-    assert r2.receive_text(msg("c"), 5011.0) == [Publish("c")]
-    assert r2.receive_text(msg("d"), 5011.25) == [CloseClient(closes.RATE_LIMITED)]
+    assert s.receive_text(msg("b"), 10.0) == [Publish("b")]
+    # Moved at 10.125 onto a clock 5000 s ahead: the bucket is still full.
+    r1 = moved(s, 10.125, 5010.125)
+    assert r1.receive_text(msg("c"), 5010.25) == [CloseClient(closes.RATE_LIMITED)]
+    r2 = moved(s, 10.125, 5010.125)
+    assert r2.receive_text(msg("c"), 5010.375) == [Publish("c")]
+    assert r2.receive_text(msg("d"), 5010.375) == [CloseClient(closes.RATE_LIMITED)]
+    # A fresh session on that clock would have taken both.
+    fresh = Session(rules, check_token, 5010.0)
+    fresh.receive_text(auth(), 5010.0)
+    fresh.receive_text(join(), 5010.0)
+    assert fresh.receive_text(msg("c"), 5010.25) == [Publish("c")]
+    assert fresh.receive_text(msg("d"), 5010.25) == [Publish("d")]
+
+
+def test_the_frame_budget_moves_with_the_session() -> None:
+    s = Session(SessionRules(ping_interval_s=0), check_token, 0.0)
+    s.receive_text(auth(), 0.0)
+    s.receive_text(join(), 0.0)
+    for _ in range(FRAME_BURST):
+        assert s.heard(1.0, frame=True) == []
+    # Spent: the next frame at once is one too many, here and after a move.
+    r1 = moved(s, 1.0, 1001.0)
+    assert r1.heard(1001.0, frame=True) == [CloseClient(closes.TOO_MANY_FRAMES)]
+    # More bytes of a frame under way cost nothing.
+    r2 = moved(s, 1.0, 1001.0)
+    assert r2.heard(1001.0) == []
+    # A quarter of a second later, five more frames (20 a second) are allowed.
+    for _ in range(5):
+        assert r2.heard(1001.25, frame=True) == []
+    assert r2.heard(1001.25, frame=True) == [CloseClient(closes.TOO_MANY_FRAMES)]
 
 
 def test_the_join_limit_moves_with_the_session() -> None:
@@ -257,19 +340,20 @@ def test_an_awaiting_auth_session_moves_and_still_asks_its_token_check() -> None
 
 
 def test_restore_uses_the_receivers_rules() -> None:
-    s = Session(SessionRules(rate_limit_count=3, ping_interval_s=0), check_token, 0.0)
+    s = Session(SessionRules(ping_interval_s=0), check_token, 0.0)
     s.receive_text(auth(), 0.0)
     s.receive_text(join(), 0.0)
-    for t in (1.0, 1.125, 1.25):
-        assert s.receive_text(msg(), t) == [Publish("hello")]
-    # The receiver allows only one message a second: the last one counts.
-    r = moved(s, 1.25, 1.25, rules=SessionRules(rate_limit_count=1, ping_interval_s=0))
-    assert r.receive_text(msg(), 2.0) == [CloseClient(closes.RATE_LIMITED)]
-    r = moved(s, 1.25, 1.25, rules=SessionRules(rate_limit_count=1, ping_interval_s=0))
-    assert r.receive_text(msg(), 2.25) == [Publish("hello")]
-    # And one that has no rate limit ignores the times.
-    r = moved(s, 1.25, 1.25, rules=SessionRules(rate_limit_count=0, ping_interval_s=0))
-    assert r.receive_text(msg(), 1.25) == [Publish("hello")]
+    assert s.receive_text(msg(), 1.0) == [Publish("hello")]
+    assert moved(s, 1.0, 1.0).receive_text(msg(), 1.0) == [CloseClient(closes.RATE_LIMITED)]
+    # A receiver with no rate limit does not apply one.
+    r = moved(s, 1.0, 1.0, rules=SessionRules(rate_limit_count=0, ping_interval_s=0))
+    assert r.receive_text(msg(), 1.0) == [Publish("hello")]
+    # One that allows a burst of 4 in 2 s takes a second message at once;
+    # its idle timeout applies from the last message.
+    rules = SessionRules(rate_limit_count=4, rate_limit_window_s=2.0, ping_interval_s=0, idle_timeout_s=9.0)
+    r = moved(s, 1.0, 1.0, rules=rules)
+    assert r.receive_text(msg(), 1.0) == [Publish("hello")]
+    assert r.deadline == 10.0
 
 
 def test_the_snapshot_is_plain_values() -> None:
@@ -278,12 +362,14 @@ def test_the_snapshot_is_plain_values() -> None:
     s.receive_text(join(), 100.5)
     s.receive_text(msg(), 101.0)
     snap = s.snapshot(102.0)
-    # The join limit's bucket drains at 2 s per join: due 2 s after the join.
-    assert snap == ("in_room", None, -1.0, -1.0, None, "lobby", "alice", (-1.0,), 0.5)
+    # Times relative to the snapshot's: the rate limit's bucket drains 1 s
+    # after the message, the join limit's 2 s after the join, the frame
+    # budget is untouched since the start.
+    assert snap == ("in_room", None, -1.0, -1.0, None, "lobby", "alice", 0.0, 0.5, -2.0)
     assert through_wire(session=snap)[0] == snap
 
 
-VALID = ("in_room", None, -1.0, -1.0, None, "lobby", "alice", (-1.0,), -0.5)
+VALID = ("in_room", None, -1.0, -1.0, None, "lobby", "alice", 0.0, 0.5, -2.0)
 
 
 def test_the_valid_example_restores() -> None:
@@ -316,11 +402,13 @@ def with_field(index: int, value: Any) -> tuple[Any, ...]:
     with_field(5, b"lobby"),
     with_field(6, 7),
     with_field(6, ("alice",)),
-    with_field(7, 5),
-    with_field(7, ("x",)),
-    with_field(7, (None,)),
+    with_field(7, None),
+    with_field(7, (0.0,)),
+    with_field(7, "x"),
     with_field(8, None),
     with_field(8, "x"),
+    with_field(9, None),
+    with_field(9, [1.0]),
 ])
 def test_restore_refuses_garbage(snapshot: Any) -> None:
     with pytest.raises(ValueError):
@@ -366,7 +454,8 @@ def drain(parser: FrameParser) -> list[object]:
 
 
 def messages(events: list[object]) -> list[object]:
-    return [e for e in events if e is not HEARD]
+    """Events without signs of life (parts of messages, pongs)."""
+    return [e for e in events if not isinstance(e, Heard)]
 
 
 SMILE = "🙂".encode()  # 4 bytes
@@ -484,7 +573,7 @@ def test_a_parser_moved_several_times_gives_the_same_events(
 def test_a_moved_parser_counts_the_characters_received_before_the_move() -> None:
     parser = FrameParser(10)
     parser.feed(text("a" * 6, fin=False))
-    assert drain(parser) == [HEARD]
+    assert drain(parser) == [HEARD_FRAME]
     ok = moved_parser(parser, max_chars=10)
     ok.feed(frame(0, b"a" * 4))
     assert drain(ok) == ["a" * 10]
@@ -495,6 +584,18 @@ def test_a_moved_parser_counts_the_characters_received_before_the_move() -> None
     tighter = moved_parser(parser, max_chars=8)
     tighter.feed(frame(0, b"a" * 3))
     assert drain(tighter) == [closes.TOO_BIG_FRAME]
+
+
+def test_a_moved_parser_counts_the_fragments_received_before_the_move() -> None:
+    parser = FrameParser(MAX)
+    parser.feed(text("a", fin=False) + b"".join(frame(0, b"a", fin=False) for _ in range(MAX_FRAGMENTS - 2)))
+    assert drain(parser) == [HEARD_FRAME] * (MAX_FRAGMENTS - 1)
+    last = moved_parser(parser)
+    last.feed(frame(0, b"a"))
+    assert drain(last) == ["a" * MAX_FRAGMENTS]
+    one_more = moved_parser(parser)
+    one_more.feed(frame(0, b"a", fin=False) + frame(0, b"a"))
+    assert drain(one_more) == [HEARD_FRAME, closes.TOO_FRAGMENTED]
 
 
 def test_a_moved_parser_that_had_stopped_stays_stopped() -> None:
@@ -516,7 +617,7 @@ def test_a_moved_parser_keeps_a_huge_binary_frame_skipping() -> None:
     assert restored.snapshot()[0] == b""  # skipped, not kept
 
 
-VALID_FRAMES: tuple[Any, ...] = (b"\x81", False, 3, KEY, True, 1, (b"\xf0\x9f", 0), "ab", 2)
+VALID_FRAMES: tuple[Any, ...] = (b"\x81", False, 3, KEY, True, 1, (b"\xf0\x9f", 0), b"ab", 2, 1)
 
 
 def test_the_valid_frames_example_restores() -> None:
@@ -543,14 +644,16 @@ def frames_with(index: int, value: Any) -> tuple[Any, ...]:
     frames_with(5, 0),
     frames_with(5, None),  # between messages, yet a decoder
     frames_with(5, 2),  # binary, yet a decoder
-    (b"", False, 0, b"", False, 1, None, None, 0),  # text without a decoder
+    (b"", False, 0, b"", False, 1, None, None, 0, 0),  # text without a decoder
     frames_with(6, (b"", 0, 0)),
     frames_with(6, b"\xf0"),
     frames_with(6, (b"", "x")),
-    frames_with(7, b"ab"),  # the text so far must be text
+    frames_with(7, "ab"),  # the message so far must be bytes
     frames_with(7, 5),
     frames_with(8, None),
     frames_with(8, "x"),
+    frames_with(9, None),
+    frames_with(9, "x"),
 ])
 def test_frame_parser_restore_refuses_garbage(snapshot: Any) -> None:
     with pytest.raises(ValueError):
