@@ -40,10 +40,12 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _load(options: dict[str, Any], required: tuple[str, ...] = ("jwt_secret", "allowed_origins")) -> Config:
+def _load(
+    options: dict[str, Any], required: tuple[str, ...] = ("jwt_secret", "allowed_origins"), standalone: bool = False
+) -> Config:
     try:
         dotenv = read_dotenv(Path(".env")) if Path(".env").is_file() else {}
-        config = load_config(options, os.environ, dotenv, required)
+        config = load_config(options, os.environ, dotenv, required, standalone)
     except ConfigError as exc:
         _fail(str(exc))
         raise AssertionError("unreachable")
@@ -56,13 +58,14 @@ def _load(options: dict[str, Any], required: tuple[str, ...] = ("jwt_secret", "a
     return config
 
 
-def _enable_metrics(config: Config, fresh: bool) -> None:
+def _enable_metrics(config: Config, fresh: bool, forget_dead: bool = False) -> None:
     """Multi-process metrics must be switched on before prometheus_client loads;
-    `garin run` starts the directory afresh, its children inherit it."""
+    `garin run` starts the directory afresh, its children inherit it; a
+    process started on its own forgets the files of processes that are gone."""
     if config.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from garin.metrics_setup import enable
 
-        enable(str(config.metrics_dir), fresh)
+        enable(str(config.metrics_dir), fresh, forget_dead)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -105,8 +108,8 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     from garin.logs import setup_logging
     from garin.profiling import run_trio
 
-    config = _load(options)
-    _enable_metrics(config, fresh=False)
+    config = _load(options, standalone=listen_fd is None)
+    _enable_metrics(config, fresh=False, forget_dead=listen_fd is None)
     from garin.router.server import serve_router
     from garin.router.shard_link import ShardRefused
 
@@ -136,7 +139,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     from garin.logs import setup_logging
     from garin.profiling import run_trio
 
-    config = _load(options, required=())
+    config = _load(options, required=(), standalone=lifeline_fd is None)
     if index is None:
         index = _index_from_honcho()
         if index is None:
@@ -145,7 +148,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     if not 0 <= index < config.shards:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
     setup_logging(config.log_level, f"shard.{index}", config.log_format)
-    _enable_metrics(config, fresh=False)
+    _enable_metrics(config, fresh=False, forget_dead=lifeline_fd is None)
     from garin.shard.server import serve_shard
 
     try:

@@ -162,7 +162,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Number of router processes `garin run` starts (they accept, authenticate and hand "
             "each client to its room's shard).", _int(1, 64)),
     Setting("socket_dir", "GARIN_SOCKET_DIR", "--socket-dir", "",
-            "Directory for the shards' Unix sockets (default /tmp/garin-UID-PORT).", _text),
+            "Directory for the shards' Unix sockets (default /tmp/garin-UID-PORT; for a router or shard "
+            "started on its own, /tmp/garin-UID, or /tmp/garin-UID-GARIN_PORT when that is set).", _text),
     Setting("auth_timeout_s", "GARIN_AUTH_TIMEOUT", "--auth-timeout", "2",
             "Seconds a new connection has to send auth.", _seconds(0.01)),
     Setting("join_timeout_s", "GARIN_JOIN_TIMEOUT", "--join-timeout", "2",
@@ -360,10 +361,15 @@ def load_config(
     environ: Mapping[str, str],
     dotenv: Mapping[str, str] | None = None,
     required: tuple[str, ...] = ("jwt_secret", "allowed_origins"),
+    standalone: bool = False,
 ) -> Config:
-    """Build the Config from CLI `options` (by setting name; None = not given)."""
+    """Build the Config from CLI `options` (by setting name; None = not given).
+
+    `standalone`: a router or shard started on its own (Procfile, systemd),
+    whose default socket directory must not depend on a per-process PORT."""
     dotenv = dotenv or {}
     values: dict[str, Any] = {}
+    port_source = _lookup(BY_NAME["port"], options, environ, dotenv)[0]
     hmac = _lookup(BY_NAME["jwt_algorithm"], options, environ, dotenv)[1] in HMAC_ALGORITHMS
     for setting in SETTINGS:
         source, text = _lookup(setting, options, environ, dotenv)
@@ -380,6 +386,15 @@ def load_config(
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
             raise ConfigError(f"{source} {exc}") from None
+    if not values["socket_dir"]:
+        # `garin run` passes its own to its children. A Procfile's processes
+        # each get their own PORT from honcho: only GARIN_PORT (or --port),
+        # the same in all of them, may name the directory.
+        uid = os.getuid()
+        if standalone and port_source not in ("GARIN_PORT", "--port"):
+            values["socket_dir"] = f"/tmp/garin-{uid}"
+        else:
+            values["socket_dir"] = f"/tmp/garin-{uid}-{values['port']}"
     return _check(values, required)
 
 
@@ -432,7 +447,5 @@ def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
             raise ConfigError(
                 f"GARIN_{kind.upper()}_MIN ({low}) is larger than GARIN_{kind.upper()}_MAX ({high})"
             )
-    if not values["socket_dir"]:
-        values["socket_dir"] = f"/tmp/garin-{os.getuid()}-{values['port']}"
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in values.items() if k in known})

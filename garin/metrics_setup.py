@@ -16,11 +16,20 @@ from pathlib import Path
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def enable(directory: str, fresh: bool) -> None:
-    """Turn on multi-process mode (before anything imports prometheus_client)."""
+def enable(directory: str, fresh: bool, forget_dead: bool = False) -> None:
+    """Turn on multi-process mode (before anything imports prometheus_client).
+
+    `fresh`: start an empty directory (`garin run`). `forget_dead`: remove the
+    files of processes that are gone (a Procfile's processes, each started on
+    its own: the last run's counters would otherwise be summed in)."""
     path = Path(directory)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if fresh and path.exists():
         shutil.rmtree(path)  # counters from a previous run would be summed in
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if forget_dead:
+        for file in path.glob("*_*.db"):
+            pid = file.stem.rpartition("_")[2]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                file.unlink(missing_ok=True)
     os.environ[ENV] = str(path)

@@ -212,6 +212,36 @@ def test_procfile_under_honcho(socket_dir, tmp_path):
     assert not [p for p in Path(socket_dir).glob("*.sock")] if Path(socket_dir).exists() else True
 
 
+def test_procfile_under_honcho_with_a_garinchat_env_file(tmp_path):
+    """A GarinChat user's .env (PORT, JWT_DECODE_SECRET, ALLOWED_ORIGINS; the
+    host only to stay on loopback): the Procfile holds the shard count, and
+    every process finds the same socket directory although honcho gives each
+    its own PORT."""
+    port = free_port()
+    (tmp_path / ".env").write_text(f"PORT={port}\nJWT_DECODE_SECRET={SECRET}\nALLOWED_ORIGINS={ORIGIN}\nGARIN_HOST=127.0.0.1\n")
+    env = base_env(port, "unused")
+    for key in list(env):
+        if key.startswith("GARIN_") or key in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
+            env.pop(key)
+    # honcho's -p gives the first entry (the router) that port.
+    proc = start([str(BIN / "honcho"), "start", "-f", str(REPO / "Procfile"), "-d", str(tmp_path), "-p", str(port)], env, tmp_path)
+    try:
+        rooms = {}
+        for n in range(200):
+            rooms.setdefault(shard_for(f"gc-{n}", 4), f"gc-{n}")
+        for shard, room in sorted(rooms.items()):
+            a = join(port, "alice", room, timeout=20)
+            b = join(port, "bobby", room)
+            assert recv_json(a) == {"type": "join", "username": "bobby", "totalUsers": 2}
+            a.close()
+            b.close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    finally:
+        output = finish(proc)
+    assert "outside 0.." not in output and "Traceback" not in output, output
+
+
 @pytest.mark.parametrize(
     ("env", "args", "needle"),
     [

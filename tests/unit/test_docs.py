@@ -38,9 +38,13 @@ def test_help_lists_every_setting(command):
         assert setting.option in result.output and setting.env in result.output
 
 
-def test_procfile_shards_match_env_example():
+def test_the_procfile_holds_the_shard_count_on_every_line():
     procfile = (ROOT / "Procfile").read_text()
-    shard_lines = [line for line in procfile.splitlines() if line.startswith("shard")]
-    assert f"GARIN_SHARDS={len(shard_lines)}" in ENV_EXAMPLE
+    lines = [line for line in procfile.splitlines() if line and not line.startswith("#")]
+    shard_lines = [line for line in lines if line.startswith("shard")]
+    count = len(shard_lines)
+    assert lines[0] == f"router: exec garin router --shards {count}"
     for index, line in enumerate(shard_lines):
-        assert line == f"shard{index}: exec garin shard --index {index}"
+        assert line == f"shard{index}: exec garin shard --shards {count} --index {index}"
+    # .env must not fight it (an option beats the environment anyway).
+    assert "\nGARIN_SHARDS=" not in ENV_EXAMPLE
