@@ -49,13 +49,19 @@ def _load(
     except ConfigError as exc:
         _fail(str(exc))
         raise AssertionError("unreachable")
-    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES.get(config.jwt_algorithm, 0):
-        click.echo(
-            "garin: warning: JWT_DECODE_SECRET is short and GARIN_ALLOW_WEAK_SECRET is on: "
-            "fine on your laptop, never in production",
-            err=True,
-        )
     return config
+
+
+def _warn_weak_secret(config: Config) -> None:
+    """Once per server, as a log line (JSON with GARIN_LOG_FORMAT=json): by
+    `garin run`, or by a router or shard started on its own, never by the
+    children of `garin run` or by client commands."""
+    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES.get(config.jwt_algorithm, 0):
+        import logging
+
+        logging.getLogger("garin").warning(
+            "JWT_DECODE_SECRET is short and GARIN_ALLOW_WEAK_SECRET is on: fine on your laptop, never in production"
+        )
 
 
 def _enable_metrics(config: Config, fresh: bool, forget_dead: bool = False) -> None:
@@ -90,6 +96,7 @@ def run(**options: Any) -> None:
 
     config = _load(options)
     setup_logging(config.log_level, "garin", config.log_format)
+    _warn_weak_secret(config)
     _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
@@ -117,6 +124,8 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     setup_logging(
         config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
     )
+    if listen_fd is None:  # not a child of `garin run`, which warned already
+        _warn_weak_secret(config)
     try:
         run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:

@@ -100,8 +100,9 @@ class Supervisor:
         lifeline_read, lifeline_write = os.pipe()
         children = self.children(sock.fileno(), lifeline_read)
         log.info(
-            "garin on %s:%d: %d shards, %d routers (socket dir %s)",
-            self.config.host, port, self.config.shards, self.config.routers, self.config.socket_dir,
+            "garin on %s:%d: %d shard%s, %d router%s (socket dir %s)",
+            self.config.host, port, self.config.shards, "" if self.config.shards == 1 else "s",
+            self.config.routers, "" if self.config.routers == 1 else "s", self.config.socket_dir,
         )
         try:
             async with trio.open_nursery() as nursery:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import auth_frame, expect_close, expect_join, join_frame, message_frame, new_room, running_server
+from conftest import GarinServer, auth_frame, expect_close, expect_join, join_frame, message_frame, new_room, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -40,3 +40,17 @@ def test_log_lines_have_conn_ids_and_no_tokens_or_bodies(fmt: str) -> None:
     else:
         closing = [line for line in lines if "closing 1008 invalid json" in line]
     assert len(closing) == 1 and "conn " in str(closing[0])
+
+
+def test_a_weak_secret_is_warned_about_once_in_the_log_format() -> None:
+    """`garin run` says it once, as a log line: not once per child process."""
+    server = GarinServer(env_overrides={"GARIN_ALLOW_WEAK_SECRET": "1", "GARIN_LOG_FORMAT": "json"}, secret="short-dev")
+    server.start()
+    try:
+        server.stop()
+    finally:
+        server.process = None
+    text = server.final_log
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    warnings = [e for e in entries if "JWT_DECODE_SECRET is short" in e["message"]]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning" and warnings[0]["role"] == "garin", warnings
