@@ -19,6 +19,7 @@ from typing import Any
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES, PUBLIC_KEY_ALGORITHMS, load_public_key
 from garin.bans import BanPolicy
 from garin.protocol import NameLimits
+from garin.proxies import TrustedProxies
 from garin.session import SessionRules
 
 
@@ -90,6 +91,11 @@ def _origins(text: str) -> tuple[str, ...]:
         if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
             raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
     return origins
+
+
+def _proxies(text: str) -> str:
+    TrustedProxies.parse(text)  # ValueError names the bad entry
+    return ",".join(part.strip() for part in text.split(",") if part.strip())
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -219,10 +225,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",
             "Connections one router holds (handshakes included); more are closed 1013 "
             "(server full). 0: no limit.", _int(0)),
-    Setting("max_connections_per_ip", "GARIN_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip", "100",
+    # 1000: a NAT, an office or a load test puts hundreds of real users
+    # behind one address (GarinChat has no such limit); one address still
+    # cannot take more than a tenth of a router's default 10,000.
+    Setting("max_connections_per_ip", "GARIN_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip", "1000",
             "Connections one router holds per client address (IPv6: per /64); more are closed "
-            "1013 (too many connections). Behind a proxy every client has its address: "
-            "raise this or set 0 (no limit).", _int(0)),
+            "1013 (too many connections). 0: no limit. Behind a proxy, set "
+            "GARIN_FORWARDED_ALLOW_IPS so that it applies to the real client.", _int(0)),
+    Setting("forwarded_allow_ips", "GARIN_FORWARDED_ALLOW_IPS", "--forwarded-allow-ips", "127.0.0.1,::1",
+            "Comma list of proxy addresses or networks (or *) whose X-Forwarded-For / Forwarded "
+            "headers name the client (for the per-address limit and logs), as uvicorn's option.",
+            _proxies),
     Setting("shutdown_timeout_s", "GARIN_SHUTDOWN_TIMEOUT", "--shutdown-timeout", "5",
             "Seconds a stopping process waits for clients to close before it exits.",
             _seconds(0.1, 600)),
@@ -284,11 +297,16 @@ class Config:
     handshake_timeout_s: float
     max_connections: int
     max_connections_per_ip: int
+    forwarded_allow_ips: str
     shutdown_timeout_s: float
     log_level: str
     log_format: str
     metrics_port: int
     metrics_host: str
+
+    @property
+    def trusted_proxies(self) -> TrustedProxies:
+        return TrustedProxies.parse(self.forwarded_allow_ips)
 
     @property
     def ban_policy(self) -> BanPolicy:

@@ -44,6 +44,9 @@ class Connection:
     # The room it is in (or is joining, while it moves) and its name there.
     room: str | None = None
     username: str | None = None
+    # The client's address, as connection limits count it (empty: take it
+    # from `peer`).
+    address: str = ""
 
 
 class Moved:

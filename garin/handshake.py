@@ -26,6 +26,7 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 # The headers we read, each allowed once: a second Origin or key is ambiguous.
+_FORWARDING = frozenset((b"x-forwarded-for", b"forwarded"))
 _BODY = frozenset((b"content-length", b"transfer-encoding"))
 _ONCE = frozenset((b"host", b"upgrade", b"sec-websocket-key", b"sec-websocket-version", b"origin"))
 
@@ -35,6 +36,10 @@ class Upgrade:
     target: str
     key: bytes
     origin: str | None
+    # Believed only from a trusted proxy (garin/proxies.py); several header
+    # lines are joined with ", " as RFC 9110 allows.
+    x_forwarded_for: str | None = None
+    forwarded: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,7 @@ def parse_upgrade(head: bytes) -> Upgrade | BadRequest:
         return _bad("method is not GET")
     headers: dict[bytes, bytes] = {}  # only those in _ONCE
     connection: list[bytes] = []
+    forwarding: dict[bytes, list[bytes]] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         # No space before the colon, no obsolete line folding (RFC 9112 5.1, 5.2).
@@ -77,6 +83,8 @@ def parse_upgrade(head: bytes) -> Upgrade | BadRequest:
         name = name.lower()
         if name == b"connection":
             connection += [token.strip(b" \t").lower() for token in value.split(b",")]
+        elif name in _FORWARDING:
+            forwarding.setdefault(name, []).append(value)
         elif name in _BODY:
             # An upgrade has no body (RFC 6455 4.1); what would follow the
             # head is WebSocket frames, so a declared body must be refused,
@@ -100,7 +108,9 @@ def parse_upgrade(head: bytes) -> Upgrade | BadRequest:
     if b"host" not in headers:
         return _bad("no Host")
     origin = headers.get(b"origin")
-    return Upgrade(parts[1].decode("ascii"), key, None if origin is None else origin.decode("latin-1"))
+    xff, fwd = (b", ".join(forwarding[name]).decode("latin-1") if name in forwarding else None
+                for name in (b"x-forwarded-for", b"forwarded"))
+    return Upgrade(parts[1].decode("ascii"), key, None if origin is None else origin.decode("latin-1"), xff, fwd)
 
 
 def _key_ok(key: bytes) -> bool:

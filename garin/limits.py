@@ -85,15 +85,30 @@ class ConnectionLimits:
         """Distinct clients holding at least one connection."""
         return len(self._held)
 
-    def admit(self, address: str) -> Close | None:
-        """Count a new connection from `address`, or say why it is refused (not counted)."""
+    def admit(self, address: str, per_client: bool = True) -> Close | None:
+        """Count a new connection from `address`, or say why it is refused (not
+        counted). `per_client=False`: a trusted proxy, whose connections carry
+        many clients; only the total applies until `readdress` names the client."""
         key = client_key(address)
         held = self._held.get(key, 0)
-        if 0 < self.max_per_client <= held:
+        if per_client and 0 < self.max_per_client <= held:
             return closes.TOO_MANY_CONNECTIONS
         if 0 < self.max_total <= self.total:
             return closes.SERVER_FULL
         self._held[key] = held + 1
+        self.total += 1
+        return None
+
+    def readdress(self, old: str, new: str) -> Close | None:
+        """A connection counted under `old` (a proxy) is `new`'s (the client it
+        forwards): count it there, or say why not (it stays under `old`)."""
+        if client_key(old) == client_key(new):
+            return None
+        if 0 < self.max_per_client <= self.held(new):
+            return closes.TOO_MANY_CONNECTIONS
+        self.release(old)
+        key = client_key(new)
+        self._held[key] = self._held.get(key, 0) + 1
         self.total += 1
         return None
 

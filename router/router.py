@@ -27,6 +27,7 @@ from garin.connection import Connection, count_close
 from garin.frames_in import FrameParser
 from garin.handoff import adopt_message
 from garin.limits import ConnectionLimits
+from garin.proxies import address_of
 from garin.link import LinkClosed
 from garin.routing import shard_for
 from garin.websocket import ClientWebSocket
@@ -55,6 +56,7 @@ class Router:
         self.clients: dict[int, Connection] = {}
         self.handed: dict[int, Handed] = {}
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
+        self.trusted_proxies = config.trusted_proxies
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules
         self.stopping = trio.Event()
@@ -102,7 +104,7 @@ class Router:
         frames = sock.handing_over()
         if frames is None:
             return sock.kicked or closes.TOO_SLOW
-        address = conn.peer.rpartition(":")[0]
+        address = conn.address or address_of(conn.peer)
         # Recorded first: the shard may answer `Ended` before send returns.
         self.handed[conn.id] = Handed(address, conn.subject, index)
         try:
@@ -138,7 +140,7 @@ class Router:
         it 1013 if that shard stays unreachable. Owns `fd`."""
         try:
             index = shard_for(message.room, self.config.shards)
-            address = message.peer.rpartition(":")[0]
+            address = address_of(message.peer)
             handed = self.handed.pop(message.conn, None) if message.owner == self.instance else None
             if handed is None and self.limits.admit(address) is None:
                 # Its old router is gone: this one counts it from now on.

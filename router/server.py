@@ -8,6 +8,7 @@ import os
 import signal
 import socket as stdlib_socket
 import time
+from dataclasses import dataclass
 
 import trio
 
@@ -19,6 +20,7 @@ from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.fdlimit import raise_file_limit
 from garin.limits import MAX_REFUSING
+from garin.proxies import client_address, peer_name
 from garin.lifeline import watch_lifeline
 from garin.profiling import tune_gc
 from garin.connection import MOVED, Connection, Moved, count_close, serve_connection
@@ -53,9 +55,9 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     except OSError:
         stream.socket.close()  # gone before we could look at it
         return
-    peer = f"{host}:{port}"
-    # Counted from accept, so a handshake that never ends still holds a slot.
-    refusal = router.limits.admit(host)
+    # Counted from accept, so a handshake that never ends still holds a slot;
+    # a trusted proxy's connections count per client once its headers say who.
+    refusal = router.limits.admit(host, per_client=not router.trusted_proxies.trusts(host))
     if refusal is not None:
         if not router.limits.start_refusal():
             stream.socket.close()  # too many refusals under way: no answer
@@ -73,10 +75,13 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
     conn_id = router.new_id()
     metrics.CONNECTIONS.inc()
     outcome: Close | Moved | None = None
+    # Who the connection is counted and named as: the peer, or the client a
+    # trusted proxy forwards (set by _serve).
+    client = Client(host, f"{host}:{port}")
     try:
-        outcome = await _serve(router, verifier, conn_id, peer, sock)
+        outcome = await _serve(router, verifier, conn_id, client, port, sock)
     except Exception:
-        log.exception("conn %d (%s): internal error", conn_id, peer)
+        log.exception("conn %d (%s): internal error", conn_id, client.peer)
         with trio.move_on_after(1):
             await sock.close(closes.INTERNAL)
     finally:
@@ -85,7 +90,13 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
         router.clients.pop(conn_id, None)
         # A connection handed over stays counted until its shard says it ended.
         if outcome is not MOVED:
-            router.limits.release(host)
+            router.limits.release(client.address)
+
+
+@dataclass(slots=True)
+class Client:
+    address: str
+    peer: str
 
 
 async def _refuse(router: Router, host: str, port: int, stream: trio.SocketStream, refusal: Close) -> None:
@@ -109,8 +120,9 @@ async def _refuse(router: Router, host: str, port: int, stream: trio.SocketStrea
 
 
 async def _serve(
-    router: Router, verifier: TokenVerifier, conn_id: int, peer: str, sock: ClientWebSocket
+    router: Router, verifier: TokenVerifier, conn_id: int, client: Client, port: int, sock: ClientWebSocket
 ) -> Close | Moved | None:
+    peer = client.peer
     config = router.config
     with trio.move_on_after(config.handshake_timeout_s):
         request = await sock.handshake()
@@ -124,7 +136,17 @@ async def _serve(
         await sock.reject(403, "origin not allowed")
         return None
     sock.accept(request)
+    forwarded = client_address(client.address, router.trusted_proxies, request.x_forwarded_for, request.forwarded)
     del request  # its headers would otherwise live as long as the session
+    if forwarded != client.address:
+        refusal = router.limits.readdress(client.address, forwarded)
+        if refusal is not None:
+            log.info("conn %d (%s via %s): closing %d %s", conn_id, forwarded, client.address, refusal.code, refusal.reason)
+            count_close(refusal)
+            await sock.close(refusal)
+            return refusal
+        client.peer = peer = peer_name(forwarded, port, client.address)
+        client.address = forwarded
 
     def check_token(token: str) -> Close | None:
         claims = verifier.claims(token, time.time())
@@ -143,7 +165,7 @@ async def _serve(
         return None
 
     session = Session(router.session_rules, check_token, trio.current_time())
-    conn = Connection(conn_id, peer, sock, session, router.instance)
+    conn = Connection(conn_id, peer, sock, session, router.instance, address=client.address)
     router.clients[conn_id] = conn
     return await serve_connection(conn, router)
 

@@ -43,6 +43,7 @@ from conftest import (
     message_frame,
     new_room,
     new_user,
+    recv_json,
     running_server,
 )
 
@@ -392,3 +393,29 @@ def test_hostile_json_is_refused_and_the_router_survives(clients: Clients, frame
     expect_join(ws_b, c, 2)
     ws_c.send(message_frame("still up"))
     expect_message(ws_b, c, "still up")
+
+
+def test_behind_a_trusted_proxy_the_limit_applies_to_each_real_client(garin_factory: ServerFactory) -> None:
+    """127.0.0.1 is a trusted proxy by default (GARIN_FORWARDED_ALLOW_IPS):
+    its X-Forwarded-For names the client the per-address limit counts. From
+    an untrusted peer the same header is ignored."""
+    server = garin_factory(GARIN_MAX_CONNECTIONS_PER_IP="2")
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+
+        def via_proxy(client_ip: str) -> ClientConnection:
+            return clients.open(additional_headers={"X-Forwarded-For": f"{client_ip}, 127.0.0.1"})
+
+        # Many users behind the proxy (more than the limit in all) ...
+        for n in range(5):
+            for ws in (via_proxy(f"198.51.100.{n}"), via_proxy(f"198.51.100.{n}")):
+                ws.send(auth_frame(server.token(new_user())))
+                ws.send(join_frame(new_user(), new_room()))
+                assert recv_json(ws)["type"] == "join"
+        # ... but each one is held to the limit.
+        expect_close(via_proxy("198.51.100.0"), 1013, "too many connections")
+        # The header from an untrusted peer (127.0.0.8) names nobody.
+        for _ in range(2):
+            admitted(clients, "127.0.0.8")
+        spoofed = clients.open(source_address=("127.0.0.8", 0), additional_headers={"X-Forwarded-For": "203.0.113.1"})
+        expect_close(spoofed, 1013, "too many connections")

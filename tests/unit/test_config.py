@@ -58,7 +58,8 @@ def test_defaults() -> None:
     assert config.max_outbox_bytes == 1048576
     assert (config.shard_hold_bytes, config.shard_hold_timeout_s) == (4 * 1024 * 1024, 10.0)
     assert (config.handshake_timeout_s, config.shutdown_timeout_s) == (10.0, 5.0)
-    assert (config.max_connections, config.max_connections_per_ip) == (10000, 100)
+    assert (config.max_connections, config.max_connections_per_ip) == (10000, 1000)
+    assert config.forwarded_allow_ips == "127.0.0.1,::1"
     assert config.log_level == "info"
 
 
