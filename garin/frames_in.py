@@ -153,9 +153,14 @@ class FrameParser:
                 raise ValueError("buffer and key must be bytes")
             if message not in (None, _TEXT, _BINARY) or (message == _TEXT) != (decoder is not None):
                 raise ValueError(f"bad message state {message!r}")
+            for name, value in (("remaining", remaining), ("chars", chars), ("fragments", fragments)):
+                if type(value) is not int or value < 0:
+                    raise ValueError(f"{name} must be a count, not {value!r:.40}")
+            if type(done) is not bool or type(fin) is not bool:
+                raise ValueError("done and fin must be booleans")
             parser = cls(max_message_chars, buf)
-            parser._done = bool(done)
-            parser._remaining = int(remaining)
+            parser._done = done
+            parser._remaining = remaining
             parser._key = key
             parser._fin = bool(fin)
             parser._message = message
@@ -307,6 +312,7 @@ class FrameParser:
 
     def _stop(self) -> None:
         self._done = True
+        self._message = None
         self._buf = b""
         self._pos = 0
         self._parts = None

@@ -127,13 +127,17 @@ class Link:
             if not data:
                 raise LinkClosed("peer closed the link")
             out: list[tuple[wire.WireMessage, int | None]] = []
-            for message in self._decoder.feed(data):
-                fd: int | None = None
-                if type(message) is wire.Adopt:
-                    if not self._fds:
-                        raise wire.WireError("an Adopt came without its socket")
-                    fd = self._fds.popleft()
-                out.append((message, fd))
+            try:
+                for message in self._decoder.feed(data):
+                    fd: int | None = None
+                    if type(message) is wire.Adopt:
+                        if not self._fds:
+                            raise wire.WireError("an Adopt came without its socket")
+                        fd = self._fds.popleft()
+                    out.append((message, fd))
+            except wire.WireError:
+                close_fds(out)  # handed out to nobody: the link is going down
+                raise
             if out:
                 return out
 
@@ -150,14 +154,22 @@ class Link:
         self._sock.close()
 
 
+def close_fds(messages: list[tuple[wire.WireMessage, int | None]]) -> None:
+    """Close the descriptors that came with `messages` (nobody will take them)."""
+    for _, fd in messages:
+        if fd is not None:
+            os.close(fd)
+
+
 async def receive_first(link: Link, timeout_s: float) -> wire.WireMessage:
     """The first message on a new link (hello or welcome), within `timeout_s`."""
     with trio.fail_after(timeout_s):
         messages = await link.receive()
     message, fd = messages[0]
     if len(messages) > 1 or fd is not None:
+        close_fds(messages)
         raise wire.WireError("expected one message to start the link")
     return message
 
 
-__all__ = ["Link", "LinkClosed", "receive_first"]
+__all__ = ["Link", "LinkClosed", "close_fds", "receive_first"]

@@ -30,6 +30,7 @@ in a unit test.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,13 @@ RATE_JITTER = 0.25
 # empty frames costs garin a parser pass each and is closed instead.
 FRAME_BURST = 100
 FRAMES_PER_S = 20.0
+
+
+def _offset(value: Any) -> float:
+    """A time in a snapshot: a finite number of seconds."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"not a time offset: {value!r:.40}")
+    return float(value)
 
 
 class State(Enum):
@@ -177,17 +185,21 @@ class Session:
             session.state = State(state)
             if session.state is State.CLOSED:
                 raise ValueError("a closed session does not move")
-            session._state_deadline = None if deadline is None else now + float(deadline)
-            session._heard_at = now + float(heard)
-            session._sent_at = now + float(sent)
-            session._ping_sent_at = None if pinged is None else now + float(pinged)
+            if (deadline is None) != (session.state is State.IN_ROOM):
+                raise ValueError(f"a {session.state.value} session with deadline {deadline!r}")
             for value in (room, username):
                 if value is not None and type(value) is not str:
                     raise ValueError(f"room and username must be strings, not {value!r:.40}")
+            if session.state is State.IN_ROOM and (room is None or username is None):
+                raise ValueError("a session in a room needs its room and username")
+            session._state_deadline = None if deadline is None else now + _offset(deadline)
+            session._heard_at = now + _offset(heard)
+            session._sent_at = now + _offset(sent)
+            session._ping_sent_at = None if pinged is None else now + _offset(pinged)
             session.room, session.username = room, username
-            session._messages_due = now + float(messages_due)
-            session._joins_due = now + float(joins_due)
-            session._frames_due = now + float(frames_due)
+            session._messages_due = now + _offset(messages_due)
+            session._joins_due = now + _offset(joins_due)
+            session._frames_due = now + _offset(frames_due)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a session snapshot: {exc}") from None
         return session

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from garin import wire
-from garin.link import Link, LinkClosed, receive_first
+from garin.link import Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME
 
 log = logging.getLogger("garin.router")
@@ -151,7 +150,13 @@ class ShardLink:
 
     async def _pump(self, link: Link) -> None:
         while True:
-            for message, fd in await link.receive():
+            batch = await link.receive()
+            for n, (message, fd) in enumerate(batch):
+                if not isinstance(message, (wire.Ended, wire.Pong, wire.Adopt)) or (
+                    isinstance(message, wire.Adopt) and fd is None
+                ):
+                    close_fds(batch[n:])
+                    raise wire.WireError(f"unexpected {type(message).__name__} from shard {self.index}")
                 if isinstance(message, wire.Ended):
                     self._on_ended(message)
                 elif isinstance(message, wire.Pong):
@@ -159,7 +164,3 @@ class ShardLink:
                     self._set_responsive(True)
                 elif isinstance(message, wire.Adopt) and fd is not None:
                     self._on_move(message, fd)  # owns fd from here
-                else:
-                    if fd is not None:
-                        os.close(fd)
-                    raise wire.WireError(f"unexpected {type(message).__name__} from shard {self.index}")

@@ -31,7 +31,7 @@ from garin.handoff import adopt_message, adopted_connection
 from garin.fdlimit import raise_file_limit
 from garin.lifeline import watch_lifeline
 from garin.profiling import tune_gc
-from garin.link import Link, LinkClosed, receive_first
+from garin.link import Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME, shard_for
 from garin.websocket import ClientWebSocket, fan_out
 from garin.shard.rooms import Announce, Rooms
@@ -90,13 +90,18 @@ class Shard:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_posted)
                 while True:
-                    for message, fd in await link.receive():
-                        if isinstance(message, wire.Adopt) and fd is not None:
-                            self._adopt(message, fd)
-                        elif isinstance(message, wire.Ping):
-                            link.post(wire.Pong(message.no))
-                        else:
-                            raise wire.WireError(f"unexpected {type(message).__name__} from router {router}")
+                    batch = await link.receive()
+                    for n, (message, fd) in enumerate(batch):
+                        try:
+                            if isinstance(message, wire.Adopt) and fd is not None:
+                                self._adopt(message, fd)
+                            elif isinstance(message, wire.Ping):
+                                link.post(wire.Pong(message.no))
+                            else:
+                                raise wire.WireError(f"unexpected {type(message).__name__} from router {router}")
+                        except BaseException:
+                            close_fds(batch[n + 1:])  # the rest of the batch: nobody takes them now
+                            raise
         except* (LinkClosed, wire.WireError, trio.TooSlowError) as group:
             exc = group.exceptions[0]
             log.info("shard %d: router %s unlinked (%s)", self.index, router, str(exc) or type(exc).__name__)

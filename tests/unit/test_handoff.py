@@ -213,7 +213,7 @@ busy_rules = st.builds(
 busy_steps = st.lists(
     st.tuples(
         st.sampled_from([0.0, 0.125, 0.25, 0.5]),
-        st.sampled_from([("say", ""), ("switch", ""), ("timeout", ""), ("heard", ""), ("frames", "")]),
+        st.sampled_from([("say", ""), ("switch", ""), ("switch", ""), ("timeout", ""), ("heard", ""), ("frames", "")]),
     ),
     max_size=6,
 )

@@ -193,5 +193,5 @@ class RoomsMachine(RuleBasedStateMachine):
             assert room_obj.usernames == self.model[name]
 
 
-RoomsMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+RoomsMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_rooms_match_a_model = RoomsMachine.TestCase

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import msgpack
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from garin import wire
-from garin.wire import Adopt, Decoder, Ended, Hello, Refuse, Welcome, WireError, WireMessage, encode
+from garin.wire import Adopt, Decoder, Ended, Hello, Ping, Pong, Refuse, Welcome, WireError, WireMessage, encode
 
 SESSION = ("in_room", None, -0.5, -0.25, None, "lobby", "alice", (-0.75, -0.125), 3.5)
 FRAMES = (b"\x81\x85", False, 3, b"\x01\x02\x03\x04", True, 1, (b"\xf0\x9f", 0), "h\u00e9", 2)
@@ -23,7 +24,14 @@ EXAMPLES: list[WireMessage] = [
     Adopt(8, "r", "[::1]:1", None, None, "den", "bob", (), (), 0.0),
     Ended(7, True),
     Ended(1 << 40, False),
+    Ping(0),
+    Ping(123456),
+    Pong(123456),
 ]
+
+
+def test_the_examples_cover_every_message_type() -> None:
+    assert {type(m) for m in EXAMPLES} == set(typing.get_args(WireMessage))
 
 
 def decode_all(data: bytes) -> list[WireMessage]:
@@ -95,7 +103,8 @@ def test_adopt_with_no_subject_or_claimed_name() -> None:
 def test_the_encoding_is_a_tagged_array() -> None:
     assert msgpack.unpackb(encode(Ended(5, True))) == [Ended.TAG, 5, True]
     assert msgpack.unpackb(encode(Refuse("no"))) == [Refuse.TAG, "no"]
-    tags = [Hello.TAG, Welcome.TAG, Refuse.TAG, Adopt.TAG, Ended.TAG]
+    assert msgpack.unpackb(encode(Ping(3))) == [Ping.TAG, 3]
+    tags = [cls.TAG for cls in typing.get_args(WireMessage)]
     assert len(set(tags)) == len(tags)
 
 
@@ -116,6 +125,8 @@ any_message = st.one_of(
     st.builds(Adopt, ints, texts, texts, maybe_text, maybe_text, texts, texts, state_tuples, state_tuples,
               st.floats(allow_nan=False)),
     st.builds(Ended, ints, st.booleans()),
+    st.builds(Ping, ints),
+    st.builds(Pong, ints),
 )
 
 
@@ -136,9 +147,20 @@ def test_any_messages_round_trip_however_split(messages: list[WireMessage], cuts
 
 
 def test_an_unknown_tag_is_refused() -> None:
-    for tag in (2, 99, -1, "1", 1.0, None, True, b"\x01"):
+    known = {cls.TAG for cls in typing.get_args(WireMessage)}
+    unknown = [tag for tag in range(-2, 30) if tag not in known]
+    for tag in (*unknown, 1 << 40, "1", None, b"\x01", [1]):
         with pytest.raises(WireError):
             decode_all(pack([tag, 5, True]))
+
+
+def test_a_tag_must_be_an_int_not_an_equal_bool_or_float() -> None:
+    # True == 1 and 12.0 == 12 as dict keys: the tag's type is checked too.
+    assert Adopt.TAG == 1
+    with pytest.raises(WireError):
+        decode_all(pack([True, *adopt_fields()[1:]]))
+    with pytest.raises(WireError):
+        decode_all(pack([float(Ended.TAG), 5, True]))
 
 
 @pytest.mark.parametrize("item", [
@@ -147,6 +169,9 @@ def test_an_unknown_tag_is_refused() -> None:
     [Ended.TAG],
     [Refuse.TAG],
     [Refuse.TAG, "a", "b"],
+    [Ping.TAG],
+    [Ping.TAG, 1, 2],
+    [Pong.TAG],
     [Welcome.TAG, 4],
     [Hello.TAG, 4, "r", 0, 1],
     [Adopt.TAG, 1, "r", "p", None, None, "room", "user", [], [], 1.0, 9],
@@ -180,6 +205,10 @@ def test_the_adopt_helper_makes_a_valid_message() -> None:
     [Welcome.TAG, 4, False],
     [Welcome.TAG, None, 1],
     [Refuse.TAG, b"bytes, not text"],
+    [Ping.TAG, True],
+    [Ping.TAG, 1.0],
+    [Pong.TAG, "1"],
+    [Pong.TAG, None],
     [Refuse.TAG, None],
     [Hello.TAG, 4, "r", 0, 1, 5],
     [Hello.TAG, 4, 7, 0, 1, "h"],
