@@ -14,25 +14,34 @@ from typing import Any
 import click
 
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES
-from garin.config import BY_NAME, SETTINGS, Config, ConfigError, load_config, read_dotenv
+from garin.config import BY_NAME, ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS, Config, ConfigError, load_config, read_dotenv
 
 F = Callable[..., Any]
 
 
-def _config_options(func: F) -> F:
-    """One click option per setting; values stay text so load_config validates them all alike."""
-    for setting in reversed(SETTINGS):
-        default = "(required)" if setting.default is None else (setting.default or "see help")
-        if setting.secret:
-            default = "(required, never printed)"
-        func = click.option(
-            setting.option,
-            setting.name,
-            default=None,
-            metavar=setting.metavar,
-            help=f"{setting.help} [env {setting.env}; default {default}]",
-        )(func)
-    return func
+def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
+    """One click option per setting (only `names`, if given: the settings
+    that command uses); values stay text so load_config validates them all
+    alike. Every setting is still read from the environment and .env."""
+
+    def decorate(func: F) -> F:
+        for setting in reversed(SETTINGS):
+            if names is not None and setting.name not in names:
+                continue
+            default = "required" if setting.default is None else (setting.default or "none")
+            if setting.secret:
+                default = "required, never printed"
+            env = "GARIN_PORT or PORT" if setting.name == "port" else setting.env
+            func = click.option(
+                setting.option,
+                setting.name,
+                default=None,
+                metavar=setting.metavar,
+                help=f"{setting.help} [env {env}; default {default}]",
+            )(func)
+        return func
+
+    return decorate
 
 
 def _fail(message: str) -> None:
@@ -84,8 +93,8 @@ def main() -> None:
     """
 
 
-@main.command()
-@_config_options
+@main.command(short_help="Run the whole server: shards and routers, supervised.")
+@_config_options()
 def run(**options: Any) -> None:
     """Run the whole server: N shard processes and M routers, supervised.
 
@@ -105,11 +114,11 @@ def run(**options: Any) -> None:
     sys.exit(code)
 
 
-@main.command()
+@main.command(short_help="Run one router, the WebSocket front (Procfile, systemd).")
 @click.option("--router-id", default=None, help="Name in logs and in shard hellos [default: HONCHO_PROCESS_NAME or pid].")
 @click.option("--listen-fd", type=int, default=None, hidden=True)
 @click.option("--lifeline-fd", type=int, default=None, hidden=True)
-@_config_options
+@_config_options(ROUTER_SETTINGS)
 def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one router: the WebSocket front (for Procfile / systemd use)."""
     from garin.logs import setup_logging
@@ -139,10 +148,10 @@ def _index_from_honcho() -> int | None:
     return int(match.group(1)) - 1 if match else None
 
 
-@main.command()
+@main.command(short_help="Run one shard, owner of the rooms that hash to it.")
 @click.option("--index", type=int, default=None, help="Which shard this is, 0..shards-1 [default: from HONCHO_PROCESS_NAME shard.N as N-1].")
 @click.option("--lifeline-fd", type=int, default=None, hidden=True)
-@_config_options
+@_config_options(SHARD_SETTINGS)
 def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one shard: owns the rooms that hash to it (for Procfile / systemd use)."""
     from garin.logs import setup_logging
@@ -175,15 +184,19 @@ def _duration(text: str) -> float | None:
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
-@main.command()
+@main.command(short_help="Print a test JWT for USERNAME, signed with the secret.")
 @click.argument("username")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime: 90s, 30m, 12h, 7d; 0 for a token that never expires.")
 @click.option("--jwt-secret", "jwt_secret", default=None, help="Signing secret [env JWT_DECODE_SECRET].")
 @click.option("--jwt-algorithm", "jwt_algorithm", default=None, help="[env GARIN_JWT_ALGORITHM; default HS256]")
-@click.option("--allow-weak-secret", "allow_weak_secret", default=None, help="[env GARIN_ALLOW_WEAK_SECRET]")
+@click.option("--allow-weak-secret", "allow_weak_secret", is_flag=True, default=None,
+              help="Accept a short secret (local development) [env GARIN_ALLOW_WEAK_SECRET].")
 def token(username: str, ttl: str, **options: Any) -> None:
     """Print a JWT for USERNAME signed with the server's secret, to try the server."""
     from garin.auth import make_token
+
+    if options["allow_weak_secret"] is not None:
+        options["allow_weak_secret"] = "true" if options["allow_weak_secret"] else None
 
     ttl_s = _duration(ttl)
     config = _load(options, required=("jwt_secret",))
@@ -193,7 +206,7 @@ def token(username: str, ttl: str, **options: Any) -> None:
     click.echo(make_token(config.jwt_secret, username, time.time(), ttl_s, config.jwt_algorithm))
 
 
-@main.command()
+@main.command(short_help="Chat in a room from the terminal.")
 @click.argument("url", required=False)
 @click.option("--room", required=True, help="Room to join (3+ characters).")
 @click.option("--user", "username", required=True, help="Username to join as (3+ characters).")
@@ -239,7 +252,7 @@ def chat(url: str | None, room: str, username: str, token: str | None, origin: s
     sys.exit(trio.run(run_chat, url, origin, token, room, username))
 
 
-@main.group()
+@main.group(short_help="Show and change the ban list (token subjects refused).")
 def ban() -> None:
     """The ban list: who is refused at auth (close 4003 banned).
 

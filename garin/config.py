@@ -83,13 +83,27 @@ def _bool(text: str) -> bool:
     raise ValueError(f"must be true or false, not {text!r}")
 
 
+_NOT_PAGE_SCHEMES = frozenset(("ftp", "ftps", "sftp", "file", "ws", "wss", "data", "blob", "about", "javascript", "mailto"))
+
+
 def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
     if not origins:
         raise ValueError("must list at least one origin (or *)")
     for origin in origins:
-        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+        if origin == "*":
+            continue
+        # What a browser (or an app's web view: capacitor://, app://) sends as
+        # a page's Origin: scheme://host[:port]. Schemes of things that are
+        # not pages never appear there, so naming one is a mistake.
+        match = re.fullmatch(r"([a-z][a-z0-9+.-]*)://[^/\s]+", origin)
+        if not match:
             raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
+        if match.group(1) in _NOT_PAGE_SCHEMES:
+            raise ValueError(
+                f"{origin!r} is not a web page's origin ({match.group(1)}:// pages do not open WebSockets); "
+                "use one like https://chat.example.com"
+            )
     return origins
 
 
@@ -252,6 +266,18 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
+
+# What a shard process uses (its --help lists only these): it runs members'
+# sessions from the join on, fans out, and finds its socket.
+SHARD_SETTINGS = frozenset((
+    "port", "shards", "routers", "socket_dir", "rate_limit_count", "rate_limit_window_s", "join_limit_count",
+    "join_limit_window_s", "max_message_bytes", "max_body_chars", "ping_interval_s", "ping_timeout_s",
+    "idle_timeout_s", "username_min", "username_max", "room_min", "room_max", "max_outbox_bytes",
+    "shard_hold_timeout_s", "max_connections", "shutdown_timeout_s", "log_level", "log_format", "metrics_port",
+    "metrics_host",
+))
+# A router uses everything but the count of routers (`garin run`'s).
+ROUTER_SETTINGS = frozenset(s.name for s in SETTINGS) - {"routers"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,8 +91,14 @@ class Supervisor:
                 raise OSError(f"{path} is in use by another garin: give each server its own GARIN_SOCKET_DIR")
 
     async def run(self) -> int:
-        self.check_socket_dir()
+        # The port first: a second server on the same port is told that,
+        # not about the socket directory it would share by default.
         sock = self.bind()
+        try:
+            self.check_socket_dir()
+        except OSError:
+            sock.close()
+            raise
         port = sock.getsockname()[1]
         env = {**os.environ, **self.config.to_env(), "PORT": str(port), "GARIN_PORT": str(port)}
         # Children watch the read end; it turns readable (EOF) when this

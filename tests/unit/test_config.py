@@ -547,3 +547,9 @@ PORT=9000
     assert config.allowed_origins == ("https://a.com", "https://b.com")
     assert config.shards == 2  # the environment wins over .env
     assert config.port == 9000
+
+
+@pytest.mark.parametrize("origin", ["ftp://x", "ws://chat.example.com", "file://host"])
+def test_origins_of_things_that_are_not_pages_are_refused(origin: str) -> None:
+    with pytest.raises(ConfigError, match="not a web page's origin"):
+        load_config({}, {"JWT_DECODE_SECRET": "x" * 40, "ALLOWED_ORIGINS": origin})

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from garin.cli import main
 from garin.closes import ALL_CLOSES
-from garin.config import SETTINGS
+from garin.config import ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -30,12 +30,25 @@ def test_every_close_is_in_the_readme_table(close, when):
     assert any(reason in row for row in rows), f"no README row for {close}"
 
 
-@pytest.mark.parametrize("command", ["run", "router", "shard"])
-def test_help_lists_every_setting(command):
+@pytest.mark.parametrize(
+    ("command", "names"), [("run", None), ("router", ROUTER_SETTINGS), ("shard", SHARD_SETTINGS)]
+)
+def test_help_lists_the_settings_each_command_uses(command, names):
     result = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0
     for setting in SETTINGS:
-        assert setting.option in result.output and setting.env in result.output
+        listed = setting.option in result.output
+        assert listed == (names is None or setting.name in names), setting.option
+        if listed:
+            assert setting.env in result.output
+    assert "see help" not in result.output
+    assert "GARIN_PORT or PORT" in result.output
+
+
+def test_garin_help_shows_whole_summaries():
+    result = CliRunner().invoke(main, ["--help"], terminal_width=100)
+    commands = result.output.split("Commands:")[1]
+    assert "..." not in commands, commands
 
 
 def test_the_procfile_holds_the_shard_count_on_every_line():
@@ -48,3 +61,10 @@ def test_the_procfile_holds_the_shard_count_on_every_line():
         assert line == f"shard{index}: exec garin shard --shards {count} --index {index}"
     # .env must not fight it (an option beats the environment anyway).
     assert "\nGARIN_SHARDS=" not in ENV_EXAMPLE
+
+
+def test_the_module_table_names_every_module():
+    modules = [p for d in ("garin", "router", "shard") for p in sorted((ROOT / d).glob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py")]
+    missing = [f"{p.parent.name}/{p.name}" for p in modules if f"`{p.parent.name}/{p.name}`" not in README]
+    assert not missing, missing
