@@ -31,8 +31,13 @@ RECEIVE_BYTES = 256 * 1024
 # more only so that a misbehaving peer is detected (MSG_CTRUNC), not silent.
 MAX_FDS = 16
 _ANCILLARY_BYTES = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-# A send that cannot finish in this long means the peer stopped reading.
-SEND_TIMEOUT_S = 5.0
+# Reads one `receive` call makes at most before it returns what it has.
+MAX_READS_PER_CALL = 64
+# A send that cannot finish in this long means the peer stopped reading. A
+# shard announcing a burst of joins into a huge room can be busy for many
+# seconds (each join is written to every member), so this is generous; a
+# stopped shard is found sooner by its unanswered pings (router/shard_link.py).
+SEND_TIMEOUT_S = 30.0
 
 
 class LinkClosed(Exception):
@@ -42,6 +47,11 @@ class LinkClosed(Exception):
 class Link:
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self._sock = sock
+        # The same descriptor as a plain socket, for reads that must not
+        # checkpoint; detached (not closed) in `close`.
+        self._raw = socket.socket(fileno=sock.fileno())
+        self._raw.setblocking(False)
+        self._eof = False
         self._decoder = wire.Decoder()
         self._fds: deque[int] = deque()
         self._lock = trio.StrictFIFOLock()
@@ -57,6 +67,28 @@ class Link:
         once begun a send is finished or the link closed, even if the caller
         is cancelled meanwhile."""
         data = wire.encode(message)
+        if not self._lock.locked() and not self.closed:
+            # The usual case: the kernel takes it all at once, no waiting.
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+            try:
+                sent = self._raw.sendmsg([data], ancillary)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close()
+                raise LinkClosed(f"link write failed: {exc!r}") from None
+            if sent == len(data):
+                await trio.lowlevel.checkpoint()
+                return
+            if sent:
+                # Half a message is in the socket: the rest must follow before
+                # anything else, and no checkpoint may come between.
+                self._lock.acquire_nowait()
+                try:
+                    await self._send_locked(data[sent:], None)  # the descriptor went with the first bytes
+                finally:
+                    self._lock.release()
+                return
         async with self._lock:
             await self._send_locked(data, fd)
 
@@ -94,9 +126,9 @@ class Link:
                 while view:
                     try:
                         sent = await self._sock.sendmsg([view], ancillary)
-                    except OSError as exc:
+                    except (OSError, trio.ClosedResourceError) as exc:
                         self.close()
-                        raise LinkClosed(f"link write failed: {exc}") from None
+                        raise LinkClosed(f"link write failed: {exc!r}") from None
                     # The descriptor went with the first bytes.
                     ancillary = []
                     view = view[sent:]
@@ -107,15 +139,31 @@ class Link:
     # -- receiving ------------------------------------------------------------
 
     async def receive(self) -> list[tuple[wire.WireMessage, int | None]]:
-        """Wait for data, read once; the complete messages, each `Adopt` with
-        its descriptor (now the caller's to close). LinkClosed at end of
-        stream; WireError if the peer broke the protocol."""
+        """Wait for data, then read what is there; the complete messages, each
+        `Adopt` with its descriptor (now the caller's to close). LinkClosed at
+        end of stream; WireError if the peer broke the protocol.
+
+        The kernel returns one send's descriptors per recvmsg at most, so a
+        burst of hand-offs takes one read each: they are read here in a loop,
+        without a trip through the scheduler per read (trio's awaitable
+        recvmsg is one), up to MAX_READS_PER_CALL."""
+        if self._eof:
+            raise LinkClosed("peer closed the link")
+        out: list[tuple[wire.WireMessage, int | None]] = []
+        reads = 0
         while True:
             try:
-                data, ancdata, flags, _ = await self._sock.recvmsg(
-                    RECEIVE_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC
-                )
+                data, ancdata, flags, _ = self._raw.recvmsg(RECEIVE_BYTES, _ANCILLARY_BYTES, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                if out:
+                    return out
+                try:
+                    await trio.lowlevel.wait_readable(self._sock)
+                except trio.ClosedResourceError:
+                    raise LinkClosed("link closed") from None
+                continue
             except OSError as exc:
+                close_fds(out)
                 raise LinkClosed(f"link read failed: {exc}") from None
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -123,10 +171,13 @@ class Link:
                     fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                     self._fds.extend(fds)
             if flags & socket.MSG_CTRUNC:
+                close_fds(out)
                 raise wire.WireError("too many descriptors in one read")
             if not data:
+                if out:
+                    self._eof = True  # theirs first; the next call says so
+                    return out
                 raise LinkClosed("peer closed the link")
-            out: list[tuple[wire.WireMessage, int | None]] = []
             try:
                 for message in self._decoder.feed(data):
                     fd: int | None = None
@@ -138,7 +189,8 @@ class Link:
             except wire.WireError:
                 close_fds(out)  # handed out to nobody: the link is going down
                 raise
-            if out:
+            reads += 1
+            if reads >= MAX_READS_PER_CALL and out:
                 return out
 
     # -- closing --------------------------------------------------------------
@@ -151,6 +203,7 @@ class Link:
         self._wake.set()
         while self._fds:
             os.close(self._fds.popleft())
+        self._raw.detach()
         self._sock.close()
 
 

@@ -12,6 +12,7 @@ through a router (`forward`), which passes it on like a new one.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -56,6 +57,9 @@ class Router:
         self.clients: dict[int, Connection] = {}
         self.handed: dict[int, Handed] = {}
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
+        # Whether a peer is a trusted proxy, asked at every accept: parsing
+        # an address costs more than the look-up, and peers repeat.
+        self.trusts_proxy = functools.lru_cache(maxsize=4096)(config.trusted_proxies.trusts)
         self.trusted_proxies = config.trusted_proxies
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules

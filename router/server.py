@@ -57,7 +57,7 @@ async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.So
         return
     # Counted from accept, so a handshake that never ends still holds a slot;
     # a trusted proxy's connections count per client once its headers say who.
-    refusal = router.limits.admit(host, per_client=not router.trusted_proxies.trusts(host))
+    refusal = router.limits.admit(host, per_client=not router.trusts_proxy(host))
     if refusal is not None:
         if not router.limits.start_refusal():
             stream.socket.close()  # too many refusals under way: no answer

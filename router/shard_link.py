@@ -29,9 +29,12 @@ RETRY_MIN_S = 0.05
 RETRY_MAX_S = 0.5
 # A linked shard is asked every PING_EVERY_S whether it is reading; one that
 # has not answered for UNRESPONSIVE_S (stopped, deadlocked) counts as down:
-# /health says so and hand-offs wait for it as for a shard that is down.
+# /health says so and hand-offs wait for it as for a shard that is down. A
+# shard reads pings in order behind the hand-offs already sent, and a burst
+# of joins into a big room keeps it busy for seconds: 10 s of silence is
+# not that.
 PING_EVERY_S = 1.0
-UNRESPONSIVE_S = 3.0
+UNRESPONSIVE_S = 10.0
 
 
 class ShardRefused(Exception):
@@ -72,6 +75,9 @@ class ShardLink:
 
     async def wait_up(self, timeout_s: float) -> Link | None:
         """The live link, waiting for it up to `timeout_s`; None if it stays down."""
+        serving = self._serving()
+        if serving is not None:
+            return serving  # the usual case, without a cancel scope
         with trio.move_on_after(timeout_s):
             while self._serving() is None:
                 await self._up.wait()

@@ -28,8 +28,8 @@ garin() { # NAME ARGS...
 garinchat() { # NAME
     local name=$1 port pid try
     echo "== $name" >&2
-    # GarinChat panics (the whole server) when members join at once: connect
-    # one at a time, and try a run it died in again.
+    # GarinChat panics (the whole server) when two goroutines write to one
+    # socket: connect one member at a time, and try a run it died in again.
     for try in 1 2 3 4; do
         port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
         PORT=$port JWT_DECODE_SECRET=$SECRET ALLOWED_ORIGINS=http://bench.local "$GO" > "$OUT/$name.server.log" 2>&1 &
@@ -38,12 +38,13 @@ garinchat() { # NAME
         timeout 300 "$PY" scripts/bench.py --url "ws://127.0.0.1:$port/" --server-pid $pid --secret "$SECRET" \
             --origin http://bench.local --connect-concurrency 1 --connect-timeout 120 --floor 10 \
             "${LOAD[@]}" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-        if kill -0 $pid 2>/dev/null && ! grep -q "did not join" "$OUT/$name.log"; then
-            kill $pid; wait $pid 2>/dev/null
+        kill $pid 2>/dev/null; wait $pid 2>/dev/null
+        # It often panics while the members close (concurrent writes): the
+        # run counts if every member joined and stayed.
+        if grep -q "500/500 joined" "$OUT/$name.log" && ! grep -q "disconnected during the run" "$OUT/$name.log"; then
             return
         fi
-        kill $pid 2>/dev/null; wait $pid 2>/dev/null
-        echo "   $name: GarinChat crashed (try $try)" >&2
+        echo "   $name: GarinChat crashed during the run (try $try)" >&2
     done
 }
 

@@ -91,17 +91,23 @@ class Shard:
                 nursery.start_soon(link.run_posted)
                 while True:
                     batch = await link.receive()
-                    for n, (message, fd) in enumerate(batch):
-                        try:
+                    taken = 0  # messages of the batch handled so far
+                    try:
+                        for message, fd in batch:
+                            if taken:
+                                # Each adopted join is written to the whole room:
+                                # let other tasks (members, pongs) run between them.
+                                await trio.lowlevel.checkpoint()
+                            taken += 1
                             if isinstance(message, wire.Adopt) and fd is not None:
                                 self._adopt(message, fd)
                             elif isinstance(message, wire.Ping):
                                 link.post(wire.Pong(message.no))
                             else:
                                 raise wire.WireError(f"unexpected {type(message).__name__} from router {router}")
-                        except BaseException:
-                            close_fds(batch[n + 1:])  # the rest of the batch: nobody takes them now
-                            raise
+                    except BaseException:
+                        close_fds(batch[taken:])  # nobody takes them now
+                        raise
         except* (LinkClosed, wire.WireError, trio.TooSlowError) as group:
             exc = group.exceptions[0]
             log.info("shard %d: router %s unlinked (%s)", self.index, router, str(exc) or type(exc).__name__)

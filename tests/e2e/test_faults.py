@@ -356,7 +356,7 @@ def test_a_stopped_shard_is_reported_and_gets_no_new_clients_until_it_runs_again
         os.kill(pids["shard 2"], signal.SIGSTOP)
         try:
             # Stopped, its sockets stay open: only its silence on the link shows.
-            wait_until(lambda: get(health)[0] == 503, "/health to report the stopped shard")
+            wait_until(lambda: get(health)[0] == 503, "/health to report the stopped shard", timeout=25)
             assert json.loads(get(health)[1])["shards"]["2"] is False
             carol = clients.authed("carol")
             carol.send(join_frame("carol", room))
