@@ -65,8 +65,12 @@ class Link:
         """Send `message` (and the descriptor `fd` with it); LinkClosed if the
         link broke. A half-sent message would corrupt the link for good, so
         once begun a send is finished or the link closed, even if the caller
-        is cancelled meanwhile."""
+        is cancelled meanwhile. Once the last byte is sent it returns without
+        another checkpoint: a caller can record what it sent before the
+        peer's answer to it could be read, and a cancellation never hides
+        that it was sent."""
         data = wire.encode(message)
+        await trio.lowlevel.checkpoint_if_cancelled()
         if not self._lock.locked() and not self.closed:
             # The usual case: the kernel takes it all at once, no waiting.
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
@@ -78,7 +82,6 @@ class Link:
                 self.close()
                 raise LinkClosed(f"link write failed: {exc!r}") from None
             if sent == len(data):
-                await trio.lowlevel.checkpoint()
                 return
             if sent:
                 # Half a message is in the socket: the rest must follow before

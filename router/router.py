@@ -109,13 +109,13 @@ class Router:
         if frames is None:
             return sock.kicked or closes.TOO_SLOW
         address = conn.address or address_of(conn.peer)
-        # Recorded first: the shard may answer `Ended` before send returns.
-        self.handed[conn.id] = Handed(address, conn.subject, index)
         try:
             await link.send(adopt_message(conn, frames), sock.socket.fileno())
         except LinkClosed:
-            del self.handed[conn.id]
             return closes.SHARD_UNAVAILABLE
+        # Sent, and no checkpoint since: the shard's `Ended` cannot have been
+        # read yet. The count moves from this task to `handed`.
+        self.handed[conn.id] = Handed(address, conn.subject, index)
         sock.hang_up()  # the shard has its own copy of the socket now
         return None
 
@@ -125,52 +125,71 @@ class Router:
         handed = self.handed.pop(message.conn, None)
         if handed is None:
             return  # counted by this router's predecessor, or moved away
-        self.limits.release(handed.address)
+        self._release(handed.address)
         if message.rate_limited and handed.subject is not None and self.bans is not None:
             self.bans.rate_limited(handed.subject)
+
+    def _release(self, address: str) -> None:
+        try:
+            self.limits.release(address)
+        except ValueError:
+            # A bug in the accounting must not take the router down.
+            log.exception("connection count for %s was released twice", address)
 
     def _shard_down(self, index: int) -> None:
         """A shard's link dropped: its connections died with it (or will
         never tell us they ended), so they count no more."""
         gone = [conn for conn, handed in self.handed.items() if handed.shard == index]
         for conn in gone:
-            self.limits.release(self.handed.pop(conn).address)
+            self._release(self.handed.pop(conn).address)
 
     def _forward_soon(self, message: wire.Adopt, fd: int) -> None:
-        self.background.start_soon(self.forward, message, fd)
+        try:
+            self.background.start_soon(self.forward, message, fd)
+        except RuntimeError:  # the nursery is closing: we are stopping
+            os.close(fd)
 
     async def forward(self, message: wire.Adopt, fd: int) -> None:
         """A member moves to a room of another shard: pass it on, or close
         it 1013 if that shard stays unreachable. Owns `fd`."""
         try:
-            index = shard_for(message.room, self.config.shards)
-            address = address_of(message.peer)
-            handed = self.handed.pop(message.conn, None) if message.owner == self.instance else None
-            if handed is None and self.limits.admit(address) is None:
-                # Its old router is gone: this one counts it from now on.
-                handed = Handed(address, message.subject, index)
-            link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
-            if link is not None:
+            await self._forward(message, fd)
+        except Exception:
+            log.exception("conn %d (%s): passing it on failed", message.conn, message.peer)
+
+    async def _forward(self, message: wire.Adopt, fd: int) -> None:
+        index = shard_for(message.room, self.config.shards)
+        address = address_of(message.peer)
+        # Our own connection keeps its id and count; another router's (it
+        # is gone, or the shard would have used it) gets an id of ours, so
+        # it can never be mistaken for one of our own connections.
+        handed = self.handed.pop(message.conn, None) if message.owner == self.instance else None
+        conn_id = message.conn if handed is not None else self.new_id()
+        if handed is None and self.limits.admit(address) is None:
+            handed = Handed(address, message.subject, index)
+        link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
+        if link is not None:
+            try:
+                await link.send(replace(message, owner=self.instance, conn=conn_id), fd)
+            except LinkClosed:
+                pass
+            else:
                 if handed is not None:
                     handed.shard = index
-                    self.handed[message.conn] = handed
-                try:
-                    await link.send(replace(message, owner=self.instance), fd)
-                    return
-                except LinkClosed:
-                    self.handed.pop(message.conn, None)
-            if handed is not None:
-                self.limits.release(handed.address)
-            fd, owned = -1, fd
-            await self._refuse_moved(message, owned)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+                    self.handed[conn_id] = handed
+                return
+        if handed is not None:
+            self._release(handed.address)
+        await self._refuse_moved(message, fd)
 
     async def _refuse_moved(self, message: wire.Adopt, fd: int) -> None:
         """Close a moving member whose shard is unreachable, properly: a close
-        frame with 1013, as to any client whose room is unavailable."""
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        frame with 1013, as to any client whose room is unavailable. Owns `fd`."""
+        try:
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             frames = FrameParser.restore(self.config.max_message_bytes, message.frames)
         except ValueError:
@@ -180,4 +199,7 @@ class Router:
         close = closes.SHARD_UNAVAILABLE
         log.info("conn %d (%s): closing %d %s", message.conn, message.peer, close.code, close.reason)
         count_close(close)
-        await ws.close(close)
+        try:
+            await ws.close(close)
+        finally:
+            ws.hang_up()

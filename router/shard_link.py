@@ -142,7 +142,6 @@ class ShardLink:
                 if self.link is link:
                     self.link = None
                     self._set_responsive(False)
-                    self._up = trio.Event()
                     self._on_down(self.index)
             await trio.sleep(RETRY_MIN_S)
 

@@ -51,8 +51,9 @@ class Shard:
         # Router instance -> its link, for `Ended` and for moves.
         self.routers: dict[str, Link] = {}
         self.conns: dict[int, Connection] = {}
-        # Shard-local member keys: connection ids are per router.
-        self._keys: dict[int, int] = {}
+        # Shard-local member keys (connection ids are per router) and the
+        # room each member is in here.
+        self._keys: dict[int, tuple[int, str]] = {}
         self._next_key = itertools.count(1)
         self.stopping = trio.Event()
         # Where connection tasks and their drains run; set by serve_shard.
@@ -157,12 +158,17 @@ class Shard:
             outcome = await (run() if run is not None else serve_connection(conn, self))
         except Exception:
             log.exception("conn %d (%s): internal error", conn.id, conn.peer)
-            if conn.room is not None:
+            if id(conn) in self._keys:
                 self.leave(conn)
-                conn.room = None
+            conn.room = None
             with trio.move_on_after(1):
                 await conn.socket.close(closes.INTERNAL)
         finally:
+            if id(conn) in self._keys:
+                # Still a member (cancelled, or a bug above): the room must
+                # hear it leave. `conn.room` may name the room it was moving
+                # to, so look where it is by its key.
+                self.leave(conn)
             conn.socket.hang_up()
             metrics.CONNECTIONS.dec()
             del self.conns[id(conn)]
@@ -177,7 +183,7 @@ class Shard:
         if shard_for(room, self.config.shards) != self.index:
             return False
         key = next(self._next_key)
-        self._keys[id(conn)] = key
+        self._keys[id(conn)] = (key, room)
         conn.room = room
         metrics.JOINS.inc()
         self._announce(self.rooms.join(room, key, username, conn.socket), -1)
@@ -185,16 +191,16 @@ class Shard:
 
     def publish(self, conn: Connection, body: str) -> None:
         assert conn.room is not None and conn.username is not None
-        members = self.rooms.members(conn.room)
-        key = self._keys[id(conn)]
+        key, room = self._keys[id(conn)]
+        members = self.rooms.members(room)
         if len(members) > 1:
             fan_out(members.items(), text_frame(protocol.message_text(conn.username, body)), key)
             metrics.DELIVERIES.inc(len(members) - 1)
 
     def leave(self, conn: Connection) -> None:
-        assert conn.room is not None
-        key = self._keys.pop(id(conn))
-        announce = self.rooms.leave(conn.room, key)
+        # The room it joined here (while it moves, conn.room names the next).
+        key, room = self._keys.pop(id(conn))
+        announce = self.rooms.leave(room, key)
         metrics.LEAVES.inc()
         if announce is not None:
             self._announce(announce, key)
