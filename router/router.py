@@ -151,13 +151,19 @@ class Router:
 
     async def forward(self, message: wire.Adopt, fd: int) -> None:
         """A member moves to a room of another shard: pass it on, or close
-        it 1013 if that shard stays unreachable. Owns `fd`."""
+        it 1013 if that shard stays unreachable. Owns `fd` (closes it
+        whatever happens)."""
+        owned = [fd]  # -1 once it is closed or handed on
         try:
-            await self._forward(message, fd)
+            await self._forward(message, owned)
         except Exception:
             log.exception("conn %d (%s): passing it on failed", message.conn, message.peer)
+        finally:
+            if owned[0] >= 0:
+                os.close(owned[0])
 
-    async def _forward(self, message: wire.Adopt, fd: int) -> None:
+    async def _forward(self, message: wire.Adopt, owned: list[int]) -> None:
+        fd = owned[0]
         index = shard_for(message.room, self.config.shards)
         address = address_of(message.peer)
         # Our own connection keeps its id and count; another router's (it
@@ -174,12 +180,15 @@ class Router:
             except LinkClosed:
                 pass
             else:
+                owned[0] = -1
+                os.close(fd)  # the shard has its own copy now
                 if handed is not None:
                     handed.shard = index
                     self.handed[conn_id] = handed
                 return
         if handed is not None:
             self._release(handed.address)
+        owned[0] = -1
         await self._refuse_moved(message, fd)
 
     async def _refuse_moved(self, message: wire.Adopt, fd: int) -> None:

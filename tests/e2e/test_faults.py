@@ -402,9 +402,12 @@ def test_a_member_moving_to_another_shards_room_keeps_order_and_its_old_room_see
     garin_factory: ServerFactory,
 ) -> None:
     server = garin_factory()
+    assert server.process is not None
+    router = roles(server.process.pid)["router 0"]
     with log_on_failure(server), contextlib.ExitStack() as stack:
         clients = Clients(stack, server)
         here, there = room_on(0, "here"), room_on(3, "there")
+        fds_before = len(os.listdir(f"/proc/{router}/fd"))
         mover, stayer = join_members(clients, here, ["mover", "stayer"])
         (host,) = join_members(clients, there, ["host"])
         # Leave, join elsewhere and talk, all in one go: nothing may be lost
@@ -433,6 +436,8 @@ def test_a_member_moving_to_another_shards_room_keeps_order_and_its_old_room_see
             mover.send(message_frame("thanks"))
             expect_message(other, "mover", "thanks")
             left = other
+        # The router passed the member on three times and kept no socket.
+        assert len(os.listdir(f"/proc/{router}/fd")) <= fds_before
 
 
 # -- SIGTERM under honcho ------------------------------------------------------------
