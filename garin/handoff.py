@@ -21,6 +21,7 @@ from garin import closes, wire
 from garin.closes import Close
 from garin.connection import Connection
 from garin.frames_in import FrameParser
+from garin.link import Link, LinkClosed
 from garin.session import Session, SessionRules
 from garin.websocket import ClientWebSocket
 
@@ -32,6 +33,26 @@ def adopt_message(conn: Connection, frames: tuple[Any, ...]) -> wire.Adopt:
         conn.id, conn.owner, conn.peer, conn.subject, conn.claimed_name, conn.room, conn.username,
         conn.session.snapshot(trio.current_time()), frames, time.monotonic(),
     )
+
+
+async def hand_over(conn: Connection, link: Link, flush_timeout_s: float) -> Close | None:
+    """Send `conn` (its socket and its state, joining conn.room) over `link`
+    and close our copy of the socket: None once it has gone, else the close
+    to send it. Returns with no checkpoint after the send, so the caller can
+    record the hand-over before any answer to it is read."""
+    sock = conn.socket
+    # A hand-over takes an empty outbox (the kernel holds what we wrote).
+    with trio.move_on_after(flush_timeout_s):
+        await sock.flush()
+    frames = sock.handing_over()
+    if frames is None:
+        return sock.kicked or closes.TOO_SLOW
+    try:
+        await link.send(adopt_message(conn, frames), sock.socket.fileno())
+    except LinkClosed:
+        return closes.SHARD_UNAVAILABLE
+    sock.hang_up()  # the other process has its own copy now
+    return None
 
 
 def _no_second_auth(token: str) -> Close | None:

@@ -26,7 +26,7 @@ from garin.closes import Close
 from garin.config import Config
 from garin.connection import Connection, count_close
 from garin.frames_in import FrameParser
-from garin.handoff import adopt_message
+from garin.handoff import hand_over
 from garin.limits import ConnectionLimits
 from garin.proxies import address_of
 from garin.link import LinkClosed
@@ -99,25 +99,15 @@ class Router:
         assert conn.room is not None
         index = shard_for(conn.room, self.config.shards)
         link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
-        sock = conn.socket
         if link is None:
             return closes.SHARD_UNAVAILABLE
-        # A hand-off takes an empty outbox (the kernel holds what we wrote).
-        with trio.move_on_after(self.config.shard_hold_timeout_s):
-            await sock.flush()
-        frames = sock.handing_over()
-        if frames is None:
-            return sock.kicked or closes.TOO_SLOW
         address = conn.address or address_of(conn.peer)
-        try:
-            await link.send(adopt_message(conn, frames), sock.socket.fileno())
-        except LinkClosed:
-            return closes.SHARD_UNAVAILABLE
-        # Sent, and no checkpoint since: the shard's `Ended` cannot have been
-        # read yet. The count moves from this task to `handed`.
-        self.handed[conn.id] = Handed(address, conn.subject, index)
-        sock.hang_up()  # the shard has its own copy of the socket now
-        return None
+        close = await hand_over(conn, link, self.config.shard_hold_timeout_s)
+        if close is None:
+            # Sent, and no checkpoint since: the shard's `Ended` cannot have
+            # been read yet. The count moves from this task to `handed`.
+            self.handed[conn.id] = Handed(address, conn.subject, index)
+        return close
 
     # -- what shards tell us ----------------------------------------------------
 

@@ -27,7 +27,7 @@ from garin.closes import Close
 from garin.config import Config
 from garin.connection import MOVED, Connection, Moved, serve_connection
 from garin.frames import text_frame
-from garin.handoff import adopt_message, adopted_connection
+from garin.handoff import adopted_connection, hand_over
 from garin.fdlimit import raise_file_limit
 from garin.lifeline import watch_lifeline
 from garin.profiling import tune_gc
@@ -216,20 +216,9 @@ class Shard:
         link = self.routers.get(conn.owner)
         if link is None and self.routers:
             link = next(iter(self.routers.values()))
-        sock = conn.socket
         if link is None:
             return closes.SHARD_UNAVAILABLE
-        with trio.move_on_after(self.config.shard_hold_timeout_s):
-            await sock.flush()
-        frames = sock.handing_over()
-        if frames is None:
-            return sock.kicked or closes.TOO_SLOW
-        try:
-            await link.send(adopt_message(conn, frames), sock.socket.fileno())
-        except LinkClosed:
-            return closes.SHARD_UNAVAILABLE
-        sock.hang_up()
-        return None
+        return await hand_over(conn, link, self.config.shard_hold_timeout_s)
 
     # -- stopping -------------------------------------------------------------------
 
