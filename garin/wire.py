@@ -11,6 +11,7 @@ closes). After that the link carries connections, not chat traffic:
   shard; the router passes it on to that shard as it would a new client.
 - `Ended` (shard -> router): a connection the router handed over is gone, so
   the router can release what its connection limits counted for it.
+  `Welcome` lists the ones still there, for a router that was unlinked a while.
 - `Ping` / `Pong`: the router asks every second whether the shard is
   reading; one that does not answer is not handed new clients.
 
@@ -27,7 +28,8 @@ from typing import Any, ClassVar
 import msgpack
 
 # 4: connections live in their room's shard (Adopt, Ended); no chat traffic.
-PROTOCOL_VERSION = 4
+# 5: Welcome lists the connections the shard holds for the router.
+PROTOCOL_VERSION = 5
 # One message is at most a session's state plus what the client sent that was
 # not handled yet: the rest of one read (64 KiB) and the part received of one
 # unfinished message, at most GARIN_MAX_MESSAGE_BYTES (16 Mi) characters of up
@@ -53,9 +55,19 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """Shard -> router, the answer to `Hello`. `live`: the ids of the
+    connections this shard holds that the router counts (their `Adopt.owner`
+    is the hello's `router_id`). A link can drop while the shard lives on;
+    the router then keeps counting these and forgets the rest."""
+
     TAG: ClassVar[int] = 10
     version: int
     shard_index: int
+    live: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not all(type(conn) is int for conn in self.live):
+            raise WireError(f"Welcome.live holds something other than connection ids: {self.live!r:.80}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +131,7 @@ _STR_OR_NONE = (str, type(None))
 # Accepted Python types per field, in order (msgpack gives tuples for arrays).
 _FIELD_TYPES: dict[int, tuple[type, tuple[tuple[type, ...], ...]]] = {
     Hello.TAG: (Hello, ((int,), (str,), (int,), (int,), (str,))),
-    Welcome.TAG: (Welcome, ((int,), (int,))),
+    Welcome.TAG: (Welcome, ((int,), (int,), (tuple,))),
     Refuse.TAG: (Refuse, ((str,),)),
     Adopt.TAG: (
         Adopt,

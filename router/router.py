@@ -5,8 +5,8 @@ join (garin/connection.py does the loop; this is its `Place`), then hands the
 connection to the shard that owns the room (`move`): the socket and the
 session's state go over the shard's link and the router closes its copy. It
 keeps only what its connection limits need (`Handed`), until the shard says
-the connection ended (`Ended`) or the shard's link drops (its connections
-died with it). A member that joins a room of another shard comes back
+the connection ended (`Ended`), or relinks without it, or stays unreachable
+(its connections died with it). A member that joins a room of another shard comes back
 through a router (`forward`), which passes it on like a new one.
 """
 
@@ -72,7 +72,7 @@ class Router:
         self.links = [
             ShardLink(
                 i, config.shard_socket(i), self.instance, config.shards,
-                self._ended, self._forward_soon, self._shard_down,
+                self._ended, self._forward_soon, self._shard_linked, self._shard_gone,
             )
             for i in range(config.shards)
         ]
@@ -98,7 +98,16 @@ class Router:
         """Hand `conn` (joining conn.room) to its room's shard."""
         assert conn.room is not None
         index = shard_for(conn.room, self.config.shards)
-        link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
+        # While its shard is down the client waits here, not reading: a kick
+        # (the router stopping) must still reach it with its own close.
+        link = None
+        with trio.CancelScope() as waiting:
+            conn.socket.receive_scope = waiting
+            if conn.socket.kicked is None:
+                link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
+        conn.socket.receive_scope = None
+        if conn.socket.kicked is not None:
+            return conn.socket.kicked
         if link is None:
             return closes.SHARD_UNAVAILABLE
         address = conn.address or address_of(conn.peer)
@@ -126,10 +135,18 @@ class Router:
             # A bug in the accounting must not take the router down.
             log.exception("connection count for %s was released twice", address)
 
-    def _shard_down(self, index: int) -> None:
-        """A shard's link dropped: its connections died with it (or will
-        never tell us they ended), so they count no more."""
-        gone = [conn for conn, handed in self.handed.items() if handed.shard == index]
+    def _shard_linked(self, index: int, live: frozenset[int]) -> None:
+        """Shard `index` (re)linked, holding `live` of our connections: the
+        others it had ended while we were unlinked (or it is a new process)."""
+        self._forget(index, live)
+
+    def _shard_gone(self, index: int) -> None:
+        """Shard `index` stayed unreachable: its connections died with it (or
+        will never tell us they ended), so they count no more."""
+        self._forget(index, frozenset())
+
+    def _forget(self, index: int, live: frozenset[int]) -> None:
+        gone = [conn for conn, handed in self.handed.items() if handed.shard == index and conn not in live]
         for conn in gone:
             self._release(self.handed.pop(conn).address)
 

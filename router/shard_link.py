@@ -4,7 +4,9 @@ The link is up (`link`) once the shard welcomed this router. Hand-offs wait
 for it (`wait_up`) at most GARIN_SHARD_HOLD_TIMEOUT, then the router closes
 the client 1013 "room unavailable". What the shard sends back (a connection
 ended, a member moving to another shard's room) goes to the router's
-callbacks. A lost link is retried every RETRY_MAX_S at most, forever.
+callbacks. A lost link is retried every RETRY_MAX_S at most, forever; once
+relinked, the shard's `Welcome` says which of the router's connections it
+still holds (`on_linked`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ RETRY_MAX_S = 0.5
 # not that.
 PING_EVERY_S = 1.0
 UNRESPONSIVE_S = 10.0
+# A link can drop while its shard lives on (a send that timed out, a
+# protocol error): the shard's connections are then still there, and the
+# next Welcome lists them. Only a shard unreachable this long is taken for
+# dead with all its connections (a crashed one is back within a second).
+FORGET_AFTER_S = 10.0
 
 
 class ShardRefused(Exception):
@@ -50,7 +57,8 @@ class ShardLink:
         shard_count: int,
         on_ended: Callable[[wire.Ended], None],
         on_move: Callable[[wire.Adopt, int], None],
-        on_down: Callable[[int], None],
+        on_linked: Callable[[int, frozenset[int]], None],
+        on_gone: Callable[[int], None],
     ) -> None:
         self.index = index
         self.path = path
@@ -58,7 +66,8 @@ class ShardLink:
         self._shard_count = shard_count
         self._on_ended = on_ended
         self._on_move = on_move
-        self._on_down = on_down
+        self._on_linked = on_linked
+        self._on_gone = on_gone
         self.link: Link | None = None
         self._up = trio.Event()
         # The shard answered a ping recently (or was just linked).
@@ -106,7 +115,12 @@ class ShardLink:
         task_status.started()
         delay = RETRY_MIN_S
         waiting_logged = False
+        # When the link last dropped with connections maybe still counted.
+        unlinked_at: float | None = None
         while True:
+            if unlinked_at is not None and trio.current_time() - unlinked_at >= FORGET_AFTER_S:
+                unlinked_at = None
+                self._on_gone(self.index)
             try:
                 sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
                 try:
@@ -126,7 +140,9 @@ class ShardLink:
             waiting_logged = False
             link = Link(sock)
             try:
-                await self._hello(link)
+                welcome = await self._hello(link)
+                unlinked_at = None
+                self._on_linked(self.index, frozenset(welcome.live))
                 self.link = link
                 self._answered_at = trio.current_time()
                 self._set_responsive(True)
@@ -142,16 +158,17 @@ class ShardLink:
                 if self.link is link:
                     self.link = None
                     self._set_responsive(False)
-                    self._on_down(self.index)
+                    unlinked_at = trio.current_time()
             await trio.sleep(RETRY_MIN_S)
 
-    async def _hello(self, link: Link) -> None:
+    async def _hello(self, link: Link) -> wire.Welcome:
         await link.send(wire.Hello(wire.PROTOCOL_VERSION, self._router_id, self.index, self._shard_count, HASH_NAME))
         message = await receive_first(link, HELLO_TIMEOUT_S)
         if isinstance(message, wire.Refuse):
             raise ShardRefused(f"shard {self.index} refused this router: {message.reason}")
         if not isinstance(message, wire.Welcome) or message.shard_index != self.index:
             raise wire.WireError(f"expected welcome from shard {self.index}, got {message}")
+        return message
 
     async def _pump(self, link: Link) -> None:
         while True:

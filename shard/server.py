@@ -85,7 +85,8 @@ class Shard:
                 log.error("shard %d: refusing router %s: %s", self.index, router, refusal)
                 await link.send(wire.Refuse(refusal))
                 return
-            await link.send(wire.Welcome(wire.PROTOCOL_VERSION, self.index))
+            live = tuple(conn.id for conn in self.conns.values() if conn.owner == router)
+            await link.send(wire.Welcome(wire.PROTOCOL_VERSION, self.index, live))
             self.routers[router] = link
             log.info("shard %d: router %s linked", self.index, router)
             async with trio.open_nursery() as nursery:

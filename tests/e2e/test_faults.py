@@ -341,6 +341,28 @@ def test_joins_to_a_dead_shards_rooms_wait_then_close_1013(socket_dir: str, tmp_
     assert "Traceback" not in "".join(outputs.values()), outputs
 
 
+def test_sigterm_closes_a_join_waiting_for_a_dead_shard_1001(socket_dir: str, tmp_path: Path) -> None:
+    """A client whose join waits for its shard is still the router's: when
+    the router stops, it gets 1001 at once, not 1013 after the hold nor a
+    dropped connection after the grace."""
+    port = free_port()
+    settings = base_env(port, socket_dir, GARIN_SHARDS="2", GARIN_SHARD_HOLD_TIMEOUT="60")
+    procs = {"shard 0": start_shard(0, settings, tmp_path)}  # shard 1 never starts
+    procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    try:
+        calm = join(port, "calm", room_on(0, "calm", shards=2))  # the router is up
+        waiting = member_socket(port, "waiting", room_on(1, "held", shards=2))
+        time.sleep(0.5)  # its join has reached the router, which waits for shard 1
+        os.kill(procs["router"].pid, signal.SIGTERM)
+        assert expect_close(waiting, 1001, "server shutting down", timeout=5) < 5
+        assert procs["router"].wait(timeout=15) == 0
+        calm.close()
+        assert stop(procs["shard 0"]) == 0
+    finally:
+        outputs = {name: finish(proc) for name, proc in procs.items()}
+    assert "Traceback" not in "".join(outputs.values()), outputs
+
+
 def test_a_stopped_shard_is_reported_and_gets_no_new_clients_until_it_runs_again(
     garin_factory: ServerFactory,
 ) -> None:

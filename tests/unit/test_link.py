@@ -86,7 +86,7 @@ def is_closed_everywhere(other_end: socket.socket) -> bool:
 async def test_messages_arrive_in_order(links: tuple[Link, Link]) -> None:
     router, shard = links
     sent: list[WireMessage] = [
-        Hello(wire.PROTOCOL_VERSION, "router-0", 1, 2, "h"), Welcome(wire.PROTOCOL_VERSION, 1),
+        Hello(wire.PROTOCOL_VERSION, "router-0", 1, 2, "h"), Welcome(wire.PROTOCOL_VERSION, 1, (3, 4)),
         Refuse("no"), Ping(1), Pong(1), *[Ended(i, i % 2 == 0) for i in range(50)],
     ]
     for message in sent:
@@ -99,9 +99,9 @@ async def test_messages_arrive_in_order(links: tuple[Link, Link]) -> None:
 async def test_both_directions(links: tuple[Link, Link]) -> None:
     router, shard = links
     await router.send(Hello(wire.PROTOCOL_VERSION, "r", 0, 1, "h"))
-    await shard.send(Welcome(wire.PROTOCOL_VERSION, 0))
+    await shard.send(Welcome(wire.PROTOCOL_VERSION, 0, ()))
     assert await receive_n(shard, 1) == [(Hello(wire.PROTOCOL_VERSION, "r", 0, 1, "h"), None)]
-    assert await receive_n(router, 1) == [(Welcome(wire.PROTOCOL_VERSION, 0), None)]
+    assert await receive_n(router, 1) == [(Welcome(wire.PROTOCOL_VERSION, 0, ()), None)]
 
 
 async def test_a_large_adopt_is_sent_whole_with_one_descriptor(

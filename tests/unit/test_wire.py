@@ -18,7 +18,7 @@ FRAMES = (b"\x81\x85", False, 3, b"\x01\x02\x03\x04", True, 1, (b"\xf0\x9f", 0),
 
 EXAMPLES: list[WireMessage] = [
     Hello(wire.PROTOCOL_VERSION, "router-1", 2, 4, "blake2b"),
-    Welcome(wire.PROTOCOL_VERSION, 2),
+    Welcome(wire.PROTOCOL_VERSION, 2, (1, 7, 2**40)),
     Refuse("wrong shard count"),
     Adopt(7, "router-1", "10.0.0.1:5555", "sub-1", "Alice", "lobby", "alice", SESSION, FRAMES, 1234.5),
     Adopt(8, "r", "[::1]:1", None, None, "den", "bob", (), (), 0.0),
@@ -120,7 +120,7 @@ maybe_text = st.none() | texts
 
 any_message = st.one_of(
     st.builds(Hello, ints, texts, ints, ints, texts),
-    st.builds(Welcome, ints, ints),
+    st.builds(Welcome, ints, ints, st.lists(ints, max_size=5).map(tuple)),
     st.builds(Refuse, texts),
     st.builds(Adopt, ints, texts, texts, maybe_text, maybe_text, texts, texts, state_tuples, state_tuples,
               st.floats(allow_nan=False)),
@@ -173,6 +173,8 @@ def test_a_tag_must_be_an_int_not_an_equal_bool_or_float() -> None:
     [Ping.TAG, 1, 2],
     [Pong.TAG],
     [Welcome.TAG, 4],
+    [Welcome.TAG, 4, 1],
+    [Welcome.TAG, 4, 1, [], 2],
     [Hello.TAG, 4, "r", 0, 1],
     [Adopt.TAG, 1, "r", "p", None, None, "room", "user", [], [], 1.0, 9],
     [Adopt.TAG, 1, "r", "p", None, None, "room", "user", [], []],
@@ -202,8 +204,12 @@ def test_the_adopt_helper_makes_a_valid_message() -> None:
     [Ended.TAG, 5, 1],  # an int where a bool is expected
     [Ended.TAG, 5.0, True],
     [Ended.TAG, "5", True],
-    [Welcome.TAG, 4, False],
-    [Welcome.TAG, None, 1],
+    [Welcome.TAG, 4, False, []],
+    [Welcome.TAG, None, 1, []],
+    [Welcome.TAG, 4, 1, 5],  # live must be an array
+    [Welcome.TAG, 4, 1, ["7"]],  # of connection ids
+    [Welcome.TAG, 4, 1, [True]],
+    [Welcome.TAG, 4, 1, [[1]]],
     [Refuse.TAG, b"bytes, not text"],
     [Ping.TAG, True],
     [Ping.TAG, 1.0],
