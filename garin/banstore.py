@@ -43,6 +43,18 @@ SCHEMA = (
 )
 
 
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parents with mode 0700, as the XDG
+    Base Directory spec asks of $XDG_STATE_HOME (the default ban list is
+    $XDG_STATE_HOME/garin/bans.sqlite3): the list names users."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+
+
 def _end(until: float | None) -> float:
     """A stored `until` as a ban end (NULL: FOREVER)."""
     return FOREVER if until is None else until
@@ -55,6 +67,7 @@ def _stored(until: float | None) -> float | None:
 class BanStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        make_private_dirs(Path(path).parent)
         # Two routers creating a new file at once: switching to WAL fails at
         # once with "database is locked" (the busy timeout does not apply), so
         # retry briefly; the other process's switch will have succeeded.

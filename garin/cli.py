@@ -73,6 +73,17 @@ def _warn_weak_secret(config: Config) -> None:
         )
 
 
+def _log_ban_list(config: Config) -> None:
+    """Once per server, like the weak-secret warning: the ban list's absolute
+    path, so an operator knows which file `garin ban` must use."""
+    import logging
+
+    if config.ban_db:
+        logging.getLogger("garin").info("ban list: %s", os.path.abspath(config.ban_db))
+    else:
+        logging.getLogger("garin").info("ban list off (GARIN_BAN_DB is empty)")
+
+
 def _enable_metrics(config: Config, fresh: bool, forget_dead: bool = False) -> None:
     """Multi-process metrics must be switched on before prometheus_client loads;
     `garin run` starts the directory afresh, its children inherit it; a
@@ -106,6 +117,7 @@ def run(**options: Any) -> None:
     config = _load(options)
     setup_logging(config.log_level, "garin", config.log_format)
     _warn_weak_secret(config)
+    _log_ban_list(config)
     _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
@@ -133,8 +145,9 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     setup_logging(
         config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
     )
-    if listen_fd is None:  # not a child of `garin run`, which warned already
+    if listen_fd is None:  # not a child of `garin run`, which said these already
         _warn_weak_secret(config)
+        _log_ban_list(config)
     try:
         run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:
@@ -258,9 +271,11 @@ def ban() -> None:
 
     Routers add token subjects closed by the rate limiter GARIN_BAN_STRIKES
     times within GARIN_BAN_WINDOW; changes made here reach running routers
-    within a few seconds. The list lives in GARIN_BAN_DB (or --ban-db); a
-    relative path is taken from the working directory, so every ban command
-    prints the absolute path of the file it used.
+    within a few seconds. The list lives in
+    $XDG_STATE_HOME/garin/bans.sqlite3 (~/.local/state/garin/bans.sqlite3),
+    the same file whatever the working directory, unless GARIN_BAN_DB (or
+    --ban-db) names another; every ban command prints the absolute path of
+    the file it used, and the server logs it at start.
     """
 
 

@@ -125,9 +125,32 @@ def test_garin_ban_from_another_directory_with_ban_db(tmp_path) -> None:
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"banned zed (ban list: {path})\n"
         eventually(lambda: refused_as_banned(server, "zed"))
-        elsewhere = ban_cli(server, "list", cwd=tmp_path, env=env)
-        assert elsewhere.stdout == f"no active bans (ban list: {tmp_path / 'garin-bans.sqlite3'}, no such file yet)\n"
-        assert not (tmp_path / "garin-bans.sqlite3").exists()
+        elsewhere = ban_cli(server, "list", cwd=tmp_path, env={**env, "XDG_STATE_HOME": str(tmp_path / "state")})
+        default = tmp_path / "state" / "garin" / "bans.sqlite3"
+        assert elsewhere.stdout == f"no active bans (ban list: {default}, no such file yet)\n"
+        assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_garin_ban_anywhere_reaches_a_server_with_the_default_ban_list(tmp_path) -> None:
+    """No GARIN_BAN_DB anywhere: the server (working in its own directory) and
+    `garin ban` run from another directory use the same file,
+    $XDG_STATE_HOME/garin/bans.sqlite3, and the server logs which at start."""
+    state = tmp_path / "state"
+    default = state / "garin" / "bans.sqlite3"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running_server(XDG_STATE_HOME=str(state)) as server:
+        assert "GARIN_BAN_DB" not in server.env()
+        assert elsewhere != server.workdir
+        result = ban_cli(server, "add", "zed", cwd=elsewhere)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"banned zed (ban list: {default})\n"
+        eventually(lambda: refused_as_banned(server, "zed"))
+        assert not refused_as_banned(server, "bystander")
+        assert list(elsewhere.iterdir()) == [] and list(server.workdir.glob("*.sqlite3")) == []
+        assert state.stat().st_mode & 0o777 == default.parent.stat().st_mode & 0o777 == 0o700
+    assert server.final_log.count(f"ban list: {default}") == 1, server.final_log
 
 
 def test_username_claim_overrides_the_join(tmp_path) -> None:
