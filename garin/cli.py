@@ -326,6 +326,8 @@ def _ban_seconds(text: str) -> float | None:
 @_ban_db_option
 def ban_list(ban_db: str | None) -> None:
     """Show the active bans."""
+    from garin.chat import visible
+
     path = _ban_path(ban_db)
     if not os.path.exists(path):  # do not leave an empty file where no server looks
         click.echo(f"no active bans (ban list: {path}, no such file yet)")
@@ -338,7 +340,9 @@ def ban_list(ban_db: str | None) -> None:
     click.echo(f"{len(rows)} active {'ban' if len(rows) == 1 else 'bans'} (ban list: {path})")
     for subject, until, reason, created in rows:
         ends = "until removed" if until is None else time.strftime("until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
-        click.echo(f"{subject}\t{ends}\t{reason}")
+        # Subjects come from tokens: escaped (as garin chat shows others'
+        # text) so that none can break the columns or paint the terminal.
+        click.echo(f"{visible(subject)}\t{ends}\t{visible(reason)}")
 
 
 @ban.command("add")

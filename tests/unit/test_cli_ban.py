@@ -58,6 +58,16 @@ def test_every_command_names_the_absolute_file(default_db: Path) -> None:
     assert str(path) in one_line_error(ban("remove", "zed"))
 
 
+def test_list_shows_subjects_and_reasons_escaped(default_db: Path) -> None:
+    """A subject is whatever a token says: control and format characters
+    cannot break the listing's lines and columns or reach the terminal."""
+    hostile = "zed\n1 active ban\x1b[2J\tuntil removed\u202e\\"
+    default_db.parent.mkdir(parents=True)
+    BanStore(default_db).add(hostile, None, "spam\r\x07", now=time.time())
+    lines = ban("list").stdout.splitlines()
+    assert lines[1:] == ["zed\\n1 active ban\\x1b[2J\\tuntil removed\\u202e\\\\\tuntil removed\tspam\\r\\x07"]
+
+
 @pytest.mark.parametrize("command", [["list"], ["add", "zed"], ["remove", "zed"]])
 def test_ban_db_option_beats_the_environment_and_dotenv(elsewhere: Path, tmp_path: Path, command: list[str]) -> None:
     (elsewhere / ".env").write_text("GARIN_BAN_DB=from-dotenv.sqlite3\n")
