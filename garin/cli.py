@@ -188,13 +188,18 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
         _fail(f"shard {index}: {group.exceptions[0]}")
 
 
-def _duration(text: str) -> float | None:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
-    if text.strip() in ("0", "none", "never"):
+def _duration(text: str, option: str, zero: str) -> float | None:
+    """`option`'s duration as seconds, or None for `0` (no end: `zero` says
+    what that means). Anything else that is not more than zero, like `0s` (a
+    token born expired) or `-1h`, is one error line."""
+    text = text.strip()
+    if text in ("0", "none", "never"):
         return None
-    if not match:
-        raise click.BadParameter(f"expected a duration like 30m, 12h or 7d, not {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        _fail(f"{option} must be a duration like 90s, 30m, 12h or 7d, or 0 {zero}; not {text!r}")
+    return seconds
 
 
 @main.command(short_help="Print a test JWT for USERNAME, signed with the secret.")
@@ -211,7 +216,7 @@ def token(username: str, ttl: str, **options: Any) -> None:
     if options["allow_weak_secret"] is not None:
         options["allow_weak_secret"] = "true" if options["allow_weak_secret"] else None
 
-    ttl_s = _duration(ttl)
+    ttl_s = _duration(ttl, "--ttl", "for a token that never expires")
     config = _load(options, required=("jwt_secret",))
     if config.jwt_secret is None or config.jwt_algorithm not in HMAC_ALGORITHMS:
         _fail(f"garin token signs with JWT_DECODE_SECRET (HS256/384/512); {config.jwt_algorithm} tokens come from your auth provider")
@@ -311,17 +316,6 @@ def _ban_store(path: str) -> Iterator[Any]:
         _fail(f"cannot use the ban list {path}: {exc}")
 
 
-def _ban_seconds(text: str) -> float | None:
-    """--for as seconds (None: until removed); zero or negative is refused."""
-    try:
-        seconds = _duration(text)
-    except click.BadParameter:
-        seconds = -1.0
-    if seconds is not None and seconds <= 0:
-        _fail(f"--for must be a duration like 30m, 12h or 7d, or 0 to ban until removed; not {text!r}")
-    return seconds
-
-
 @ban.command("list")
 @_ban_db_option
 def ban_list(ban_db: str | None) -> None:
@@ -352,7 +346,7 @@ def ban_list(ban_db: str | None) -> None:
 @_ban_db_option
 def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> None:
     """Ban a token subject (the JWT `sub`), replacing any ban it has."""
-    seconds = _ban_seconds(duration)
+    seconds = _duration(duration, "--for", "to ban until removed")
     path = _ban_path(ban_db)
     now = time.time()
     with _ban_store(path) as store:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +15,14 @@ def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
         yield
+
+
+@pytest.fixture
+def no_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """For the commands' tests: the working directory is `tmp_path` (no
+    .env), and no garin setting comes from the caller's environment."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("GARIN_") or name in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
+            monkeypatch.delenv(name)
+    return tmp_path

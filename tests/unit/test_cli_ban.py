@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,15 +14,12 @@ from garin.cli import main
 
 
 @pytest.fixture(autouse=True)
-def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def elsewhere(no_settings: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory with no .env, no GARIN_* from the caller's
     environment, and a state home of its own."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    for name in list(os.environ):
-        if name.startswith("GARIN_") or name in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
-            monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     return work
 

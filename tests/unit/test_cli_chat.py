@@ -3,7 +3,6 @@ and every way of failing to start is one line."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -16,13 +15,9 @@ SECRET = "s" * 40
 
 
 @pytest.fixture(autouse=True)
-def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def elsewhere(no_settings: Path) -> Path:
     """A working directory with no .env, and no settings from the caller's environment."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("GARIN_") or name in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
-            monkeypatch.delenv(name)
-    return tmp_path
+    return no_settings
 
 
 def free_port() -> int:
