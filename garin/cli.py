@@ -191,9 +191,11 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
 def _duration(text: str, option: str, zero: str) -> float | None:
     """`option`'s duration as seconds, or None for `0` (no end: `zero` says
     what that means). Anything else that is not more than zero, like `0s` (a
-    token born expired) or `-1h`, is one error line."""
+    token born expired) or `-1h`, is one error line. `none` and `never` are
+    refused too: `--for never` reads as "never banned" as well as "banned
+    forever"; `0` is the one way to say "no end"."""
     text = text.strip()
-    if text in ("0", "none", "never"):
+    if text == "0":
         return None
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
     seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0.0

@@ -110,7 +110,7 @@ def test_without_xdg_state_home_the_default_is_under_home(tmp_path: Path, monkey
     assert path.exists()
 
 
-@pytest.mark.parametrize("duration", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", ""])
+@pytest.mark.parametrize("duration", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", "", "none", "never"])
 def test_zero_negative_and_bad_durations_are_refused(elsewhere: Path, default_db: Path, duration: str) -> None:
     line = one_line_error(ban("add", "zed", "--for", duration))
     assert "--for must be a duration" in line and repr(duration) in line

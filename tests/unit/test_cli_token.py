@@ -47,9 +47,10 @@ def test_zero_is_a_token_that_never_expires() -> None:
     assert "exp" not in claims(token("--ttl", "0"))
 
 
-@pytest.mark.parametrize("ttl", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", ""])
+@pytest.mark.parametrize("ttl", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", "", "none", "never"])
 def test_a_lifetime_that_is_not_more_than_zero_is_one_line(ttl: str) -> None:
-    """`0s` used to mint a token that was expired when printed."""
+    """`0s` used to mint a token that was expired when printed; `none` and
+    `never` were taken, undocumented, for "no expiry"."""
     result = token("--ttl", ttl)
     assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
