@@ -235,22 +235,22 @@ def token(username: str, ttl: str, **options: Any) -> None:
 def chat(url: str | None, room: str, username: str, token: str | None, origin: str | None) -> None:
     """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit.
 
-    URL defaults to ws://127.0.0.1:PORT/ with the port the server is
-    configured with: GARIN_PORT, else PORT, from the environment or ./.env
-    (8080 if neither is set). JWT_DECODE_SECRET and ALLOWED_ORIGINS are read
-    the same way.
+    URL defaults to ws://HOST:PORT/, where the server is configured to
+    listen: GARIN_HOST (127.0.0.1 for 0.0.0.0, the default; [::1] for ::)
+    and GARIN_PORT, else PORT (8080 if neither is set), from the environment
+    or ./.env. JWT_DECODE_SECRET and ALLOWED_ORIGINS are read the same way.
     """
     import trio
 
     from garin.auth import make_token
     from garin.chat import chat as run_chat
-    from garin.chat import url_problem
+    from garin.chat import default_url, url_problem
 
     # Everything given: no settings needed (nor checked).
     config = _load({}, required=()) if None in (url, token, origin) else None
     if url is None:
         assert config is not None
-        url = f"ws://127.0.0.1:{config.port}/"
+        url = default_url(config.host, config.port)
     problem = url_problem(url)
     if problem is not None:
         _fail(problem)
