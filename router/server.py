@@ -14,6 +14,7 @@ import trio
 
 from garin import closes
 from garin.auth import TokenVerifier
+from garin.bans import subject_of
 from garin.closes import Close
 from garin.config import Config
 from garin import metrics
@@ -152,9 +153,8 @@ async def _serve(
         claims = verifier.claims(token, time.time())
         if isinstance(claims, Close):
             return claims
-        subject = claims.get("sub")
-        conn.subject = subject if isinstance(subject, str) else None
-        if router.bans is not None and conn.subject is not None and router.bans.is_banned(conn.subject):
+        conn.subject = subject_of(claims)
+        if router.bans is not None and router.bans.is_banned(conn.subject):
             return closes.BANNED
         if config.username_claim:
             name = claims.get(config.username_claim)
