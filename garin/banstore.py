@@ -15,6 +15,7 @@ holds at most one window's strikes.
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -41,6 +42,14 @@ SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS strikes_by_subject ON strikes (subject, at)",
 )
+
+
+def where(path: str) -> str:
+    """The line a server logs once at start, so that an operator knows which
+    file `garin ban` must use (it prints the same absolute path)."""
+    if not path:
+        return "ban list off (GARIN_BAN_DB is empty)"
+    return f"ban list: {os.path.abspath(path)}"
 
 
 def make_private_dirs(directory: Path) -> None:

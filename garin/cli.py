@@ -73,17 +73,6 @@ def _warn_weak_secret(config: Config) -> None:
         )
 
 
-def _log_ban_list(config: Config) -> None:
-    """Once per server, like the weak-secret warning: the ban list's absolute
-    path, so an operator knows which file `garin ban` must use."""
-    import logging
-
-    if config.ban_db:
-        logging.getLogger("garin").info("ban list: %s", os.path.abspath(config.ban_db))
-    else:
-        logging.getLogger("garin").info("ban list off (GARIN_BAN_DB is empty)")
-
-
 def _enable_metrics(config: Config, fresh: bool, forget_dead: bool = False) -> None:
     """Multi-process metrics must be switched on before prometheus_client loads;
     `garin run` starts the directory afresh, its children inherit it; a
@@ -117,7 +106,6 @@ def run(**options: Any) -> None:
     config = _load(options)
     setup_logging(config.log_level, "garin", config.log_format)
     _warn_weak_secret(config)
-    _log_ban_list(config)
     _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
@@ -145,9 +133,8 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     setup_logging(
         config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
     )
-    if listen_fd is None:  # not a child of `garin run`, which said these already
+    if listen_fd is None:  # not a child of `garin run`, which warned already
         _warn_weak_secret(config)
-        _log_ban_list(config)
     try:
         run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:

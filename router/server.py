@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from garin import closes
+from garin import banstore, closes
 from garin.auth import TokenVerifier
 from garin.bans import subject_of
 from garin.closes import Close
@@ -243,6 +243,8 @@ async def serve_router(
                 handlers.start_soon(accept)
                 tune_gc()
                 log.info("router %s listening on %s:%d, %d shards", router_id, config.host, port, config.shards)
+                if listen_fd is None:  # on its own (Procfile): no `garin run` said it
+                    log.info("%s", banstore.where(config.ban_db))
                 task_status.started(port)
                 await router.stopping.wait()
                 accepting.cancel()
