@@ -1,8 +1,8 @@
 """The ban list's rules, as pure objects: strikes, windows, ban expiry.
 
 A strike is one close by the rate limiter ("rate limit exceeded"). A subject
-(the token's `sub`) with `strikes` strikes inside `window_s` is banned for
-`ban_s`. Bans may also be set by hand (`garin ban add`), with or without an
+(the token's `sub`, or for a token without one the fallback of `subject_of`)
+with `strikes` strikes inside `window_s` is banned for `ban_s`. Bans may also be set by hand (`garin ban add`), with or without an
 end. Times are wall-clock seconds passed in by the caller.
 
 Every process that closes clients (routers, and whatever else runs a
@@ -26,9 +26,33 @@ store, so that checking a token at auth costs no I/O.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 FOREVER = float("inf")
+
+# Claims that differ between two tokens of one user (RFC 7519 §4.1): left
+# out of the fallback subject, so that a fresh token does not escape a ban.
+PER_TOKEN_CLAIMS = frozenset(("exp", "nbf", "iat", "jti"))
+NO_SUB_PREFIX = "nosub:"
+
+
+def subject_of(claims: Mapping[str, Any]) -> str:
+    """Who a valid token's strikes and bans count against: its `sub`, or for
+    a token without a string `sub` (some GarinChat deployments mint those),
+    `nosub:` and the first 32 hex digits of the SHA-256 of its other claims
+    (all but exp, nbf, iat, jti) as sorted, compact JSON: the same for every
+    token the issuer mints for that user. A token with no other claims at
+    all is hashed whole (it identifies only itself)."""
+    sub = claims.get("sub")
+    if isinstance(sub, str):
+        return sub
+    identity = {k: v for k, v in claims.items() if k not in PER_TOKEN_CLAIMS} or dict(claims)
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return NO_SUB_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def later(a: float | None, b: float | None) -> float | None:

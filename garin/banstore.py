@@ -15,6 +15,7 @@ holds at most one window's strikes.
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import time
@@ -43,6 +44,26 @@ SCHEMA = (
 )
 
 
+def where(path: str) -> str:
+    """The line a server logs once at start, so that an operator knows which
+    file `garin ban` must use (it prints the same absolute path)."""
+    if not path:
+        return "ban list off (GARIN_BAN_DB is empty)"
+    return f"ban list: {os.path.abspath(path)}"
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parents with mode 0700, as the XDG
+    Base Directory spec asks of $XDG_STATE_HOME (the default ban list is
+    $XDG_STATE_HOME/garin/bans.sqlite3): the list names users."""
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+
+
 def _end(until: float | None) -> float:
     """A stored `until` as a ban end (NULL: FOREVER)."""
     return FOREVER if until is None else until
@@ -55,6 +76,7 @@ def _stored(until: float | None) -> float | None:
 class BanStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        make_private_dirs(Path(path).parent)
         # Two routers creating a new file at once: switching to WAL fails at
         # once with "database is locked" (the busy timeout does not apply), so
         # retry briefly; the other process's switch will have succeeded.

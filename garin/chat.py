@@ -161,6 +161,19 @@ class ChatInput:
         return Step(note="# bye", done=True)
 
 
+# Where a client reaches a server listening on every address.
+_REACHABLE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def default_url(host: str, port: int) -> str:
+    """The server's URL on this machine, from its GARIN_HOST and port: a
+    specific address as it is (IPv6 in brackets), a wildcard as loopback."""
+    host = _REACHABLE.get(host, host)
+    if ":" in host:
+        host = "[" + host.replace("%", "%25") + "]"  # fe80::1%eth0: the zone, escaped
+    return f"ws://{host}:{port}/"
+
+
 def url_problem(url: str) -> str | None:
     """Why `url` is no WebSocket URL garin chat can use, or None."""
     try:

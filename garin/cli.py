@@ -175,13 +175,20 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
         _fail(f"shard {index}: {group.exceptions[0]}")
 
 
-def _duration(text: str) -> float | None:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
-    if text.strip() in ("0", "none", "never"):
+def _duration(text: str, option: str, zero: str) -> float | None:
+    """`option`'s duration as seconds, or None for `0` (no end: `zero` says
+    what that means). Anything else that is not more than zero, like `0s` (a
+    token born expired) or `-1h`, is one error line. `none` and `never` are
+    refused too: `--for never` reads as "never banned" as well as "banned
+    forever"; `0` is the one way to say "no end"."""
+    text = text.strip()
+    if text == "0":
         return None
-    if not match:
-        raise click.BadParameter(f"expected a duration like 30m, 12h or 7d, not {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text)
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0.0
+    if seconds <= 0:
+        _fail(f"{option} must be a duration like 90s, 30m, 12h or 7d, or 0 {zero}; not {text!r}")
+    return seconds
 
 
 @main.command(short_help="Print a test JWT for USERNAME, signed with the secret.")
@@ -198,7 +205,7 @@ def token(username: str, ttl: str, **options: Any) -> None:
     if options["allow_weak_secret"] is not None:
         options["allow_weak_secret"] = "true" if options["allow_weak_secret"] else None
 
-    ttl_s = _duration(ttl)
+    ttl_s = _duration(ttl, "--ttl", "for a token that never expires")
     config = _load(options, required=("jwt_secret",))
     if config.jwt_secret is None or config.jwt_algorithm not in HMAC_ALGORITHMS:
         _fail(f"garin token signs with JWT_DECODE_SECRET (HS256/384/512); {config.jwt_algorithm} tokens come from your auth provider")
@@ -215,22 +222,22 @@ def token(username: str, ttl: str, **options: Any) -> None:
 def chat(url: str | None, room: str, username: str, token: str | None, origin: str | None) -> None:
     """Chat in a room from the terminal: type to send; /leave, /join ROOM, /quit.
 
-    URL defaults to ws://127.0.0.1:PORT/ with the port the server is
-    configured with: GARIN_PORT, else PORT, from the environment or ./.env
-    (8080 if neither is set). JWT_DECODE_SECRET and ALLOWED_ORIGINS are read
-    the same way.
+    URL defaults to ws://HOST:PORT/, where the server is configured to
+    listen: GARIN_HOST (127.0.0.1 for 0.0.0.0, the default; [::1] for ::)
+    and GARIN_PORT, else PORT (8080 if neither is set), from the environment
+    or ./.env. JWT_DECODE_SECRET and ALLOWED_ORIGINS are read the same way.
     """
     import trio
 
     from garin.auth import make_token
     from garin.chat import chat as run_chat
-    from garin.chat import url_problem
+    from garin.chat import default_url, url_problem
 
     # Everything given: no settings needed (nor checked).
     config = _load({}, required=()) if None in (url, token, origin) else None
     if url is None:
         assert config is not None
-        url = f"ws://127.0.0.1:{config.port}/"
+        url = default_url(config.host, config.port)
     problem = url_problem(url)
     if problem is not None:
         _fail(problem)
@@ -258,9 +265,11 @@ def ban() -> None:
 
     Routers add token subjects closed by the rate limiter GARIN_BAN_STRIKES
     times within GARIN_BAN_WINDOW; changes made here reach running routers
-    within a few seconds. The list lives in GARIN_BAN_DB (or --ban-db); a
-    relative path is taken from the working directory, so every ban command
-    prints the absolute path of the file it used.
+    within a few seconds. The list lives in
+    $XDG_STATE_HOME/garin/bans.sqlite3 (~/.local/state/garin/bans.sqlite3),
+    the same file whatever the working directory, unless GARIN_BAN_DB (or
+    --ban-db) names another; every ban command prints the absolute path of
+    the file it used, and the server logs it at start.
     """
 
 
@@ -296,21 +305,12 @@ def _ban_store(path: str) -> Iterator[Any]:
         _fail(f"cannot use the ban list {path}: {exc}")
 
 
-def _ban_seconds(text: str) -> float | None:
-    """--for as seconds (None: until removed); zero or negative is refused."""
-    try:
-        seconds = _duration(text)
-    except click.BadParameter:
-        seconds = -1.0
-    if seconds is not None and seconds <= 0:
-        _fail(f"--for must be a duration like 30m, 12h or 7d, or 0 to ban until removed; not {text!r}")
-    return seconds
-
-
 @ban.command("list")
 @_ban_db_option
 def ban_list(ban_db: str | None) -> None:
     """Show the active bans."""
+    from garin.chat import visible
+
     path = _ban_path(ban_db)
     if not os.path.exists(path):  # do not leave an empty file where no server looks
         click.echo(f"no active bans (ban list: {path}, no such file yet)")
@@ -323,7 +323,9 @@ def ban_list(ban_db: str | None) -> None:
     click.echo(f"{len(rows)} active {'ban' if len(rows) == 1 else 'bans'} (ban list: {path})")
     for subject, until, reason, created in rows:
         ends = "until removed" if until is None else time.strftime("until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
-        click.echo(f"{subject}\t{ends}\t{reason}")
+        # Subjects come from tokens: escaped (as garin chat shows others'
+        # text) so that none can break the columns or paint the terminal.
+        click.echo(f"{visible(subject)}\t{ends}\t{visible(reason)}")
 
 
 @ban.command("add")
@@ -333,7 +335,7 @@ def ban_list(ban_db: str | None) -> None:
 @_ban_db_option
 def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> None:
     """Ban a token subject (the JWT `sub`), replacing any ban it has."""
-    seconds = _ban_seconds(duration)
+    seconds = _duration(duration, "--for", "to ban until removed")
     path = _ban_path(ban_db)
     now = time.time()
     with _ban_store(path) as store:

@@ -161,8 +161,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("username_claim", "GARIN_USERNAME_CLAIM", "--username-claim", "",
             "Token claim (e.g. sub or name) that sets the username, ignoring the join's; "
             "empty keeps GarinChat's behaviour (the join names the user).", _text),
-    Setting("ban_db", "GARIN_BAN_DB", "--ban-db", "garin-bans.sqlite3",
-            "SQLite file of the ban list, shared by routers and `garin ban`; empty turns bans off.",
+    # Not "./garin-bans.sqlite3": `garin ban` run from another directory
+    # would write a file the server never reads. The default is resolved
+    # from XDG_STATE_HOME (or HOME) by default_ban_db.
+    Setting("ban_db", "GARIN_BAN_DB", "--ban-db", "~/.local/state/garin/bans.sqlite3",
+            "SQLite file of the ban list, shared by routers and `garin ban` (default under "
+            "$XDG_STATE_HOME when that is set; its directory is created 0700); empty turns bans off.",
             _text),
     Setting("ban_strikes", "GARIN_BAN_STRIKES", "--ban-strikes", "3",
             "Rate-limit closes within GARIN_BAN_WINDOW that ban a token subject; 0: no automatic bans.",
@@ -379,6 +383,32 @@ class Config:
         return env
 
 
+def state_home(environ: Mapping[str, str]) -> Path:
+    """The XDG Base Directory state home: $XDG_STATE_HOME if it is an absolute
+    path (the spec says to ignore a relative one), else ~/.local/state."""
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg)
+    return _home(environ) / ".local" / "state"
+
+
+def default_ban_db(environ: Mapping[str, str]) -> str:
+    """Where the ban list lives unless GARIN_BAN_DB says otherwise: one place
+    per user, whatever the working directory of the server or `garin ban`."""
+    return str(state_home(environ) / "garin" / "bans.sqlite3")
+
+
+def _home(environ: Mapping[str, str]) -> Path:
+    home = environ.get("HOME", "")
+    return Path(home) if os.path.isabs(home) else Path.home()
+
+
+def _expand_home(path: str, environ: Mapping[str, str]) -> str:
+    """A leading `~/` (as in --help's default, copied into .env, where no
+    shell expands it) is the home directory."""
+    return str(_home(environ) / path[2:]) if path.startswith("~/") else path
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """KEY=VALUE lines as honcho reads them: # comments, optional quotes, `export`."""
     values: dict[str, str] = {}
@@ -430,6 +460,10 @@ def load_config(
             values[setting.name] = setting.parse(text)
         except ValueError as exc:
             raise ConfigError(f"{source} {exc}") from None
+    if _given(BY_NAME["ban_db"], options, environ, dotenv):
+        values["ban_db"] = _expand_home(values["ban_db"], environ)
+    else:
+        values["ban_db"] = default_ban_db(environ)
     if not values["socket_dir"]:
         # `garin run` passes its own to its children. A Procfile's processes
         # each get their own PORT from honcho: only GARIN_PORT (or --port),
@@ -457,6 +491,11 @@ def _lookup(
             if env in source:
                 return env, source[env]
     return setting.env, setting.default
+
+
+def _given(setting: Setting, options: Mapping[str, str | None], environ: Mapping[str, str],
+           dotenv: Mapping[str, str]) -> bool:
+    return options.get(setting.name) is not None or setting.env in environ or setting.env in dotenv
 
 
 def _check_public_key(values: dict[str, Any]) -> None:

@@ -37,8 +37,9 @@ class Connection:
     socket: ClientWebSocket
     session: Session
     owner: str = ""
-    # From the token: `sub` (the ban list) and, with GARIN_USERNAME_CLAIM,
-    # the name the client must chat under.
+    # From the token: whom its strikes count against (`sub`, or
+    # bans.subject_of's fallback) and, with GARIN_USERNAME_CLAIM, the name
+    # the client must chat under.
     subject: str | None = None
     claimed_name: str | None = None
     # The room it is in (or is joining, while it moves) and its name there.

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from garin import banstore
 from garin.config import Config
 
 log = logging.getLogger("garin.supervisor")
@@ -110,6 +111,7 @@ class Supervisor:
             self.config.host, port, self.config.shards, "" if self.config.shards == 1 else "s",
             self.config.routers, "" if self.config.routers == 1 else "s", self.config.socket_dir,
         )
+        log.info("%s", banstore.where(self.config.ban_db))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals)

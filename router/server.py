@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import trio
 
-from garin import closes
+from garin import banstore, closes
 from garin.auth import TokenVerifier
+from garin.bans import subject_of
 from garin.closes import Close
 from garin.config import Config
 from garin import metrics
@@ -152,9 +153,8 @@ async def _serve(
         claims = verifier.claims(token, time.time())
         if isinstance(claims, Close):
             return claims
-        subject = claims.get("sub")
-        conn.subject = subject if isinstance(subject, str) else None
-        if router.bans is not None and conn.subject is not None and router.bans.is_banned(conn.subject):
+        conn.subject = subject_of(claims)
+        if router.bans is not None and router.bans.is_banned(conn.subject):
             return closes.BANNED
         if config.username_claim:
             name = claims.get(config.username_claim)
@@ -243,6 +243,8 @@ async def serve_router(
                 handlers.start_soon(accept)
                 tune_gc()
                 log.info("router %s listening on %s:%d, %d shards", router_id, config.host, port, config.shards)
+                if listen_fd is None:  # on its own (Procfile): no `garin run` said it
+                    log.info("%s", banstore.where(config.ban_db))
                 task_status.started(port)
                 await router.stopping.wait()
                 accepting.cancel()

@@ -568,3 +568,23 @@ def close_of(frame: tuple[int, bytes] | None) -> tuple[int, str]:
     """(code, reason) of a close frame from RawClient.recv_frame."""
     assert frame is not None and frame[0] == OP_CLOSE, f"expected a close frame, got {frame!r}"
     return int.from_bytes(frame[1][:2], "big"), frame[1][2:].decode()
+
+
+# -- no test writes to the real home ------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers and commands started by the tests inherit XDG_STATE_HOME: the
+    default ban list ($XDG_STATE_HOME/garin/bans.sqlite3) lands in a
+    temporary directory, never in the real home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def private_state_home_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """And one per test, so that servers of different tests never share a
+    default ban list (the shared session server keeps the session's)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

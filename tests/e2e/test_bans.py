@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import sqlite3
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jwt
 import pytest
 from conftest import (
     USERLEAVE,
@@ -125,9 +127,67 @@ def test_garin_ban_from_another_directory_with_ban_db(tmp_path) -> None:
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"banned zed (ban list: {path})\n"
         eventually(lambda: refused_as_banned(server, "zed"))
-        elsewhere = ban_cli(server, "list", cwd=tmp_path, env=env)
-        assert elsewhere.stdout == f"no active bans (ban list: {tmp_path / 'garin-bans.sqlite3'}, no such file yet)\n"
-        assert not (tmp_path / "garin-bans.sqlite3").exists()
+        elsewhere = ban_cli(server, "list", cwd=tmp_path, env={**env, "XDG_STATE_HOME": str(tmp_path / "state")})
+        default = tmp_path / "state" / "garin" / "bans.sqlite3"
+        assert elsewhere.stdout == f"no active bans (ban list: {default}, no such file yet)\n"
+        assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_garin_ban_anywhere_reaches_a_server_with_the_default_ban_list(tmp_path) -> None:
+    """No GARIN_BAN_DB anywhere: the server (working in its own directory) and
+    `garin ban` run from another directory use the same file,
+    $XDG_STATE_HOME/garin/bans.sqlite3, and the server logs which at start."""
+    state = tmp_path / "state"
+    default = state / "garin" / "bans.sqlite3"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running_server(XDG_STATE_HOME=str(state)) as server:
+        assert "GARIN_BAN_DB" not in server.env()
+        assert elsewhere != server.workdir
+        result = ban_cli(server, "add", "zed", cwd=elsewhere)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"banned zed (ban list: {default})\n"
+        eventually(lambda: refused_as_banned(server, "zed"))
+        assert not refused_as_banned(server, "bystander")
+        assert list(elsewhere.iterdir()) == [] and list(server.workdir.glob("*.sqlite3")) == []
+        assert state.stat().st_mode & 0o777 == default.parent.stat().st_mode & 0o777 == 0o700
+    assert server.final_log.count(f"ban list: {default}") == 1, server.final_log
+
+
+@pytest.mark.usefixtures("hard_cap")
+def test_tokens_without_sub_collect_strikes_under_their_fallback_subject(tmp_path) -> None:
+    """A GarinChat-style token with no `sub` used to collect no strikes at all
+    (nothing to ban). Now its strikes count against `nosub:` + a hash of its
+    other claims, the same for every token minted for that user, as the README
+    says: fresh tokens do not escape the ban, and other users are not caught."""
+    secret = "s" * 48
+    env = {
+        "JWT_DECODE_SECRET": secret,
+        "GARIN_RATE_LIMIT_COUNT": "1",
+        "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "2",
+        "GARIN_BAN_DB": str(tmp_path / "bans.sqlite3"),
+    }
+    issued = iter(range(1000))
+
+    def subless(username: str, ttl_s: float | None = 3600) -> str:
+        # A fresh token every time: another iat, exp and jti.
+        iat = int(time.time()) - next(issued)
+        claims = {"username": username, "iat": iat, "exp": iat + 3600, "jti": f"{username}-{iat}"}
+        return jwt.encode(claims, secret.encode(), algorithm="HS256")
+
+    with running_server(minter=subless, **env) as server:
+        spam_until_closed(server, "spammer", new_room("spam"))
+        assert not refused_as_banned(server, "spammer")
+        spam_until_closed(server, "spammer", new_room("spam"))
+        eventually(lambda: refused_as_banned(server, "spammer"))
+        assert not refused_as_banned(server, "bystander")
+        expected = "nosub:" + hashlib.sha256(b'{"username":"spammer"}').hexdigest()[:32]
+        eventually(lambda: f"{expected}\tuntil " in ban_cli(server, "list").stdout)
+        result = ban_cli(server, "remove", expected)
+        assert result.returncode == 0, result.stderr
+        eventually(lambda: not refused_as_banned(server, "spammer"))
 
 
 def test_username_claim_overrides_the_join(tmp_path) -> None:

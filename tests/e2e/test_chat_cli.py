@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import GarinServer, expect_join, expect_message, free_port, message_frame, new_room, recv_json
+from websockets.sync.client import ClientConnection
 
 from garin.auth import make_token
 
@@ -70,21 +71,27 @@ class Chat:
                     pass
 
 
+def talk_and_quit(chat: Chat, other: ClientConnection) -> None:
+    """`chat` (termuser) has joined `other`'s (webuser's) room: they talk both
+    ways, then /quit leaves with 1000 bye and exit code 0."""
+    chat.expect("* termuser joined (2 here)")
+    expect_join(other, "termuser", 2)
+    chat.type("hello from the terminal ✓")
+    expect_message(other, "termuser", "hello from the terminal ✓")
+    other.send(message_frame("hello back"))
+    chat.expect("<webuser> hello back")
+    chat.type("/quit")
+    chat.expect("# closed by server: 1000 bye")
+    assert chat.proc.wait(timeout=10) == 0
+    assert recv_json(other) == {"type": "userleave", "username": "termuser", "totalUsers": 1}
+
+
 def test_chat_client_talks_to_a_browser_style_client(garin: GarinServer, clients) -> None:
     room = new_room("chat")
     other = clients.join("webuser", room)
     chat = Chat(garin, room, "termuser")
     try:
-        chat.expect("* termuser joined (2 here)")
-        expect_join(other, "termuser", 2)
-        chat.type("hello from the terminal ✓")
-        expect_message(other, "termuser", "hello from the terminal ✓")
-        other.send(message_frame("hello back"))
-        chat.expect("<webuser> hello back")
-        chat.type("/quit")
-        chat.expect("# closed by server: 1000 bye")
-        assert chat.proc.wait(timeout=10) == 0
-        assert recv_json(other) == {"type": "userleave", "username": "termuser", "totalUsers": 1}
+        talk_and_quit(chat, other)
     finally:
         chat.finish()
 

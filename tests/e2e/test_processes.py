@@ -240,6 +240,8 @@ def test_procfile_under_honcho_with_a_garinchat_env_file(tmp_path):
     finally:
         output = finish(proc)
     assert "outside 0.." not in output and "Traceback" not in output, output
+    # The router says once where the ban list is (the shards keep none).
+    assert output.count(f"ban list: {os.environ['XDG_STATE_HOME']}/garin/bans.sqlite3") == 1, output
 
 
 @pytest.mark.parametrize(

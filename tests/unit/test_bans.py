@@ -3,6 +3,7 @@ and RouterBans counting strikes from several processes together."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import sqlite3
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from garin.bans import FOREVER, Ban, BanList, BanPolicy, Count, Ignore, later
+from garin.bans import FOREVER, Ban, BanList, BanPolicy, Count, Ignore, later, subject_of
 from garin.banstore import BanStore
 from garin.router import bans as router_bans
 from garin.router.bans import RouterBans
@@ -261,3 +262,41 @@ async def test_automatic_bans_off_records_nothing(tmp_path: Path) -> None:
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
     assert strike_rows(BanStore(path)) == 0 and BanStore(path).active(0) == {}
+
+
+# --- whom a token's strikes count against ---------------------------------------------
+
+
+def test_the_subject_is_the_sub_claim() -> None:
+    assert subject_of({"sub": "alice", "name": "Alice", "exp": 1}) == "alice"
+
+
+def test_without_sub_the_subject_is_a_documented_hash_of_the_identifying_claims() -> None:
+    claims = {"username": "alice", "iss": "https://auth.example", "iat": 1, "exp": 2, "nbf": 0, "jti": "a1"}
+    # What the README says, computed independently.
+    expected = "nosub:" + hashlib.sha256(
+        b'{"iss":"https://auth.example","username":"alice"}'
+    ).hexdigest()[:32]
+    assert subject_of(claims) == expected
+    # A fresh token for the same user (other times, another id): the same subject.
+    assert subject_of({**claims, "iat": 100, "exp": 200, "jti": "b2"}) == expected
+    # Another user, or another issuer: another subject.
+    assert subject_of({**claims, "username": "bob"}) != expected
+    assert subject_of({**claims, "iss": "https://other.example"}) != expected
+
+
+def test_a_sub_that_is_no_string_falls_back_too() -> None:
+    assert subject_of({"sub": 42}).startswith("nosub:")
+    assert subject_of({"sub": 42}) != subject_of({"sub": 43})
+
+
+def test_a_token_with_only_per_token_claims_identifies_only_itself() -> None:
+    """Nothing identifies a user: hashing {} would put every such user under
+    one subject, and one spammer would get them all banned."""
+    one, two = subject_of({"iat": 1, "exp": 2}), subject_of({"iat": 1, "exp": 3})
+    assert one.startswith("nosub:") and two.startswith("nosub:") and one != two
+
+
+def test_the_fallback_never_raises_on_odd_claims() -> None:
+    odd = {"name": "é\u202e", "n": [1, {"b": None, "a": 1.5}], "big": 2**80}
+    assert subject_of(odd) == subject_of(dict(reversed(list(odd.items()))))

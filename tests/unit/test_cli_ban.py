@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,15 +14,20 @@ from garin.cli import main
 
 
 @pytest.fixture(autouse=True)
-def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory with no .env, and no GARIN_* from the caller's environment."""
+def elsewhere(no_settings: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with no .env, no GARIN_* from the caller's
+    environment, and a state home of its own."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    for name in list(os.environ):
-        if name.startswith("GARIN_") or name in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
-            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     return work
+
+
+@pytest.fixture
+def default_db(tmp_path: Path) -> Path:
+    """Where the ban list is by default: $XDG_STATE_HOME/garin/bans.sqlite3."""
+    return tmp_path / "state" / "garin" / "bans.sqlite3"
 
 
 def ban(*args: str, **env: str) -> Result:
@@ -38,8 +42,8 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
-def test_every_command_names_the_absolute_file(elsewhere: Path) -> None:
-    path = elsewhere / "garin-bans.sqlite3"
+def test_every_command_names_the_absolute_file(default_db: Path) -> None:
+    path = default_db
     added = ban("add", "zed")
     assert added.exit_code == 0 and added.stdout == f"banned zed (ban list: {path})\n"
     listed = ban("list")
@@ -48,6 +52,16 @@ def test_every_command_names_the_absolute_file(elsewhere: Path) -> None:
     assert removed.stdout == f"unbanned zed (ban list: {path})\n"
     assert ban("list").stdout == f"no active bans (ban list: {path})\n"
     assert str(path) in one_line_error(ban("remove", "zed"))
+
+
+def test_list_shows_subjects_and_reasons_escaped(default_db: Path) -> None:
+    """A subject is whatever a token says: control and format characters
+    cannot break the listing's lines and columns or reach the terminal."""
+    hostile = "zed\n1 active ban\x1b[2J\tuntil removed\u202e\\"
+    default_db.parent.mkdir(parents=True)
+    BanStore(default_db).add(hostile, None, "spam\r\x07", now=time.time())
+    lines = ban("list").stdout.splitlines()
+    assert lines[1:] == ["zed\\n1 active ban\\x1b[2J\\tuntil removed\\u202e\\\\\tuntil removed\tspam\\r\\x07"]
 
 
 @pytest.mark.parametrize("command", [["list"], ["add", "zed"], ["remove", "zed"]])
@@ -67,43 +81,74 @@ def test_environment_and_dotenv_are_read_and_relative_paths_resolved(elsewhere: 
     assert f"(ban list: {elsewhere / 'env.sqlite3'})" in ban("add", "zed", GARIN_BAN_DB="env.sqlite3").stdout
 
 
-def test_list_and_remove_do_not_create_a_file(elsewhere: Path) -> None:
+def test_list_and_remove_do_not_create_a_file(elsewhere: Path, tmp_path: Path) -> None:
     listed = ban("list")
     assert listed.exit_code == 0 and "no such file yet" in listed.stdout
     assert "no such file" in one_line_error(ban("remove", "zed"))
     assert list(elsewhere.iterdir()) == []
+    assert not (tmp_path / "state").exists()
 
 
-@pytest.mark.parametrize("duration", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", ""])
-def test_zero_negative_and_bad_durations_are_refused(elsewhere: Path, duration: str) -> None:
+def test_the_default_is_the_same_file_from_any_directory(elsewhere: Path, default_db: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ban("add", "zed").stdout == f"banned zed (ban list: {default_db})\n"
+    other = elsewhere / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert ban("list").stdout.splitlines()[1] == "zed\tuntil removed\tmanual"
+    # Created private, as the XDG spec asks: the list names users.
+    for directory in (default_db.parent, default_db.parent.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    assert list(elsewhere.iterdir()) == [other]
+
+
+def test_without_xdg_state_home_the_default_is_under_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "home" / ".local" / "state" / "garin" / "bans.sqlite3"
+    assert ban("add", "zed").stdout == f"banned zed (ban list: {path})\n"
+    assert path.exists()
+
+
+@pytest.mark.parametrize("duration", ["0s", "0m", "0.0", "00h", "-1h", "-5", "soon", "1e3", "", "none", "never"])
+def test_zero_negative_and_bad_durations_are_refused(elsewhere: Path, default_db: Path, duration: str) -> None:
     line = one_line_error(ban("add", "zed", "--for", duration))
     assert "--for must be a duration" in line and repr(duration) in line
     assert list(elsewhere.iterdir()) == []  # nothing was banned, no file made
+    assert not default_db.exists()
 
 
 @pytest.mark.parametrize("duration, seconds", [("0", FOREVER), ("90s", 90), ("30m", 1800), ("1.5h", 5400), ("7d", 604800), ("45", 45)])
-def test_good_durations(elsewhere: Path, duration: str, seconds: float) -> None:
+def test_good_durations(default_db: Path, duration: str, seconds: float) -> None:
     before = time.time()
     result = ban("add", "zed", "--for", duration)
     assert result.exit_code == 0
     assert result.stdout.startswith("banned zed" + ("" if seconds == FOREVER else f" for {duration}") + " (ban list: ")
-    until = BanStore(elsewhere / "garin-bans.sqlite3").active(before)["zed"]
+    until = BanStore(default_db).active(before)["zed"]
     assert until == FOREVER if seconds == FOREVER else before + seconds <= until <= time.time() + seconds
 
 
 @pytest.mark.parametrize("command", [["list"], ["add", "zed"], ["remove", "zed"]])
 @pytest.mark.parametrize("content", [b"this is not a database, just text " * 100, b"SQLite format 3\x00" + b"\xff" * 4000])
-def test_a_corrupt_file_is_one_line(elsewhere: Path, command: list[str], content: bytes) -> None:
-    path = elsewhere / "garin-bans.sqlite3"
+def test_a_corrupt_file_is_one_line(default_db: Path, command: list[str], content: bytes) -> None:
+    path = default_db
+    path.parent.mkdir(parents=True)
     path.write_bytes(content)
     line = one_line_error(ban(*command))
     assert str(path) in line
     assert path.read_bytes() == content
 
 
-def test_an_unreachable_directory_is_one_line(elsewhere: Path) -> None:
-    line = one_line_error(ban("add", "zed", "--ban-db", str(elsewhere / "missing" / "bans.sqlite3")))
-    assert "missing" in line and "unable to open" in line
+def test_a_missing_directory_is_created(elsewhere: Path) -> None:
+    path = elsewhere / "missing" / "bans.sqlite3"
+    assert ban("add", "zed", "--ban-db", str(path)).exit_code == 0
+    assert path.exists() and path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_unusable_directory_is_one_line(elsewhere: Path) -> None:
+    (elsewhere / "a-file").write_text("")
+    line = one_line_error(ban("add", "zed", "--ban-db", str(elsewhere / "a-file" / "bans.sqlite3")))
+    assert "a-file" in line and "unable to open" in line
 
 
 def test_empty_ban_db_means_bans_are_off() -> None:

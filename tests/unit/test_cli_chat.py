@@ -3,7 +3,6 @@ and every way of failing to start is one line."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -16,13 +15,9 @@ SECRET = "s" * 40
 
 
 @pytest.fixture(autouse=True)
-def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def elsewhere(no_settings: Path) -> Path:
     """A working directory with no .env, and no settings from the caller's environment."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("GARIN_") or name in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
-            monkeypatch.delenv(name)
-    return tmp_path
+    return no_settings
 
 
 def free_port() -> int:
@@ -37,7 +32,41 @@ def chat(*args: str, **env: str) -> Result:
 
 def test_help_shows_the_default_url() -> None:
     result = CliRunner().invoke(main, ["chat", "--help"], terminal_width=200)
-    assert "ws://127.0.0.1:PORT/" in result.output and "GARIN_PORT" in result.output
+    assert "ws://HOST:PORT/" in result.output and "GARIN_PORT" in result.output
+    assert "GARIN_HOST (127.0.0.1 for 0.0.0.0" in result.output
+
+
+@pytest.mark.parametrize(
+    "host, url",
+    [
+        ("0.0.0.0", "ws://127.0.0.1:8080/"),
+        ("::", "ws://[::1]:8080/"),
+        ("127.0.0.2", "ws://127.0.0.2:8080/"),
+        ("192.0.2.7", "ws://192.0.2.7:8080/"),
+        ("::1", "ws://[::1]:8080/"),
+        ("2001:db8::7", "ws://[2001:db8::7]:8080/"),
+        ("fe80::1%eth0", "ws://[fe80::1%25eth0]:8080/"),
+        ("chat.internal", "ws://chat.internal:8080/"),
+    ],
+)
+def test_the_default_url_follows_a_specific_garin_host(monkeypatch: pytest.MonkeyPatch, host: str, url: str) -> None:
+    seen: list[str] = []
+
+    async def fake_chat(url: str, origin: str, token: str, room: str, username: str) -> int:
+        seen.append(url)
+        return 0
+
+    monkeypatch.setattr("garin.chat.chat", fake_chat)
+    assert chat("--token", "t", GARIN_HOST=host).exit_code == 0
+    assert seen == [url]
+
+
+def test_a_specific_host_is_where_chat_connects(elsewhere: Path) -> None:
+    """Really connecting: the address from .env's GARIN_HOST, not 127.0.0.1."""
+    port = free_port()
+    (elsewhere / ".env").write_text(f"GARIN_HOST=127.0.0.2\nGARIN_PORT={port}\n")
+    result = chat("--token", "t")
+    assert result.stdout == f"# could not connect to ws://127.0.0.2:{port}/: Connection refused\n"
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,30 @@ def test_socket_dir_default_follows_port() -> None:
     assert load({"GARIN_SOCKET_DIR": "/run/garin"}).socket_dir == "/run/garin"
 
 
+def test_ban_db_default_is_the_xdg_state_dir() -> None:
+    assert load({"XDG_STATE_HOME": "/state"}).ban_db == "/state/garin/bans.sqlite3"
+    assert load({"HOME": "/home/zed"}).ban_db == "/home/zed/.local/state/garin/bans.sqlite3"
+    # The spec: a relative XDG_STATE_HOME is ignored.
+    assert load({"HOME": "/home/zed", "XDG_STATE_HOME": "rel"}).ban_db == "/home/zed/.local/state/garin/bans.sqlite3"
+    assert load({"XDG_STATE_HOME": "/state"}, dotenv={"XDG_STATE_HOME": "/no"}).ban_db == "/state/garin/bans.sqlite3"
+
+
+@pytest.mark.parametrize("where", ["environ", "dotenv", "options"])
+def test_ban_db_given_wins_and_empty_turns_bans_off(where: str) -> None:
+    def given(value: str) -> Config:
+        if where == "options":
+            return load({"XDG_STATE_HOME": "/state"}, options={"ban_db": value})
+        return load({"XDG_STATE_HOME": "/state", **({"GARIN_BAN_DB": value} if where == "environ" else {})},
+                    dotenv={"GARIN_BAN_DB": value} if where == "dotenv" else None)
+
+    assert given("bans.db").ban_db == "bans.db"  # relative: to the working directory, as given
+    assert given("/var/lib/garin/bans.db").ban_db == "/var/lib/garin/bans.db"
+    assert given("").ban_db == ""
+    # --help's default, copied into .env where no shell expands `~`:
+    assert load({"HOME": "/home/zed", "GARIN_BAN_DB": "~/.local/state/garin/bans.sqlite3"}).ban_db == \
+        "/home/zed/.local/state/garin/bans.sqlite3"
+
+
 def test_shard_socket() -> None:
     config = load({"GARIN_SOCKET_DIR": "/run/garin"})
     assert config.shard_socket(0) == Path("/run/garin/shard-0.sock")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from garin.bans import subject_of
 from garin.cli import main
 from garin.closes import ALL_CLOSES
 from garin.config import ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS
@@ -68,3 +73,12 @@ def test_the_module_table_names_every_module():
                if p.name not in ("__init__.py", "__main__.py")]
     missing = [f"{p.parent.name}/{p.name}" for p in modules if f"`{p.parent.name}/{p.name}`" not in README]
     assert not missing, missing
+
+
+def test_the_readme_computes_a_fallback_ban_subject_as_garin_does():
+    (line,) = [line for line in README.splitlines() if line.startswith("python3 -c 'import hashlib")]
+    argv = shlex.split(line)
+    assert argv[:2] == ["python3", "-c"] and argv[3] == '{"username":"zed"}'
+    for claims in ('{"username":"zed"}', '{"name":"Zoë","iss":"https://auth.example"}'):
+        shown = subprocess.run([sys.executable, "-c", argv[2], claims], capture_output=True, text=True, check=True)
+        assert shown.stdout.strip() == subject_of({**json.loads(claims), "exp": 1, "iat": 0})
