@@ -25,7 +25,7 @@ from pathlib import Path
 import trio
 import trio_websocket
 
-import bench_procfs
+from garin_bench import procfs
 
 ORIGIN = "http://bench.local"
 READY_TIMEOUT_S = 20.0
@@ -140,7 +140,7 @@ class SpawnedServer:
                 raise RuntimeError(
                     f"garin run exited with code {self.process.returncode} at start:\n{self.log_tail()}"
                 )
-            pids = bench_procfs.process_tree(self.pid)
+            pids = procfs.process_tree(self.pid)
             self.known_pids.update(pids)
             if len(pids) >= expected:
                 break
@@ -151,14 +151,14 @@ class SpawnedServer:
         error = trio.run(probe_until_ready, self.url, ORIGIN, token_for, rooms, deadline)
         if error is not None:
             raise RuntimeError(f"garin run did not answer a probe ({error}):\n{self.log_tail()}")
-        self.known_pids.update(bench_procfs.process_tree(self.pid))
+        self.known_pids.update(procfs.process_tree(self.pid))
         return time.monotonic() - t0
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL by PID (the whole tree) after a deadline."""
         if self.process is None:
             return None
-        tree = bench_procfs.process_tree(self.pid) or [self.pid]
+        tree = procfs.process_tree(self.pid) or [self.pid]
         self.known_pids.update(tree)
         code = self.process.poll()
         if code is None:

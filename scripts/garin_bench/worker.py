@@ -38,9 +38,9 @@ from collections.abc import Callable
 import trio
 import trio_websocket
 
-# Latency buckets: the same function as bench_stats.bucket_of, inlined in the hot loop.
-from bench_stats import BUCKETS_PER_E
-from bench_lean import Pump, open_lean_websocket
+# Latency buckets: the same function as stats.bucket_of, inlined in the hot loop.
+from garin_bench.stats import BUCKETS_PER_E
+from garin_bench.lean import Pump, open_lean_websocket
 
 RECEIVE_BUFFER_BYTES = 64 * 1024
 # trio-websocket's default queue of 1 message makes its reader task hand over
@@ -71,7 +71,7 @@ class WorkerPlan:
     connect_timeout_s: float
     close_timeout_s: float
     hard_deadline: float  # monotonic; the worker gives up on its own by then
-    client: str = "trio-websocket"  # or "lean": bench_lean.LeanWebSocket
+    client: str = "trio-websocket"  # or "lean": lean.LeanWebSocket
 
 
 @dataclass(frozen=True, slots=True)
