@@ -30,17 +30,14 @@ after --timeout seconds whatever happens. Traffic goes to loopback only unless
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -50,8 +47,8 @@ from garin_bench.worker import MemberSpec, Times, WorkerPlan
 from garin_bench.report import (
     Run, Sample, build_result, print_summary, sleep_until, summarize_connect, take_sample, write_outputs, fmt,
 )
-from garin_bench.server import ORIGIN as SPAWN_ORIGIN
-from garin_bench.server import SpawnedServer, TokenMinter, check_python_has_garin, shard_for, sigterm_as_interrupt
+from garin_bench.options import ToolError, open_target, run_bounded, tool_parser
+from garin_bench.server import TokenMinter, shard_for
 
 WORKER_START_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
@@ -60,36 +57,16 @@ SETTLE_AFTER_JOIN_S = 0.5
 FLOOR_MAX_CONNS = 5000
 
 
-class BenchError(Exception):
+class BenchError(ToolError):
     """The run cannot go on; str() says why."""
-
-
-class HardTimeout(BaseException):
-    pass
 
 
 # -- options ----------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="bench.py",
-        description="Load generator and report for garin (or any GarinChat-protocol server).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    target = p.add_argument_group("target")
-    target.add_argument("--url", default="ws://127.0.0.1:8080/", help="server to load (ignored with --spawn)")
-    target.add_argument("--spawn", action="store_true", help="start a private `garin run` for this run and stop it after")
-    target.add_argument("--shards", type=int, default=2, help="--spawn: GARIN_SHARDS")
-    target.add_argument("--routers", type=int, default=1, help="--spawn: GARIN_ROUTERS")
-    target.add_argument("--python", default=sys.executable, help="--spawn: interpreter that runs `-m garin run`")
-    target.add_argument("--server-log-level", default="warning", help="--spawn: GARIN_LOG_LEVEL")
-    target.add_argument("--server-pid", type=int, default=None,
-                        help="PID of the server (its descendants are included) to read CPU and RSS from /proc")
-    target.add_argument("--origin", default=SPAWN_ORIGIN, help="Origin header; must be in the server's ALLOWED_ORIGINS")
-    target.add_argument("--secret", default=None, help="JWT secret that signs the tokens (else env JWT_DECODE_SECRET)")
-    target.add_argument("--token-ttl", type=float, default=3600.0, help="lifetime of the minted tokens, seconds")
-    target.add_argument("--allow-remote", action="store_true", help="allow a host that is not loopback")
+    p = tool_parser("bench.py", "Load generator and report for garin (or any GarinChat-protocol server).",
+                    verb="load", routers=1, remote=True)
 
     load = p.add_argument_group("load")
     load.add_argument("--rooms", type=int, default=10, help="rooms, each with its own members")
@@ -148,25 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.plot is None:
         args.plot = os.path.splitext(args.out)[0] + ".png"
     return args
-
-
-def check_target(url: str, allow_remote: bool) -> tuple[str, int]:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise BenchError(f"--url must look like ws://127.0.0.1:8080/, not {url!r}")
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
-    try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise BenchError(f"cannot resolve {parts.hostname!r}: {exc}") from None
-    addresses = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
-    remote = sorted(str(a) for a in addresses if not a.is_loopback)
-    if remote and not allow_remote:
-        raise BenchError(
-            f"{parts.hostname} resolves to {', '.join(remote)}, which is not loopback; "
-            "this tool sends load only to this machine unless you pass --allow-remote"
-        )
-    return parts.hostname, port
 
 
 # -- the plan ---------------------------------------------------------------
@@ -382,67 +340,23 @@ def add_floor(result: dict[str, Any], members: int, body_bytes: int, seconds: fl
     result["floor"] = floor
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
-    raise HardTimeout()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_bounded("bench", args.timeout, 1, lambda: _bench(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
     run = Run(args, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     hard_deadline = time.monotonic() + args.timeout
-    signal.signal(signal.SIGALRM, _on_alarm)
-    sigterm_as_interrupt()  # like Ctrl-C: stop workers and a spawned server
-    signal.alarm(max(1, math.ceil(args.timeout)))
-    soft, hard = worker.resource.getrlimit(worker.resource.RLIMIT_NOFILE)
-    if soft < hard:
-        worker.resource.setrlimit(worker.resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        if args.spawn:
-            problem = check_python_has_garin(args.python)
-            if problem:
-                raise BenchError(f"{args.python} cannot import garin ({problem}); pass --python")
-            run.spawned = SpawnedServer(args.python, args.shards, args.routers, args.server_log_level)
-            minter = TokenMinter(run.spawned.secret, args.token_ttl)
-            run.spawned.start()
-            ready_s = run.spawned.wait_ready(minter)
-            run.url, run.origin, run.server_pid = run.spawned.url, SPAWN_ORIGIN, run.spawned.pid
-            print(
-                f"bench: spawned garin run (pid {run.server_pid}, {args.shards} shards, {args.routers} routers) "
-                f"on {run.url}, ready in {ready_s:.1f}s",
-                file=sys.stderr,
-            )
-        else:
-            check_target(args.url, args.allow_remote)
-            secret = args.secret or os.environ.get("JWT_DECODE_SECRET")
-            if not secret:
-                raise BenchError("no JWT secret: pass --secret or set JWT_DECODE_SECRET (or use --spawn)")
-            if args.server_pid is not None and not os.path.exists(f"/proc/{args.server_pid}"):
-                raise BenchError(f"--server-pid {args.server_pid}: no such process")
-            minter = TokenMinter(secret, args.token_ttl)
-            run.url, run.origin, run.server_pid = args.url, args.origin, args.server_pid
-        result = run_bench(run, minter, hard_deadline)
+    with open_target(args, "bench", args.token_ttl) as target:
+        run.url, run.origin, run.server_pid, run.spawned = target.url, target.origin, target.server_pid, target.spawned
+        result = run_bench(run, target.minter, hard_deadline)
         signal.alarm(0)
         if args.floor > 0:
             add_floor(result, args.members, args.body_bytes, args.floor)
         print_summary(result)
         write_outputs(result, args)
-        return 0
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except HardTimeout:
-        print(f"bench: error: hard timeout of {args.timeout:.0f}s reached; stopped", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("bench: interrupted; stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.alarm(0)
-        if run.spawned is not None:
-            code = run.spawned.stop()
-            if code not in (0, None):
-                print(f"bench: the spawned server exited with code {code}:\n{run.spawned.log_tail()}", file=sys.stderr)
-            run.spawned.cleanup()
+    return 0
 
 
 if __name__ == "__main__":

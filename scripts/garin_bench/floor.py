@@ -21,6 +21,7 @@ import os
 import resource
 import select
 import socket
+import sys
 import time
 
 FRAME = b"\x81\x44" + b'{"type":"message","username":"user3","body":"12:345:1234567890123xx"}'[:68]
@@ -120,7 +121,7 @@ def measure(conns: int, group: int, rate: float, seconds: float, frame: bytes = 
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conns", type=int, default=500)
     parser.add_argument("--group", type=int, default=50, help="sockets written per burst (a room)")
@@ -133,7 +134,8 @@ def main() -> None:
         f"{args.group} per burst: {r['us_per_write']:.2f} us CPU/write "
         f"(user {r['user_us_per_write']:.2f}, system {r['system_us_per_write']:.2f})"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

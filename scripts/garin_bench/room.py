@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import select
 import socket
 import statistics
@@ -33,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from garin_bench.wsframe import client_frame, upgrade_request
+from garin_bench.options import raise_fd_limit
 from garin_bench.server import ORIGIN, SpawnedServer, TokenMinter, sigterm_as_interrupt
 
 
@@ -97,10 +97,7 @@ def main() -> int:
     sigterm_as_interrupt()
     end = time.monotonic() + args.timeout
 
-    wanted = args.members + 64
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    raise_fd_limit(args.members + 64)
 
     server = None
     try:

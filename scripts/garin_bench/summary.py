@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import statistics
+import sys
 from typing import Any
+
+from garin_bench.stats import median
 
 
 def load(pattern: str) -> list[dict[str, Any]]:
@@ -53,11 +55,6 @@ def numbers(run: dict[str, Any]) -> dict[str, float | None]:
         "floor_us": (run.get("floor") or {}).get("us_per_write"),
         "x_floor": (run.get("floor") or {}).get("server_ratio"),
     }
-
-
-def median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
 
 
 def summarize(groups: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
@@ -148,7 +145,7 @@ def plot(groups: dict[str, list[dict[str, Any]]], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("groups", nargs="+", help="LABEL=GLOB")
     p.add_argument("--plot", default=None, help="PNG to draw")
@@ -161,7 +158,8 @@ def main() -> None:
     if args.plot:
         plot(groups, args.plot)
         print(f"wrote {args.plot}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

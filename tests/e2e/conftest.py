@@ -38,7 +38,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from garin.auth import make_token
 from garin.routing import shard_for
-# The one client frame encoder and decoder of the project (scripts/garin_bench).
+# The harness the benchmark tools share (scripts/garin_bench): the server's
+# environment, and the one client frame encoder and decoder of the project.
+from garin_bench.server import free_port, server_env
 from garin_bench.wsframe import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, client_frame, frame_at, upgrade_request
 
 ALLOWED_ORIGIN = "http://allowed.test"
@@ -51,11 +53,6 @@ MAX_MESSAGE_BYTES = 4096
 RECV_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 20.0
 HARD_CAP_S = 45
-
-# Settings we always set ourselves; anything the caller's environment says
-# about them (e.g. GARIN_PORT, which wins over PORT) is dropped.
-_CONTROLLED_PREFIXES = ("GARIN_",)
-_CONTROLLED_NAMES = ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS", "HONCHO_PROCESS_NAME")
 
 
 # -- a hard cap per test -------------------------------------------------------
@@ -118,12 +115,6 @@ def new_user(prefix: str = "u") -> str:
 # -- the server process ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class GarinServer:
     env_overrides: dict[str, str] = field(default_factory=dict)
@@ -151,21 +142,10 @@ class GarinServer:
         return f"ws://127.0.0.1:{self.port}/"
 
     def env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(_CONTROLLED_PREFIXES) and k not in _CONTROLLED_NAMES
-        }
-        env.update(
-            JWT_DECODE_SECRET=self.secret,
-            ALLOWED_ORIGINS=ALLOWED_ORIGIN,
-            GARIN_HOST="127.0.0.1",
-            PORT=str(self.port),
-            GARIN_PORT=str(self.port),
-            GARIN_SHARDS=str(self.shards),
-            GARIN_SOCKET_DIR=str(self.socket_dir),
-            GARIN_SHUTDOWN_TIMEOUT="3",
-        )
+        # Anything the caller's environment says about garin's settings (e.g.
+        # GARIN_PORT, which wins over PORT) is dropped.
+        env = server_env(self.secret, ALLOWED_ORIGIN, self.port, self.socket_dir)
+        env.update(GARIN_SHARDS=str(self.shards), GARIN_SHUTDOWN_TIMEOUT="3")
         env.update(self.env_overrides)
         return env
 
