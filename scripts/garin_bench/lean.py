@@ -11,9 +11,9 @@ It is NOT a general WebSocket client: no extensions, no fragmented sends, and
 it trusts the server (a garin router or any RFC 6455 server) to send
 well-formed unmasked frames. It speaks exactly the client side of RFC 6455
 that a GarinChat member needs: an upgrade request, masked text frames out,
-text/close/ping frames in, and a closing handshake. It raises
-trio-websocket's exception types so the worker's error reporting is the same
-for both clients.
+text/close/ping frames in (the bytes framed by wsframe.py), and a closing
+handshake. It raises trio-websocket's exception types so the worker's error
+reporting is the same for both clients.
 """
 
 from __future__ import annotations
