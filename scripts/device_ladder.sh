@@ -7,22 +7,16 @@
 #
 # Needs garin and its dependencies importable by $PYTHON (default python3);
 # with WHEELS=DIR it installs DIR/*.whl and this checkout into a private
-# site directory first (for a bare machine that cannot reach an index).
+# site directory first (scripts/device_env.sh; for a bare machine that cannot
+# reach an index).
 # Every run is bench.py --spawn --client lean on loopback, bounded in time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT_DIR}
 shift
 INTERVALS=("${@:-0.01}")
-PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if [ -n "${WHEELS:-}" ]; then
-    SITE=$(mktemp -d)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
-    # The installed layout: router/ and shard/ inside the garin package.
-    cp -r garin "$SITE/garin" && cp -r router "$SITE/garin/router" && cp -r shard "$SITE/garin/shard"
-    export PYTHONPATH=$SITE
-fi
+source scripts/device_env.sh
 echo "cores: $(nproc)  python: $("$PY" --version)"
 for iv in "${INTERVALS[@]}"; do
     for s in 1 2 4 8; do

@@ -2,19 +2,13 @@
 # One shard, then two, driven to saturation: FIVE rooms of 50 per shard, one
 # sender each every INTERVAL, with PROCS load-generator processes per shard
 # (the lean client costs more per received message than a shard per
-# delivery). Same environment as scripts/device_ladder.sh.
+# delivery). Same environment as scripts/device_ladder.sh (scripts/device_env.sh).
 #   scripts/device_saturate.sh OUT_DIR PROCS_PER_SHARD INTERVAL...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?OUT_DIR}; PER=${2:?PROCS_PER_SHARD}; shift 2
-PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if [ -n "${WHEELS:-}" ]; then
-    SITE=$(mktemp -d)
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
-    cp -r garin "$SITE/garin" && cp -r router "$SITE/garin/router" && cp -r shard "$SITE/garin/shard"
-    export PYTHONPATH=$SITE
-fi
+source scripts/device_env.sh
 for s in ${SHARDS:-1 2}; do
     for iv in "$@"; do
         name="sat-s$s-$iv"

@@ -14,7 +14,6 @@ that still runs after HARD_CAP_S (use it with
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -39,6 +38,10 @@ from websockets.sync.client import ClientConnection, connect
 
 from garin.auth import make_token
 from garin.routing import shard_for
+# The harness the benchmark tools share (scripts/garin_bench): the server's
+# environment, and the one client frame encoder and decoder of the project.
+from garin_bench.server import free_port, server_env
+from garin_bench.wsframe import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, client_frame, frame_at, upgrade_request
 
 ALLOWED_ORIGIN = "http://allowed.test"
 SHARDS = 4
@@ -50,11 +53,6 @@ MAX_MESSAGE_BYTES = 4096
 RECV_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 20.0
 HARD_CAP_S = 45
-
-# Settings we always set ourselves; anything the caller's environment says
-# about them (e.g. GARIN_PORT, which wins over PORT) is dropped.
-_CONTROLLED_PREFIXES = ("GARIN_",)
-_CONTROLLED_NAMES = ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS", "HONCHO_PROCESS_NAME")
 
 
 # -- a hard cap per test -------------------------------------------------------
@@ -117,12 +115,6 @@ def new_user(prefix: str = "u") -> str:
 # -- the server process ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class GarinServer:
     env_overrides: dict[str, str] = field(default_factory=dict)
@@ -150,21 +142,10 @@ class GarinServer:
         return f"ws://127.0.0.1:{self.port}/"
 
     def env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(_CONTROLLED_PREFIXES) and k not in _CONTROLLED_NAMES
-        }
-        env.update(
-            JWT_DECODE_SECRET=self.secret,
-            ALLOWED_ORIGINS=ALLOWED_ORIGIN,
-            GARIN_HOST="127.0.0.1",
-            PORT=str(self.port),
-            GARIN_PORT=str(self.port),
-            GARIN_SHARDS=str(self.shards),
-            GARIN_SOCKET_DIR=str(self.socket_dir),
-            GARIN_SHUTDOWN_TIMEOUT="3",
-        )
+        # Anything the caller's environment says about garin's settings (e.g.
+        # GARIN_PORT, which wins over PORT) is dropped.
+        env = server_env(self.secret, ALLOWED_ORIGIN, self.port, self.socket_dir)
+        env.update(GARIN_SHARDS=str(self.shards), GARIN_SHUTDOWN_TIMEOUT="3")
         env.update(self.env_overrides)
         return env
 
@@ -471,8 +452,6 @@ def bad_token(secret: str, subject: str, algorithm: str = "HS256", **claims: Any
 
 # -- a WebSocket client by hand ----------------------------------------------------
 
-OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x8, 0x9, 0xA
-
 
 class RawClient:
     """A WebSocket client written by hand over a plain socket, for clients that
@@ -498,12 +477,7 @@ class RawClient:
         self.sock.settimeout(timeout)
         self.sock.bind((source, 0))
         self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-             f"Origin: {origin}\r\n\r\n").encode()
-        )
+        self.sock.sendall(upgrade_request("127.0.0.1", port, "/", origin))
         self._buffer = b""
         while b"\r\n\r\n" not in self._buffer:
             chunk = self.sock.recv(4096)
@@ -512,33 +486,21 @@ class RawClient:
         head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
 
-    def send_frame(self, opcode: int, payload: bytes) -> None:
-        """One final frame, masked as a client must."""
-        size = len(payload)
-        if size < 126:
-            header = bytes((0x80 | opcode, 0x80 | size))
-        elif size < 65536:
-            header = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
-        else:
-            header = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        """One frame (final unless `fin` is False), masked as a client must."""
+        self.sock.sendall(client_frame(opcode, payload, fin=fin))
 
     def send_text(self, text: str) -> None:
         self.send_frame(OP_TEXT, text.encode())
 
-    def _fill(self, count: int) -> bool:
-        """Buffer at least `count` bytes; False if the server hung up first."""
-        while len(self._buffer) < count:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return False
-            if not chunk:
-                return False
-            self._buffer += chunk
-        return True
+    def _receive_more(self) -> bool:
+        """Buffer what the server sent next; False if it hung up."""
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            return False
+        self._buffer += chunk
+        return bool(chunk)
 
     def recv_frame(self) -> tuple[int, bytes] | None:
         """The next frame from the server as (opcode, payload); None once it hung up.
@@ -546,18 +508,12 @@ class RawClient:
         Raises TimeoutError after the socket's timeout; a frame half received
         by then stays buffered for the next call.
         """
-        if not self._fill(2):
-            return None
-        size, start = self._buffer[1] & 0x7F, 2
-        if size >= 126:
-            start = 4 if size == 126 else 10
-            if not self._fill(start):
+        while (frame := frame_at(self._buffer)) is None:
+            if not self._receive_more():
                 return None
-            size = int.from_bytes(self._buffer[2:start], "big")
-        if not self._fill(start + size):
-            return None
-        opcode, payload = self._buffer[0] & 0x0F, self._buffer[start:start + size]
-        self._buffer = self._buffer[start + size:]
+        first, start, end = frame
+        opcode, payload = first & 0x0F, self._buffer[start:end]
+        self._buffer = self._buffer[end:]
         return opcode, payload
 
     def close(self) -> None:

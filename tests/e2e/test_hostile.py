@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from garin_bench.wsframe import OP_CONTINUATION, client_frame
 
 from conftest import (
     OP_PONG,
@@ -70,24 +71,6 @@ def member(server: GarinServer, name: str, room: str) -> RawClient:
     return raw
 
 
-def send_fragment(raw: RawClient, opcode: int, payload: bytes, fin: bool) -> None:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    raw.sock.sendall(bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + mask + masked)
-
-
-def masked_text(text: str) -> bytes:
-    """One final masked text frame, as a client sends it."""
-    payload = text.encode()
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, 0x80 | size))
-    else:
-        header = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
-    mask = os.urandom(4)
-    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def still_serving(clients: Clients) -> None:
     room = new_room("ok")
     a = clients.join(new_user("a"), room, total=1)
@@ -128,10 +111,10 @@ def test_a_message_in_thousands_of_fragments_is_closed(garin_factory: ServerFact
         listener = clients.join("listener", room, total=1)
         raw = member(server, "fragger", room)
         expect_join(listener, "fragger", 2)
-        send_fragment(raw, OP_TEXT, b"x", fin=False)
+        raw.send_frame(OP_TEXT, b"x", fin=False)
         with contextlib.suppress(OSError):  # the server may hang up while we send
             for _ in range(2000):
-                send_fragment(raw, 0x0, b"y", fin=False)
+                raw.send_frame(OP_CONTINUATION, b"y", fin=False)
         # Sent this fast, the frame budget (100 at once) ends it before the
         # fragment limit (256 per message) would: either bound holds.
         assert close_of(raw.recv_frame()) in {(1008, "too many frames"), (1008, "message in too many fragments")}
@@ -147,7 +130,7 @@ def test_a_flood_of_empty_pongs_is_closed(garin_factory: ServerFactory) -> None:
         raw = member(server, "ponger", new_room("pong"))
         with contextlib.suppress(OSError):
             for _ in range(500):
-                send_fragment(raw, OP_PONG, b"", fin=True)
+                raw.send_frame(OP_PONG, b"")
         assert close_of(raw.recv_frame()) == (1008, "too many frames")
         raw.close()
         still_serving(clients)
@@ -184,7 +167,7 @@ def test_messages_sent_in_the_same_packet_as_the_join_are_not_lost(garin_factory
         frames = [auth_frame(server.token("burst")), join_frame("burst", room)] + [
             message_frame(f"m{n}") for n in range(5)
         ]
-        raw.sock.sendall(b"".join(masked_text(text) for text in frames))  # one write: one packet on loopback
+        raw.sock.sendall(b"".join(client_frame(OP_TEXT, text.encode()) for text in frames))  # one write: one packet on loopback
         expect_join(listener, "burst", 2)
         for n in range(5):
             expect_message(listener, "burst", f"m{n}")

@@ -19,23 +19,48 @@ import subprocess
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 import trio_websocket
 
-import bench_procfs
+from garin_bench import procfs
 
 ORIGIN = "http://bench.local"
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+# Read by garin besides GARIN_*: never inherited by a private server.
+_SERVER_SETTINGS = ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS", "HONCHO_PROCESS_NAME")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def server_env(
+    secret: str, origin: str, port: int, socket_dir: Path, keep: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """The environment of a private garin on 127.0.0.1:`port`: this process's,
+    less every setting garin reads (GARIN_*, PORT, the secret and origins, and
+    honcho's process name) but those in `keep`, plus the basics."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in keep or not (k.startswith("GARIN_") or k in _SERVER_SETTINGS)
+    }
+    env.update(
+        JWT_DECODE_SECRET=secret,
+        ALLOWED_ORIGINS=origin,
+        GARIN_HOST="127.0.0.1",
+        PORT=str(port),
+        GARIN_PORT=str(port),
+        GARIN_SOCKET_DIR=str(socket_dir),
+    )
+    return env
 
 
 def shard_for(room: str, shards: int) -> int:
@@ -79,17 +104,8 @@ class SpawnedServer:
         # Short: the shard sockets live in here.
         self.workdir = Path(tempfile.mkdtemp(prefix="gb-", dir="/tmp"))
         self.port = free_port()
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if (not k.startswith("GARIN_") or k == "GARIN_PROFILE") and k not in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS")
-        }
+        env = server_env(self.secret, ORIGIN, self.port, self.workdir / "s", keep=("GARIN_PROFILE",))
         env.update(
-            JWT_DECODE_SECRET=self.secret,
-            ALLOWED_ORIGINS=ORIGIN,
-            GARIN_HOST="127.0.0.1",
-            PORT=str(self.port),
-            GARIN_PORT=str(self.port),
             GARIN_RATE_LIMIT_COUNT="0",
             # Every member connects from 127.0.0.1 and bodies may be padded:
             # the abuse limits would refuse the load this measures.
@@ -98,7 +114,6 @@ class SpawnedServer:
             GARIN_MAX_BODY_CHARS="0",
             GARIN_SHARDS=str(self.shards),
             GARIN_ROUTERS=str(self.routers),
-            GARIN_SOCKET_DIR=str(self.workdir / "s"),
             GARIN_LOG_LEVEL=self.log_level,
         )
         env.update(self.env_overrides)
@@ -140,7 +155,7 @@ class SpawnedServer:
                 raise RuntimeError(
                     f"garin run exited with code {self.process.returncode} at start:\n{self.log_tail()}"
                 )
-            pids = bench_procfs.process_tree(self.pid)
+            pids = procfs.process_tree(self.pid)
             self.known_pids.update(pids)
             if len(pids) >= expected:
                 break
@@ -151,14 +166,14 @@ class SpawnedServer:
         error = trio.run(probe_until_ready, self.url, ORIGIN, token_for, rooms, deadline)
         if error is not None:
             raise RuntimeError(f"garin run did not answer a probe ({error}):\n{self.log_tail()}")
-        self.known_pids.update(bench_procfs.process_tree(self.pid))
+        self.known_pids.update(procfs.process_tree(self.pid))
         return time.monotonic() - t0
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL by PID (the whole tree) after a deadline."""
         if self.process is None:
             return None
-        tree = bench_procfs.process_tree(self.pid) or [self.pid]
+        tree = procfs.process_tree(self.pid) or [self.pid]
         self.known_pids.update(tree)
         code = self.process.poll()
         if code is None:
@@ -209,11 +224,13 @@ class TokenMinter:
     def __init__(self, secret: str, ttl_s: float) -> None:
         self.secret = secret
         self.ttl_s = ttl_s
+        self._make: Callable[[str, str, float, float], str]
         try:
             from garin.auth import make_token
-        except ImportError:
-            make_token = _make_token_pyjwt
-        self._make = make_token
+        except ImportError:  # not garin's tree (a GarinChat run): the same claims
+            self._make = _make_token_pyjwt
+        else:
+            self._make = make_token
 
     def __call__(self, subject: str) -> str:
         return str(self._make(self.secret, subject, time.time(), self.ttl_s))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import signal
 import time
 import traceback
@@ -38,9 +37,10 @@ from collections.abc import Callable
 import trio
 import trio_websocket
 
-# Latency buckets: the same function as bench_stats.bucket_of, inlined in the hot loop.
-from bench_stats import BUCKETS_PER_E
-from bench_lean import Pump, open_lean_websocket
+# Latency buckets: the same function as stats.bucket_of, inlined in the hot loop.
+from garin_bench.options import raise_fd_limit
+from garin_bench.stats import BUCKETS_PER_E
+from garin_bench.lean import Pump, open_lean_websocket
 
 RECEIVE_BUFFER_BYTES = 64 * 1024
 # trio-websocket's default queue of 1 message makes its reader task hand over
@@ -71,7 +71,7 @@ class WorkerPlan:
     connect_timeout_s: float
     close_timeout_s: float
     hard_deadline: float  # monotonic; the worker gives up on its own by then
-    client: str = "trio-websocket"  # or "lean": bench_lean.LeanWebSocket
+    client: str = "trio-websocket"  # or "lean": lean.LeanWebSocket
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +310,7 @@ class Worker:
             if kind == "join" and msg.get("username") == username:
                 return
 
-    def _text_handler(self, spec: MemberSpec) -> Callable[[str, int], None]:
+    def _text_handler(self, spec: MemberSpec) -> Callable[[str | bytes, int], None]:
         """What one member does with each text it receives (at `now_us`)."""
         s = self.stats
         loads = json.loads
@@ -318,7 +318,7 @@ class Worker:
         room = spec.room
         last_seq: dict[int, int] = {}
 
-        def on_text(text: str, now_us: int) -> None:
+        def on_text(text: str | bytes, now_us: int) -> None:
             try:
                 msg = loads(text)
                 kind = msg["type"]
@@ -467,17 +467,11 @@ async def _run(plan: WorkerPlan, conn: Connection) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def worker_main(plan: WorkerPlan, conn: Connection) -> None:
     """multiprocessing target."""
     # The coordinator stops workers; a terminal's Ctrl-C is its business.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         profile_dir = os.environ.get("GARIN_BENCH_PROFILE")
         if profile_dir:  # where the client's own CPU goes: python -m pstats DIR/worker-0.prof

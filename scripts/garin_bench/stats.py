@@ -1,4 +1,7 @@
-"""Latency histograms: log buckets, mergeable across worker processes.
+"""Statistics the tools share: latency histograms, exact percentiles,
+medians and trends.
+
+Latency histograms: log buckets, mergeable across worker processes.
 
 A delivery's latency in microseconds goes into bucket `1 + int(ln(us) * 50)`
 (bucket 0 holds anything under 1 us), so a bucket spans about 2%, and a
@@ -10,6 +13,7 @@ several processes merge by adding counts.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 
 BUCKETS_PER_E = 50
@@ -64,12 +68,39 @@ def percentiles_ms(
     return out
 
 
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The nearest-rank q-quantile of sorted values (q=1: the max); None if empty."""
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
 def exact_percentiles_ms(values_ms: list[float], quantiles: Iterable[float]) -> dict[str, float | None]:
     names = {q: "max" if q >= 1 else f"p{q * 100:g}".replace(".", "") for q in quantiles}
-    if not values_ms:
-        return {name: None for name in names.values()}
     ordered = sorted(values_ms)
-    return {
-        name: round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 3)
-        for q, name in names.items()
-    }
+    out: dict[str, float | None] = {}
+    for q, name in names.items():
+        value = percentile(ordered, q)
+        out[name] = None if value is None else round(value, 3)
+    return out
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values present (None: not measured)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per minute."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    sxx = sum((t - mx) ** 2 for t, _ in points)
+    if sxx == 0:
+        return None
+    sxy = sum((t - mx) * (v - my) for t, v in points)
+    return sxy / sxx * 60.0

@@ -11,17 +11,14 @@ It is NOT a general WebSocket client: no extensions, no fragmented sends, and
 it trusts the server (a garin router or any RFC 6455 server) to send
 well-formed unmasked frames. It speaks exactly the client side of RFC 6455
 that a GarinChat member needs: an upgrade request, masked text frames out,
-text/close/ping frames in, and a closing handshake. It raises
-trio-websocket's exception types so the worker's error reporting is the same
-for both clients.
+text/close/ping frames in (the bytes framed by wsframe.py), and a closing
+handshake. It raises trio-websocket's exception types so the worker's error
+reporting is the same for both clients.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
-import random
 import select
 import time
 import urllib.parse
@@ -32,31 +29,10 @@ from contextlib import asynccontextmanager
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError
 
+from garin_bench.wsframe import MaskedFrameError, accept_for, client_frame, frame_at, new_key, upgrade_request
+
 RECEIVE_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def _mask(payload: bytes) -> bytes:
-    """Mask key + masked payload (RFC 6455 5.3), with one big-int XOR."""
-    n = len(payload)
-    key = random.getrandbits(32).to_bytes(4, "little")
-    if not n:
-        return key
-    stream = (key * ((n >> 2) + 1))[:n]
-    masked = int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")
-    return key + masked.to_bytes(n, "little")
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    return header + _mask(payload)
 
 
 class LeanWebSocket:
@@ -99,45 +75,33 @@ class LeanWebSocket:
 
     def _parse(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        size = len(buf)
         pos = 0
         messages = self._messages
-        while size - pos >= 2:
-            b0 = buf[pos]
-            n = buf[pos + 1]
-            if n & 0x80:
-                raise HandshakeError("server sent a masked frame")
-            head = 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-                head = 4
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                head = 10
-            end = pos + head + n
-            if end > size:
+        while True:
+            try:
+                frame = frame_at(buf, pos)
+            except MaskedFrameError as exc:
+                raise HandshakeError(str(exc)) from None
+            if frame is None:
                 break
+            b0, start, end = frame
             opcode = b0 & 0x0F
             if b0 == 0x81:  # the common case: a whole text message in one frame
-                messages.append(buf[pos + head : end].decode())
+                messages.append(buf[start:end].decode())
             elif opcode in (0x0, 0x1, 0x2):
-                self._parts.append(buf[pos + head : end])
+                self._parts.append(buf[start:end])
                 if b0 & 0x80:
                     payload = b"".join(self._parts)
                     self._parts.clear()
                     messages.append(payload.decode(errors="replace"))
             elif opcode == 0x8:
-                payload = buf[pos + head : end]
+                payload = buf[start:end]
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 self.closed = CloseReason(code, payload[2:].decode(errors="replace") or None)
             elif opcode == 0x9:
-                self._pongs.append(buf[pos + head : end])
+                self._pongs.append(buf[start:end])
             pos = end
-        self._buf = buf[pos:] if pos < size else b""
+        self._buf = buf[pos:] if pos < len(buf) else b""
 
     # -- sending ------------------------------------------------------------
 
@@ -186,17 +150,6 @@ class LeanWebSocket:
         await self._stream.aclose()
 
 
-def upgrade_request(host: str, port: int, path: str, origin: str, key: bytes | None = None) -> bytes:
-    """The HTTP request that opens a WebSocket (`key`: base64 of 16 bytes; fresh if None)."""
-    if key is None:
-        key = base64.b64encode(os.urandom(16))
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Origin: {origin}\r\n\r\n"
-    ).encode()
-
-
 async def _handshake(url: str, origin: str) -> LeanWebSocket:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "ws" or not parts.hostname:
@@ -207,7 +160,7 @@ async def _handshake(url: str, origin: str) -> LeanWebSocket:
     except OSError as exc:
         raise HandshakeError() from exc
     try:
-        key = base64.b64encode(os.urandom(16))
+        key = new_key()
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -230,8 +183,7 @@ async def _handshake(url: str, origin: str) -> LeanWebSocket:
         )
         if code != 101:
             raise ConnectionRejected(code, headers, rest)
-        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
-        if dict(headers).get(b"sec-websocket-accept") != accept:
+        if dict(headers).get(b"sec-websocket-accept") != accept_for(key):
             raise HandshakeError() from ConnectionError("bad Sec-WebSocket-Accept")
         return LeanWebSocket(stream, rest)
     except BaseException:

@@ -95,6 +95,18 @@ def process_name(pid: int) -> str:
     return " ".join(words[:4])
 
 
+def role_of(pid: int) -> str:
+    """supervisor, router J or shard I, from the command line."""
+    words = process_name(pid).split()
+    if words[:2] == ["garin", "run"]:
+        return "supervisor"
+    if words[:2] == ["garin", "shard"] and len(words) > 3 and words[2] == "--index":
+        return f"shard {words[3]}"
+    if words[:2] == ["garin", "router"] and len(words) > 3 and words[2] == "--router-id":
+        return f"router {words[3]}"
+    return " ".join(words[:2]) or str(pid)
+
+
 @dataclass(frozen=True, slots=True)
 class TreeSample:
     pids: tuple[int, ...]

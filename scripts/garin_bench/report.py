@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import bench_procfs
-import bench_stats
-from bench_client import Times
-from bench_server import SpawnedServer, shard_for
+from garin_bench import procfs, stats
+from garin_bench.worker import Times
+from garin_bench.server import SpawnedServer, shard_for
 
 SCHEMA = "garin-bench/1"
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -52,13 +51,13 @@ class Run:
 @dataclass
 class Sample:
     t: float
-    tree: bench_procfs.TreeSample | None
+    tree: procfs.TreeSample | None
     machine: tuple[int, int]
 
 
 def take_sample(server_pid: int | None) -> Sample:
-    tree = bench_procfs.sample_tree(server_pid) if server_pid is not None else None
-    return Sample(time.monotonic(), tree, bench_procfs.machine_ticks())
+    tree = procfs.sample_tree(server_pid) if server_pid is not None else None
+    return Sample(time.monotonic(), tree, procfs.machine_ticks())
 
 
 def sleep_until(t: float) -> None:
@@ -89,9 +88,9 @@ def summarize_connect(joins: list[dict[str, Any]], t_connect: float, connections
         "errors_by_kind": errors,
         "all_joined_s": all_joined_s,
         "joins_per_s": round(joined / all_joined_s, 1) if all_joined_s else None,
-        "handshake_ms": bench_stats.exact_percentiles_ms(connect_ms, (0.5, 0.99, 1.0)),
-        "auth_join_ms": bench_stats.exact_percentiles_ms(join_ms, (0.5, 0.99, 1.0)),
-        "total_ms": bench_stats.exact_percentiles_ms(total_ms, (0.5, 0.99, 1.0)),
+        "handshake_ms": stats.exact_percentiles_ms(connect_ms, (0.5, 0.99, 1.0)),
+        "auth_join_ms": stats.exact_percentiles_ms(join_ms, (0.5, 0.99, 1.0)),
+        "total_ms": stats.exact_percentiles_ms(total_ms, (0.5, 0.99, 1.0)),
         "client_cpu_share_per_proc": cpu_share,
     }
 
@@ -163,10 +162,10 @@ def build_result(
     }
 
     # latency of window messages
-    hist = bench_stats.merged(r["window_hist"] for r in results)
+    hist = stats.merged(r["window_hist"] for r in results)
     count = sum(hist.values())
     max_us = max(r["window_max_us"] for r in results)
-    latency = bench_stats.percentiles_ms(hist, QUANTILES, max_us)
+    latency = stats.percentiles_ms(hist, QUANTILES, max_us)
     latency["max"] = round(max_us / 1000, 3) if count else None
     latency["mean"] = round(sum(r["window_sum_us"] for r in results) / count / 1000, 3) if count else None
     latency["count"] = count
@@ -200,7 +199,7 @@ def build_result(
             if pid in w0.tree.per_pid_cpu_s:
                 delta = w1.tree.per_pid_cpu_s[pid] - w0.tree.per_pid_cpu_s[pid]
                 per_process.append({
-                    "pid": pid, "name": bench_procfs.process_name(pid),
+                    "pid": pid, "name": procfs.process_name(pid),
                     "cpu_cores": round(delta / duration, 3),
                 })
         joined = connect["joined"]
@@ -221,10 +220,10 @@ def build_result(
                 round((rss_join - rss_before) / joined, 2) if rss_before is not None and rss_join is not None and joined else None
             ),
         }
-        if cpu_s < 50 / bench_procfs.CLK_TCK:
+        if cpu_s < 50 / procfs.CLK_TCK:
             run.notes.append(
                 f"the server used only {cpu_s:.2f}s CPU in the window and /proc counts in "
-                f"{1000 / bench_procfs.CLK_TCK:g} ms ticks: CPU per delivery is coarse; measure longer or harder"
+                f"{1000 / procfs.CLK_TCK:g} ms ticks: CPU per delivery is coarse; measure longer or harder"
             )
         if set(w0.tree.pids) != set(w1.tree.pids):
             run.warn(
@@ -308,9 +307,9 @@ def build_timeline(
     rows = []
     for s in range(seconds):
         a, b = times.start + s, times.start + s + 1
-        hist = bench_stats.merged(r["second_hist"].get(s, {}) for r in results)
+        hist = stats.merged(r["second_hist"].get(s, {}) for r in results)
         max_us = max((r["second_max_us"].get(s, -1) for r in results), default=-1)
-        pct = bench_stats.percentiles_ms(hist, (0.5, 0.9, 0.99), max_us if max_us >= 0 else None)
+        pct = stats.percentiles_ms(hist, (0.5, 0.9, 0.99), max_us if max_us >= 0 else None)
         sa, sb = samples.get(a), samples.get(b)
         server_cores = machine_cores = client_cores = None
         if sa is not None and sb is not None:
@@ -397,10 +396,10 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
     if args.no_plot:
         return
-    import bench_plot
+    from garin_bench import plot
 
     os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-    skipped = bench_plot.plot(result, args.plot)
+    skipped = plot.plot(result, args.plot)
     if skipped is None:
         print(f"wrote {args.plot}")
     else:
