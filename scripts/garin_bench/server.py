@@ -107,6 +107,8 @@ class SpawnedServer:
         env = server_env(self.secret, ORIGIN, self.port, self.workdir / "s", keep=("GARIN_PROFILE",))
         env.update(
             GARIN_RATE_LIMIT_COUNT="0",
+            # A private ban list, not the user's (~/.local/state/garin).
+            GARIN_BAN_DB=str(self.workdir / "bans.sqlite3"),
             # Every member connects from 127.0.0.1 and bodies may be padded:
             # the abuse limits would refuse the load this measures.
             GARIN_MAX_CONNECTIONS="0",
