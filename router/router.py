@@ -77,8 +77,12 @@ class Router:
             for i in range(config.shards)
         ]
 
-    def shard_health(self) -> dict[str, bool]:
-        return {str(link.index): link.connected for link in self.links}
+    def health(self) -> dict[str, dict[str, bool]]:
+        """/health's parts: each shard reachable; with Redis, each shard's link to it."""
+        parts = {"shards": {str(link.index): link.connected for link in self.links}}
+        if self.config.redis_url:
+            parts["redis"] = {str(link.index): link.connected and link.redis_up for link in self.links}
+        return parts
 
     def new_id(self) -> int:
         return next(self._ids)
