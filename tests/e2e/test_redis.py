@@ -17,12 +17,10 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
 from conftest import (
@@ -30,7 +28,6 @@ from conftest import (
     SHARED_ENV,
     Clients,
     GarinServer,
-    abort,
     expect_close,
     expect_join,
     expect_message,
@@ -43,6 +40,7 @@ from conftest import (
     recv_json,
     room_on,
 )
+from test_metrics import get
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = [
@@ -251,3 +249,163 @@ def test_25_senders_over_three_hosts_every_message_once_in_order(hosts: Hosts, p
             seen[sender] = int(n)
         assert all(v == per_sender - 1 for v in seen.values()) and len(seen) == len(names) - 1
     expect_quiet(sockets, settle=0.2)
+
+
+# -- hosts and Redis failing ------------------------------------------------------------
+
+
+def kill_host(server: GarinServer) -> None:
+    """kill -9 a whole host: its supervisor and every child at once (no
+    process gets to say goodbye)."""
+    assert server.process is not None
+    pid = server.process.pid
+    children = [
+        int(entry.name) for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _ppid(entry) == pid
+    ]
+    assert children, "the host has no children to kill"
+    for victim in (pid, *children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    server.process.wait(timeout=10)
+    server.process = None
+    server.exit_code = -signal.SIGKILL
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.cap(60)
+def test_a_killed_host_s_members_leave_within_the_bound(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    room = new_room("kill")
+    names = [new_user(f"k{i}") for i in range(4)]
+    # b holds members 1 and 3.
+    sockets = join_all(people, room, [(n, a if i % 2 == 0 else b) for i, n in enumerate(names)])
+    kill_host(b)
+    killed = time.monotonic()
+    # Each survivor hears both leaves (in one order for both), counts 3 then 2.
+    orders = []
+    for ws in (sockets[0], sockets[2]):
+        first = recv_json(ws, timeout=DEAD_AFTER_S + 5)
+        second = recv_json(ws, timeout=2)
+        assert {first["type"], second["type"]} == {"userleave"}
+        assert (first["totalUsers"], second["totalUsers"]) == (3, 2)
+        assert {first["username"], second["username"]} == {names[1], names[3]}
+        orders.append((first["username"], second["username"]))
+    took = time.monotonic() - killed
+    assert took < DEAD_AFTER_S + 3, f"ghosts lasted {took:.1f} s"
+    assert orders[0] == orders[1]
+    late = new_user("late")
+    ws = people.join(late, room, total=3, server=a)
+    expect_join(sockets[0], late, 3)
+    expect_join(sockets[2], late, 3)
+    sockets[0].send(message_frame("still here"))
+    expect_message(ws, names[0], "still here")
+    expect_message(sockets[2], names[0], "still here")
+
+
+@pytest.mark.cap(60)
+def test_sigterm_of_one_host_closes_its_clients_and_the_others_chat_on(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    room = new_room("term")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb, wc = join_all(people, room, [(alice, a), (bob, b), (carol, a)])
+    b.stop()  # SIGTERM: exit 0, socket directory removed (checked by stop)
+    expect_close(wb, 1001, "server shutting down")
+    expect_userleave(wa, bob, 2)
+    expect_userleave(wc, bob, 2)
+    wa.send(message_frame("bob has gone"))
+    expect_message(wc, alice, "bob has gone")
+    expect_quiet([wa, wc], settle=0.1)
+
+
+def wait_for(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.cap(90)
+def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    metrics_port = free_port()
+    a = hosts.start(shards=2, GARIN_METRICS_PORT=str(metrics_port))
+    b = hosts.start(shards=2)
+    room = new_room("restart")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb, wc = join_all(people, room, [(alice, a), (bob, b), (carol, b)])
+    health = f"http://127.0.0.1:{metrics_port}/health"
+    assert get(health)[0] == 200
+
+    stop = threading.Event()
+    sent = [0]
+
+    def chatter() -> None:
+        while not stop.is_set():
+            wa.send(message_frame(str(sent[0])))
+            sent[0] += 1
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        redis.stop()
+        status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(get(health)), "/health degraded")
+        assert json.loads(body)["redis"] == {"0": False, "1": False}
+        time.sleep(0.5)
+        redis.start()
+        wait_for(lambda: get(health)[0] == 200, "/health ok again")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    last = sent[0] - 1
+    # Each receiver: numbers strictly increasing (nothing twice, nothing
+    # reordered), up to the last one sent (what was in flight when Redis died
+    # may be missing: README).
+    for ws in (wb, wc):
+        previous = -1
+        while previous < last:
+            got = recv_json(ws, timeout=10)
+            assert got["type"] == "message" and got["username"] == alice, got
+            n = int(got["body"])
+            assert n > previous, f"{n} after {previous}"
+            previous = n
+    expect_quiet([wa, wb, wc], settle=0.2)
+    # Redis came back empty: the hosts registered their members again, so a
+    # new member counts everyone, and leaves count down from there.
+    dave = new_user("dave")
+    wd = people.join(dave, room, total=4, server=a)
+    for ws in (wa, wb, wc):
+        expect_join(ws, dave, 4)
+    wb.send(message_frame(""))
+    expect_close(wb, 1000, "bye")
+    for ws in (wa, wc, wd):
+        expect_userleave(ws, bob, 3)
+
+
+@pytest.mark.cap(60)
+def test_without_redis_a_join_waits_the_hold_then_closes_1013(redis: RedisServer, hosts: Hosts, people: Clients) -> None:
+    a = hosts.start(shards=2, GARIN_SHARD_HOLD_TIMEOUT="1")
+    redis.stop()
+    time.sleep(0.5)
+    ws = people.authed(new_user("late"), server=a)
+    ws.send(json.dumps({"type": "join", "username": new_user("late"), "room": new_room("held")}))
+    took = expect_close(ws, 1013, "room unavailable", timeout=10)
+    assert 0.5 < took < 4, took
+    redis.start()
+    time.sleep(1.5)  # reconnect (backoff)
+    name = new_user("back")
+    people.join(name, new_room("back"), total=1, server=a)
