@@ -64,7 +64,10 @@ class Router:
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules
         self.stopping = trio.Event()
-        self.bans = RouterBans(config.ban_db, config.ban_policy) if config.ban_db else None
+        self.bans = (
+            RouterBans(config.ban_db, config.ban_policy, config.redis_url, config.redis_password_file)
+            if config.ban_db else None
+        )
         # Where connections start their helper tasks (drains, forwards); set
         # by serve_router before the first connection is accepted.
         self.background: trio.Nursery

@@ -409,3 +409,62 @@ def test_without_redis_a_join_waits_the_hold_then_closes_1013(redis: RedisServer
     time.sleep(1.5)  # reconnect (backoff)
     name = new_user("back")
     people.join(name, new_room("back"), total=1, server=a)
+
+
+# -- bans shared through Redis --------------------------------------------------------
+
+
+@pytest.mark.cap(60)
+def test_strikes_on_two_hosts_ban_on_both_and_garin_ban_reaches_them(hosts: Hosts) -> None:
+    from test_bans import ban_cli, eventually, refused_as_banned, spam_until_closed
+
+    limits = {
+        "GARIN_RATE_LIMIT_COUNT": "1", "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "2", "GARIN_BAN_WINDOW": "600", "GARIN_BAN_DURATION": "600",
+    }
+    a, b = hosts.start(shards=1, **limits), hosts.start(shards=1, **limits)
+    spam_until_closed(a, "spammer", new_room("spam"))
+    assert not refused_as_banned(b, "spammer")  # one strike is not enough
+    spam_until_closed(b, "spammer", new_room("spam"))  # the second, on the other host
+    eventually(lambda: refused_as_banned(a, "spammer") and refused_as_banned(b, "spammer"))
+    assert not refused_as_banned(a, "bystander")
+    listing = ban_cli(a, "list")
+    assert listing.returncode == 0 and "spammer" in listing.stdout and "(ban list: Redis)" in listing.stdout
+    result = ban_cli(b, "add", "troll", "--for", "1h", "--reason", "abuse")
+    assert result.returncode == 0, result.stderr
+    eventually(lambda: refused_as_banned(a, "troll"))
+    assert ban_cli(a, "remove", "spammer").returncode == 0
+    eventually(lambda: not refused_as_banned(b, "spammer"))
+
+
+@pytest.mark.parametrize("strikes", [0, 1, 3])
+def test_the_strike_script_judges_as_ban_policy(redis: RedisServer, strikes: int) -> None:
+    """garin/redisbans.py's Lua gives BanPolicy.judge's verdict for every stored
+    ban (none, ended, running, until removed) and count of earlier strikes."""
+    import trio
+
+    from garin.bans import FOREVER, Ban, BanPolicy
+    from garin.redisbans import RedisBanStore
+
+    policy = BanPolicy(strikes=strikes, window_s=600, ban_s=3600)
+    now = 1_800_000_000.0
+
+    async def check() -> None:
+        async with RedisBanStore.open(redis.url) as store:
+            for n, banned_until in enumerate((None, now - 1, now + 100, FOREVER)):
+                for earlier in range(4):
+                    subject = f"s{strikes}-{n}-{earlier}"
+                    if banned_until is not None:
+                        await store.add(subject, None if banned_until == FOREVER else banned_until, "t", now - 5)
+                    for k in range(earlier):  # inside the window; one outside it, never counted
+                        await store._client.zadd(f"garin:strikes:{subject}", {f"old{k}": now - 10 - k})
+                    await store._client.zadd(f"garin:strikes:{subject}", {"ancient": now - 700})
+                    got = await store.strike(subject, now, policy)
+                    want = policy.judge(banned_until, earlier, now)
+                    if isinstance(want, Ban):
+                        assert isinstance(got, Ban) and abs(got.until - want.until) < 0.01, (subject, got, want)
+                        assert subject in await store.active(now)
+                    else:
+                        assert got == want, (subject, got, want)
+
+    trio.run(check)
