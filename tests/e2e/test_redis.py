@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,25 +54,37 @@ DEAD_AFTER_S = 2.0
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence."""
+    """A throwaway redis-server on a free loopback port, no persistence.
+    `tls`: TLS only, with a self-signed certificate, and a password."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        self.password = secrets.token_hex(16)
+        if tls:
+            self.cert = self.dir / "cert.pem"
+            self.key = self.dir / "key.pem"
+            _self_signed(self.cert, self.key)
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         assert REDIS_SERVER is not None
+        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--dir", str(self.dir)]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
+                     "--tls-key-file", str(self.key), "--tls-auth-clients", "no", "--requirepass", self.password]
+        else:
+            args += ["--port", str(self.port)]
         with open(self.dir / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.dir)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
+            self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while not self.ping():
             assert self.process.poll() is None, (self.dir / "redis.log").read_text()
@@ -81,11 +94,17 @@ class RedisServer:
 
     def ping(self) -> bool:
         import socket
+        import ssl
 
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                if self.tls:
+                    context = ssl.create_default_context(cafile=str(self.cert))
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                        sock.sendall(f"AUTH {self.password}\r\n".encode())
+                        return sock.recv(64).startswith(b"+OK")
+                raw.sendall(b"PING\r\n")
+                return raw.recv(64).startswith(b"+PONG")
         except OSError:
             return False
 
@@ -110,6 +129,33 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _self_signed(cert_path: Path, key_path: Path) -> None:
+    """A certificate for 127.0.0.1 (cryptography comes with PyJWT[crypto])."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
 
 
 @pytest.fixture
@@ -468,3 +514,45 @@ def test_the_strike_script_judges_as_ban_policy(redis: RedisServer, strikes: int
                         assert got == want, (subject, got, want)
 
     trio.run(check)
+
+
+@pytest.mark.cap(60)
+def test_tls_and_a_password_file_and_the_password_is_never_shown(people: Clients) -> None:
+    tls = RedisServer(tls=True).start()
+    try:
+        password_file = tls.dir / "password"
+        password_file.write_text(tls.password + "\n")
+        with contextlib.ExitStack() as stack:
+            hosts = Hosts(tls, stack)
+            a = hosts.start(shards=1, GARIN_REDIS_PASSWORD_FILE=str(password_file))
+            # The other host has the password in its URL.
+            b = hosts.start(
+                shards=1, GARIN_REDIS_URL=tls.url.replace("rediss://", f"rediss://:{tls.password}@")
+            )
+            room = new_room("tls")
+            alice, bob = new_user("alice"), new_user("bob")
+            wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+            wa.send(message_frame("over TLS"))
+            expect_message(wb, alice, "over TLS")
+            help_text = subprocess.run(
+                [sys.executable, "-m", "garin", "run", "--help"], env=b.env(), capture_output=True, text=True,
+                timeout=30,
+            ).stdout
+            assert "--redis-url" in help_text and tls.password not in help_text
+            for host in (a, b):
+                log = host.log_path.read_text(errors="replace")
+                assert "Redis link up" in log and tls.password not in log
+    finally:
+        tls.cleanup()
+
+
+def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GARIN_")}
+    env.update(JWT_DECODE_SECRET="x" * 40, ALLOWED_ORIGINS="http://a.test", GARIN_REDIS_URL="http://u:hunter22@h/")
+    result = subprocess.run(
+        [sys.executable, "-m", "garin", "run"], env=env, capture_output=True, text=True, timeout=30,
+        cwd=tempfile.gettempdir(),
+    )
+    assert result.returncode == 2
+    assert "GARIN_REDIS_URL must start with redis://, rediss:// or unix://" in result.stderr
+    assert "hunter22" not in result.stderr + result.stdout
