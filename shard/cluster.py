@@ -304,6 +304,12 @@ class RedisRooms:
             if delivery is not None:
                 fan_out(delivery.to.items(), text_frame(delivery.text), delivery.exclude)
                 metrics.DELIVERIES.inc(len(delivery.to) - (delivery.exclude in delivery.to))
+            if core.evicted:
+                for sock in core.evicted:
+                    sock.kick(closes.SHARD_UNAVAILABLE)
+                log.warning("shard %d: Redis removed %d of its members (taken for dead); closed them (1013)",
+                            self.index, len(core.evicted))
+                core.evicted.clear()
 
     async def _enforce_hold(self) -> None:
         hold = self.config.shard_hold_timeout_s

@@ -123,6 +123,8 @@ class ClusterRooms(Generic[S]):
     sent: dict[int, float] = field(default_factory=dict)
     # A room got its first local member or lost its last: subscriptions to check.
     rooms_changed: bool = False
+    # Members Redis no longer has (see `apply`): the shell closes them.
+    evicted: list[S] = field(default_factory=list)
 
     @property
     def member_count(self) -> int:
@@ -255,10 +257,24 @@ class ClusterRooms(Generic[S]):
                 self._activate(key, room)
             sockets = self.rooms.get(room)
             return Delivery(protocol.join_text(username, total), sockets) if sockets else None
+        exclude = -1
+        if instance == self.instance and key in self.members:
+            # Redis removed a member this process still has: the others took
+            # the process for dead (it was paused). The member hears nothing
+            # more and must go (`evicted`); the rest hear the leave.
+            exclude = key
+            self._evict(key)
         sockets = self.rooms.get(room)
         if not sockets:
             return None
-        return Delivery(protocol.userleave_text(username, total), sockets)
+        return Delivery(protocol.userleave_text(username, total), sockets, exclude)
+
+    def _evict(self, key: int) -> None:
+        member = self.members[key]
+        sockets = self.rooms.get(member.room)
+        if sockets is not None and sockets.pop(key, None) is not None and not sockets:
+            del self.rooms[member.room]
+        self.evicted.append(member.sock)
 
     def _activate(self, key: int, room: str) -> None:
         member = self.members.get(key)

@@ -56,9 +56,9 @@ class Shard:
         # there instead of in `rooms` (imported only then).
         self.cluster: RedisRooms | None = None
         if config.redis_url:
-            from garin.shard.cluster import RedisRooms
+            from garin.shard import cluster
 
-            self.cluster = RedisRooms(config, index)
+            self.cluster = cluster.RedisRooms(config, index)
         # Router instance -> its link, for `Ended` and for moves.
         self.routers: dict[str, Link] = {}
         self.conns: dict[int, Connection] = {}

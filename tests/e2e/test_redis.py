@@ -408,8 +408,12 @@ def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
     try:
         time.sleep(0.5)
         redis.stop()
-        status, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(get(health)), "/health degraded")
-        assert json.loads(body)["redis"] == {"0": False, "1": False}
+
+        def degraded() -> bool:
+            status, body = get(health)
+            return status == 503 and json.loads(body)["redis"] == {"0": False, "1": False}
+
+        wait_for(degraded, "/health to say both shards lost Redis")
         time.sleep(0.5)
         redis.start()
         wait_for(lambda: get(health)[0] == 200, "/health ok again")
@@ -556,3 +560,26 @@ def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
     assert result.returncode == 2
     assert "GARIN_REDIS_URL must start with redis://, rediss:// or unix://" in result.stderr
     assert "hunter22" not in result.stderr + result.stdout
+
+
+@pytest.mark.cap(60)
+def test_a_shard_paused_past_the_bound_closes_its_members_instead_of_splitting(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=1), hosts.start(shards=1)
+    room = new_room("pause")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    assert b.process is not None
+    [shard] = [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _ppid(p) == b.process.pid and b"shard" in (p / "cmdline").read_bytes()
+    ]
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        expect_userleave(wa, bob, 1)  # alice hears bob reaped
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    # Back, the paused shard learns it was taken for dead: bob must reconnect.
+    expect_close(wb, 1013, "room unavailable", timeout=10)
+    bob2 = new_user("bob")
+    people.join(bob2, room, total=2, server=b)
+    expect_join(wa, bob2, 2)

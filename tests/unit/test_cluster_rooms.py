@@ -179,6 +179,20 @@ def test_taken_for_dead_drops_everything() -> None:
     assert not host.queue
 
 
+def test_a_member_redis_removed_behind_our_back_is_evicted() -> None:
+    host: ClusterRooms[str] = ClusterRooms("h1")
+    for key, name in ((1, "alice"), (2, "bob")):
+        host.join(key, "lobby", name, name, now=0.0)
+    host.take(10)
+    host.apply("lobby", b"j h1 1 1 alice")
+    host.apply("lobby", b"j h1 2 2 bob")
+    # The others reaped this process (it was paused): bob's leave, still here.
+    delivery = host.apply("lobby", b"l h1 2 1 bob")
+    assert delivery == Delivery(userleave_text("bob", 1), {1: "alice"}, exclude=2)
+    assert host.evicted == ["bob"]
+    assert host.rooms == {"lobby": {1: "alice"}}
+
+
 def test_channel_names() -> None:
     assert channel("lobby") == "garin:room:lobby"
     assert room_of(b"garin:room:a b") == "a b"
