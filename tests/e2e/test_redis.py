@@ -392,7 +392,8 @@ def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
     alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
     wa, wb, wc = join_all(people, room, [(alice, a), (bob, b), (carol, b)])
     health = f"http://127.0.0.1:{metrics_port}/health"
-    assert get(health)[0] == 200
+    # Ok once every shard's pong has said its Redis link is up (a second at most).
+    wait_for(lambda: get(health)[0] == 200, "/health ok")
 
     stop = threading.Event()
     sent = [0]
