@@ -7,9 +7,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -17,6 +17,7 @@ from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES
 from garin.config import BY_NAME, ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS, Config, ConfigError, load_config, read_dotenv
 
 F = Callable[..., Any]
+T = TypeVar("T")
 
 
 def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
@@ -44,7 +45,7 @@ def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
     return decorate
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"garin: error: {message}", err=True)
     sys.exit(2)
 
@@ -270,6 +271,7 @@ def ban() -> None:
     the same file whatever the working directory, unless GARIN_BAN_DB (or
     --ban-db) names another; every ban command prints the absolute path of
     the file it used, and the server logs it at start.
+    With GARIN_REDIS_URL set the list lives in Redis, shared by every host.
     """
 
 
@@ -305,22 +307,49 @@ def _ban_store(path: str) -> Iterator[Any]:
         _fail(f"cannot use the ban list {path}: {exc}")
 
 
+def _redis_bans(ban_db: str | None) -> Config | None:
+    """The config if the ban list lives in Redis (GARIN_REDIS_URL), else None."""
+    config = _load({"ban_db": ban_db}, required=())
+    return config if config.redis_url else None
+
+
+def _in_redis(config: Config, call: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `call(store)` against the ban list in Redis; any failure is one line, exit 2."""
+    import trio
+
+    from garin.redisbans import RedisBanStore
+
+    async def run() -> T:
+        async with RedisBanStore.open(config.redis_url, config.redis_password_file) as store:
+            return await call(store)
+
+    try:
+        return trio.run(run)
+    except Exception as exc:  # unreachable, refused, timed out: never echo the URL
+        _fail(f"cannot use the ban list in Redis: {type(exc).__name__}: {exc}")
+
+
 @ban.command("list")
 @_ban_db_option
 def ban_list(ban_db: str | None) -> None:
     """Show the active bans."""
     from garin.chat import visible
 
-    path = _ban_path(ban_db)
-    if not os.path.exists(path):  # do not leave an empty file where no server looks
-        click.echo(f"no active bans (ban list: {path}, no such file yet)")
-        return
-    with _ban_store(path) as store:
-        rows = store.listing(time.time())
+    redis = _redis_bans(ban_db)
+    if redis is not None:
+        where = "Redis"
+        rows = _in_redis(redis, lambda store: store.listing(time.time()))
+    else:
+        where = _ban_path(ban_db)
+        if not os.path.exists(where):  # do not leave an empty file where no server looks
+            click.echo(f"no active bans (ban list: {where}, no such file yet)")
+            return
+        with _ban_store(where) as store:
+            rows = store.listing(time.time())
     if not rows:
-        click.echo(f"no active bans (ban list: {path})")
+        click.echo(f"no active bans (ban list: {where})")
         return
-    click.echo(f"{len(rows)} active {'ban' if len(rows) == 1 else 'bans'} (ban list: {path})")
+    click.echo(f"{len(rows)} active {'ban' if len(rows) == 1 else 'bans'} (ban list: {where})")
     for subject, until, reason, created in rows:
         ends = "until removed" if until is None else time.strftime("until %Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
         # Subjects come from tokens: escaped (as garin chat shows others'
@@ -336,12 +365,18 @@ def ban_list(ban_db: str | None) -> None:
 def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> None:
     """Ban a token subject (the JWT `sub`), replacing any ban it has."""
     seconds = _duration(duration, "--for", "to ban until removed")
-    path = _ban_path(ban_db)
     now = time.time()
-    with _ban_store(path) as store:
-        store.add(subject, None if seconds is None else now + seconds, reason, now)
+    until = None if seconds is None else now + seconds
+    redis = _redis_bans(ban_db)
+    if redis is not None:
+        where = "Redis"
+        _in_redis(redis, lambda store: store.add(subject, until, reason, now))
+    else:
+        where = _ban_path(ban_db)
+        with _ban_store(where) as store:
+            store.add(subject, until, reason, now)
     how = "" if seconds is None else f" for {duration}"
-    click.echo(f"banned {subject}{how} (ban list: {path})")
+    click.echo(f"banned {subject}{how} (ban list: {where})")
 
 
 @ban.command("remove")
@@ -349,11 +384,16 @@ def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> Non
 @_ban_db_option
 def ban_remove(subject: str, ban_db: str | None) -> None:
     """Lift a ban."""
-    path = _ban_path(ban_db)
-    if not os.path.exists(path):
-        _fail(f"{subject} is not banned (ban list: {path}, no such file)")
-    with _ban_store(path) as store:
-        removed = store.remove(subject)
+    redis = _redis_bans(ban_db)
+    if redis is not None:
+        where = "Redis"
+        removed = _in_redis(redis, lambda store: store.remove(subject))
+    else:
+        where = _ban_path(ban_db)
+        if not os.path.exists(where):
+            _fail(f"{subject} is not banned (ban list: {where}, no such file)")
+        with _ban_store(where) as store:
+            removed = store.remove(subject)
     if not removed:
-        _fail(f"{subject} is not banned (ban list: {path})")
-    click.echo(f"unbanned {subject} (ban list: {path})")
+        _fail(f"{subject} is not banned (ban list: {where})")
+    click.echo(f"unbanned {subject} (ban list: {where})")

@@ -9,6 +9,7 @@ A bad value raises ConfigError with one line naming the variable.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -119,6 +120,13 @@ def _choice(*choices: str) -> Callable[[str], str]:
         return text
 
     return parse
+
+
+def _redis_url(text: str) -> str:
+    # Never repeat the value: it may hold a password.
+    if text and not re.match(r"(redis|rediss|unix)://", text):
+        raise ValueError("must start with redis://, rediss:// or unix:// (value not shown: it may hold a password)")
+    return text
 
 
 def _text(text: str) -> str:
@@ -238,6 +246,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shard_hold_timeout_s", "GARIN_SHARD_HOLD_TIMEOUT", "--shard-hold-timeout", "10",
             "Seconds a join to an unreachable shard's room waits for it before the client is "
             "closed 1013 (room unavailable).", _seconds(0, 3600)),
+    # Several hosts (README "Several hosts"). The URL may hold a password:
+    # hidden in --help, never logged.
+    Setting("redis_url", "GARIN_REDIS_URL", "--redis-url", "",
+            "Redis (or Valkey) that several garin hosts share: redis://, rediss:// (TLS) or unix://. "
+            "Unset: one host, no Redis.", _redis_url, secret=True),
+    Setting("redis_password_file", "GARIN_REDIS_PASSWORD_FILE", "--redis-password-file", "",
+            "File holding the Redis password (instead of putting it in GARIN_REDIS_URL).", _text),
+    # Heartbeats are sent every second: 5 s rides out a few lost ones.
+    Setting("redis_dead_after_s", "GARIN_REDIS_DEAD_AFTER", "--redis-dead-after", "5",
+            "Seconds without a heartbeat after which another host removes a shard process's "
+            "members (announced as userleave).", _seconds(2, 600)),
     Setting("handshake_timeout_s", "GARIN_HANDSHAKE_TIMEOUT", "--handshake-timeout", "10",
             "Seconds to complete the HTTP upgrade.", _seconds(0.1)),
     Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",
@@ -278,7 +297,7 @@ SHARD_SETTINGS = frozenset((
     "join_limit_window_s", "max_message_bytes", "max_body_chars", "ping_interval_s", "ping_timeout_s",
     "idle_timeout_s", "username_min", "username_max", "room_min", "room_max", "max_outbox_bytes",
     "shard_hold_timeout_s", "max_connections", "shutdown_timeout_s", "log_level", "log_format", "metrics_port",
-    "metrics_host",
+    "metrics_host", "redis_url", "redis_password_file", "redis_dead_after_s",
 ))
 # A router uses everything but the count of routers (`garin run`'s).
 ROUTER_SETTINGS = frozenset(s.name for s in SETTINGS) - {"routers"}
@@ -324,6 +343,9 @@ class Config:
     max_outbox_bytes: int
     shard_hold_bytes: int
     shard_hold_timeout_s: float
+    redis_url: str = field(repr=False)
+    redis_password_file: str
+    redis_dead_after_s: float
     handshake_timeout_s: float
     max_connections: int
     max_connections_per_ip: int
@@ -530,5 +552,14 @@ def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
             raise ConfigError(
                 f"GARIN_{kind.upper()}_MIN ({low}) is larger than GARIN_{kind.upper()}_MAX ({high})"
             )
+    if values["redis_url"] and importlib.util.find_spec("coredis") is None:
+        raise ConfigError("GARIN_REDIS_URL is set but coredis is not installed: pip install 'garin[redis]'")
+    if values["redis_password_file"]:
+        if not values["redis_url"]:
+            raise ConfigError("GARIN_REDIS_PASSWORD_FILE is set but GARIN_REDIS_URL is not")
+        try:
+            Path(values["redis_password_file"]).read_text()
+        except OSError as exc:
+            raise ConfigError(f"GARIN_REDIS_PASSWORD_FILE: cannot read {values['redis_password_file']}: {exc.strerror}") from None
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in values.items() if k in known})

@@ -13,7 +13,8 @@ closes). After that the link carries connections, not chat traffic:
   the router can release what its connection limits counted for it.
   `Welcome` lists the ones still there, for a router that was unlinked a while.
 - `Ping` / `Pong`: the router asks every second whether the shard is
-  reading; one that does not answer is not handed new clients.
+  reading; one that does not answer is not handed new clients. The answer
+  says whether the shard's Redis link is up (for /health).
 
 This is the only module that touches msgpack.
 """
@@ -28,8 +29,9 @@ from typing import Any, ClassVar
 import msgpack
 
 # 4: connections live in their room's shard (Adopt, Ended); no chat traffic.
-# 5: Welcome lists the connections the shard holds for the router.
-PROTOCOL_VERSION = 5
+# 5: Pong says whether the shard's Redis link is up.
+# 6: Welcome lists the connections the shard holds for the router.
+PROTOCOL_VERSION = 6
 # One message is at most a session's state plus what the client sent that was
 # not handled yet: the rest of one read (64 KiB) and the part received of one
 # unfinished message, at most GARIN_MAX_MESSAGE_BYTES (16 Mi) characters of up
@@ -121,8 +123,11 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Pong:
+    """`redis_up`: the shard's Redis link is up (always true without Redis)."""
+
     TAG: ClassVar[int] = 13
     no: int
+    redis_up: bool
 
 
 WireMessage = Hello | Welcome | Refuse | Adopt | Ended | Ping | Pong
@@ -139,7 +144,7 @@ _FIELD_TYPES: dict[int, tuple[type, tuple[tuple[type, ...], ...]]] = {
     ),
     Ended.TAG: (Ended, ((int,), (bool,))),
     Ping.TAG: (Ping, ((int,),)),
-    Pong.TAG: (Pong, ((int,),)),
+    Pong.TAG: (Pong, ((int,), (bool,))),
 }
 
 

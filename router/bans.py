@@ -11,16 +11,21 @@ a refresh read before a ban was stored can never undo it.
 
 Any process that closes clients for the rate limit runs one of these
 (`await bans.run()` in its nursery) and calls `rate_limited`.
+
+With GARIN_REDIS_URL the store is Redis (garin/redisbans.py), shared by every
+host: the same loop, the same rules, the store's calls awaited directly
+instead of in a worker thread.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 import trio
 
-from garin.bans import Ban, BanList, BanPolicy
+from garin.bans import Ban, BanList, BanPolicy, Verdict
 from garin.banstore import BanStore
 
 log = logging.getLogger("garin.router")
@@ -32,9 +37,31 @@ REFRESH_S = 2.0
 MAX_QUEUED_STRIKES = 1024
 
 
+class Store(Protocol):
+    async def active(self, now: float) -> dict[str, float]: ...
+
+    async def strike(self, subject: str, now: float, policy: BanPolicy) -> Verdict: ...
+
+
+class SqliteStore:
+    """BanStore's blocking calls, each in a worker thread."""
+
+    def __init__(self, store: BanStore) -> None:
+        self._store = store
+
+    async def active(self, now: float) -> dict[str, float]:
+        return await trio.to_thread.run_sync(self._store.active, now)
+
+    async def strike(self, subject: str, now: float, policy: BanPolicy) -> Verdict:
+        return await trio.to_thread.run_sync(self._store.strike, subject, now, policy)
+
+
 class RouterBans:
-    def __init__(self, path: str, policy: BanPolicy) -> None:
-        self.path = path
+    def __init__(self, path: str, policy: BanPolicy, redis_url: str = "", redis_password_file: str = "") -> None:
+        # `path` names the list in logs: the SQLite file, or "Redis".
+        self.path = "Redis" if redis_url else path
+        self._sqlite_path = path
+        self._redis = (redis_url, redis_password_file)
         self.policy = policy
         self.list = BanList()
         self._strikes_in, self._strikes_out = trio.open_memory_channel[tuple[str, float]](MAX_QUEUED_STRIKES)
@@ -56,7 +83,16 @@ class RouterBans:
                 log.warning("ban list %s: %d strikes dropped, the store is not keeping up", self.path, self._dropped)
 
     async def run(self) -> None:
-        store = await self._open()
+        url, password_file = self._redis
+        if url:
+            from garin.redisbans import RedisBanStore
+
+            async with RedisBanStore.open(url, password_file) as redis_store:
+                await self._serve(redis_store)
+        else:
+            await self._serve(SqliteStore(await self._open()))
+
+    async def _serve(self, store: Store) -> None:
         next_refresh = trio.current_time()
         while True:
             item: tuple[str, float] | None = None
@@ -71,24 +107,24 @@ class RouterBans:
     async def _open(self) -> BanStore:
         while True:
             try:
-                return await trio.to_thread.run_sync(BanStore, self.path)
+                return await trio.to_thread.run_sync(BanStore, self._sqlite_path)
             except Exception as exc:  # unwritable path, locked file: keep serving without bans
                 log.error("cannot open the ban list %s: %s; retrying", self.path, exc)
                 await trio.sleep(REFRESH_S * 5)
 
-    async def _refresh(self, store: BanStore) -> None:
+    async def _refresh(self, store: Store) -> None:
         try:
-            active = await trio.to_thread.run_sync(store.active, time.time())
+            active = await store.active(time.time())
         except Exception as exc:  # a locked or broken file: keep the copy we have
             log.warning("cannot read the ban list %s: %s", self.path, exc)
             return
         self.list.replace(active, time.time())
 
-    async def _strike(self, store: BanStore, subject: str, now: float) -> None:
+    async def _strike(self, store: Store, subject: str, now: float) -> None:
         if self.list.is_banned(subject, time.time()):
             return  # banned by an earlier strike in the queue: the store would ignore it too
         try:
-            verdict = await trio.to_thread.run_sync(store.strike, subject, now, self.policy)
+            verdict = await store.strike(subject, now, self.policy)
         except Exception as exc:
             log.error("cannot record a strike in the ban list %s: %s", self.path, exc)
             return

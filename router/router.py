@@ -64,7 +64,10 @@ class Router:
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules
         self.stopping = trio.Event()
-        self.bans = RouterBans(config.ban_db, config.ban_policy) if config.ban_db else None
+        self.bans = (
+            RouterBans(config.ban_db, config.ban_policy, config.redis_url, config.redis_password_file)
+            if config.ban_db else None
+        )
         # Where connections start their helper tasks (drains, forwards); set
         # by serve_router before the first connection is accepted.
         self.background: trio.Nursery
@@ -77,8 +80,12 @@ class Router:
             for i in range(config.shards)
         ]
 
-    def shard_health(self) -> dict[str, bool]:
-        return {str(link.index): link.connected for link in self.links}
+    def health(self) -> dict[str, dict[str, bool]]:
+        """/health's parts: each shard reachable; with Redis, each shard's link to it."""
+        parts = {"shards": {str(link.index): link.connected for link in self.links}}
+        if self.config.redis_url:
+            parts["redis"] = {str(link.index): link.connected and link.redis_up for link in self.links}
+        return parts
 
     def new_id(self) -> int:
         return next(self._ids)

@@ -226,7 +226,7 @@ async def serve_router(
             links.start_soon(router.bans.run)
         links.start_soon(_sample_links, router)
         if config.metrics_port:
-            links.start_soon(serve_status, config.metrics_host, config.metrics_port, router.shard_health)
+            links.start_soon(serve_status, config.metrics_host, config.metrics_port, router.health)
         if lifeline_fd is not None:
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:

@@ -73,6 +73,8 @@ class ShardLink:
         # The shard answered a ping recently (or was just linked).
         self.responsive = False
         self._answered_at = 0.0
+        # The shard's last Pong said its Redis link was up (GARIN_REDIS_URL).
+        self.redis_up = False
 
     @property
     def connected(self) -> bool:
@@ -183,6 +185,7 @@ class ShardLink:
                     self._on_ended(message)
                 elif isinstance(message, wire.Pong):
                     self._answered_at = trio.current_time()
+                    self.redis_up = message.redis_up
                     self._set_responsive(True)
                 elif isinstance(message, wire.Adopt) and fd is not None:
                     self._on_move(message, fd)  # owns fd from here

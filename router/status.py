@@ -32,7 +32,8 @@ REQUEST_TIMEOUT_S = 5.0
 # too, and these requests are a dozen short lines.
 MAX_REQUEST_BYTES = 16 * 1024
 
-Health = Callable[[], dict[str, bool]]
+# Named parts ("shards", and "redis" with GARIN_REDIS_URL), each name -> up.
+Health = Callable[[], dict[str, dict[str, bool]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +70,9 @@ async def _route(request: h11.Request, health: Health) -> Reply:
         text = await trio.to_thread.run_sync(metrics.render)
         return Reply(200, text, "text/plain; version=0.0.4; charset=utf-8")
     if target == b"/health":
-        shards = health()
-        ok = all(shards.values())
-        body = json.dumps({"status": "ok" if ok else "degraded", "shards": shards}).encode() + b"\n"
+        parts = health()
+        ok = all(all(part.values()) for part in parts.values())
+        body = json.dumps({"status": "ok" if ok else "degraded", **parts}).encode() + b"\n"
         return Reply(200 if ok else 503, body, "application/json")
     return Reply(404, b"try /metrics or /health\n")
 

@@ -19,6 +19,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -36,6 +37,9 @@ from garin.routing import HASH_NAME, shard_for
 from garin.websocket import ClientWebSocket, fan_out
 from garin.shard.rooms import Announce, Rooms
 
+if TYPE_CHECKING:
+    from garin.shard.cluster import RedisRooms
+
 log = logging.getLogger("garin.shard")
 
 HELLO_TIMEOUT_S = 5.0
@@ -48,6 +52,13 @@ class Shard:
         self.index = index
         self.rules = config.session_rules
         self.rooms: Rooms[ClientWebSocket] = Rooms()
+        # With GARIN_REDIS_URL, rooms are shared with other hosts and live
+        # there instead of in `rooms` (imported only then).
+        self.cluster: RedisRooms | None = None
+        if config.redis_url:
+            from garin.shard import cluster
+
+            self.cluster = cluster.RedisRooms(config, index)
         # Router instance -> its link, for `Ended` and for moves.
         self.routers: dict[str, Link] = {}
         self.conns: dict[int, Connection] = {}
@@ -104,7 +115,7 @@ class Shard:
                             if isinstance(message, wire.Adopt) and fd is not None:
                                 self._adopt(message, fd)
                             elif isinstance(message, wire.Ping):
-                                link.post(wire.Pong(message.no))
+                                link.post(wire.Pong(message.no, self.cluster is None or self.cluster.up))
                             else:
                                 raise wire.WireError(f"unexpected {type(message).__name__} from router {router}")
                     except BaseException:
@@ -187,12 +198,19 @@ class Shard:
         self._keys[id(conn)] = (key, room)
         conn.room = room
         metrics.JOINS.inc()
-        self._announce(self.rooms.join(room, key, username, conn.socket), -1)
+        if self.cluster is not None:
+            self.cluster.join(key, room, username, conn.socket)
+        else:
+            self._announce(self.rooms.join(room, key, username, conn.socket), -1)
         return True
 
     def publish(self, conn: Connection, body: str) -> None:
         assert conn.room is not None and conn.username is not None
         key, room = self._keys[id(conn)]
+        if self.cluster is not None:
+            if not self.cluster.publish(key, conn.username, body):
+                conn.socket.kick(closes.SHARD_UNAVAILABLE)
+            return
         members = self.rooms.members(room)
         if len(members) > 1:
             fan_out(members.items(), text_frame(protocol.message_text(conn.username, body)), key)
@@ -201,8 +219,11 @@ class Shard:
     def leave(self, conn: Connection) -> None:
         # The room it joined here (while it moves, conn.room names the next).
         key, room = self._keys.pop(id(conn))
-        announce = self.rooms.leave(room, key)
         metrics.LEAVES.inc()
+        if self.cluster is not None:
+            self.cluster.leave(key)
+            return
+        announce = self.rooms.leave(room, key)
         if announce is not None:
             self._announce(announce, key)
 
@@ -263,6 +284,8 @@ async def serve_shard(
         async with trio.open_nursery() as outer:
             outer.start_soon(_stop_on_signal, shard)
             outer.start_soon(_sample_rooms, shard)
+            if shard.cluster is not None:
+                outer.start_soon(shard.cluster.run)
             if lifeline_fd is not None:
                 outer.start_soon(watch_lifeline, lifeline_fd, shard.stopping.set)
             with trio.CancelScope() as grace:
@@ -286,6 +309,10 @@ async def serve_shard(
                     # reach the routers); then everything stops.
                     while shard.conns:
                         await trio.sleep(0.01)
+                    if shard.cluster is not None:
+                        # The members' leaves reach the other hosts.
+                        with trio.move_on_after(2):
+                            await shard.cluster.say_farewell()
                     # Let the last `Ended` reach the routers, briefly.
                     with trio.move_on_after(0.2):
                         while any(link.posting for link in shard.routers.values()):
@@ -302,8 +329,12 @@ async def serve_shard(
 async def _sample_rooms(shard: Shard) -> None:
     label = str(shard.index)
     while True:
-        metrics.ROOMS.labels(shard=label).set(len(shard.rooms))
-        metrics.MEMBERS.labels(shard=label).set(shard.rooms.member_count)
+        if shard.cluster is not None:
+            metrics.ROOMS.labels(shard=label).set(shard.cluster.room_count)
+            metrics.MEMBERS.labels(shard=label).set(shard.cluster.member_count)
+        else:
+            metrics.ROOMS.labels(shard=label).set(len(shard.rooms))
+            metrics.MEMBERS.labels(shard=label).set(shard.rooms.member_count)
         await trio.sleep(METRICS_SAMPLE_S)
 
 

@@ -87,7 +87,7 @@ async def test_messages_arrive_in_order(links: tuple[Link, Link]) -> None:
     router, shard = links
     sent: list[WireMessage] = [
         Hello(wire.PROTOCOL_VERSION, "router-0", 1, 2, "h"), Welcome(wire.PROTOCOL_VERSION, 1, (3, 4)),
-        Refuse("no"), Ping(1), Pong(1), *[Ended(i, i % 2 == 0) for i in range(50)],
+        Refuse("no"), Ping(1), Pong(1, False), *[Ended(i, i % 2 == 0) for i in range(50)],
     ]
     for message in sent:
         await router.send(message)

@@ -15,8 +15,8 @@ from garin.router.status import REQUEST_TIMEOUT_S, Reply, handle_status_request,
 HEALTHY = {"0": True, "1": True}
 
 
-def healthy() -> dict[str, bool]:
-    return dict(HEALTHY)
+def healthy() -> dict[str, dict[str, bool]]:
+    return {"shards": dict(HEALTHY)}
 
 
 async def exchange(request: bytes, health=healthy, half_close: bool = True) -> bytes:
@@ -60,8 +60,15 @@ async def test_get_health() -> None:
 
 
 async def test_degraded_health_is_503() -> None:
-    raw = await exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", health=lambda: {"0": False})
+    raw = await exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", health=lambda: {"shards": {"0": False}})
     assert parse(raw)[0].status_code == 503
+
+
+async def test_health_is_degraded_while_a_shard_has_no_redis() -> None:
+    parts = {"shards": {"0": True}, "redis": {"0": False}}
+    response, body = parse(await exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", health=lambda: parts))
+    assert response.status_code == 503
+    assert json.loads(body) == {"status": "degraded", **parts}
 
 
 @pytest.mark.parametrize("target", [b"/health", b"/metrics", b"/nope", b"/health?x=1"])

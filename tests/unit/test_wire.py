@@ -26,7 +26,7 @@ EXAMPLES: list[WireMessage] = [
     Ended(1 << 40, False),
     Ping(0),
     Ping(123456),
-    Pong(123456),
+    Pong(123456, True),
 ]
 
 

@@ -1,0 +1,322 @@
+"""A shard process's link to Redis (GARIN_REDIS_URL): the trio shell around
+garin/shard/cluster_rooms.py.
+
+One command connection and one pub/sub connection per shard process
+(coredis, which runs on trio through anyio). One task writes: it takes what
+the members' sessions queued, subscribes to the channels of rooms that got
+local members (before their joins go out, so that the joins come back),
+sends the batch as one pipeline (order kept: one connection, in order),
+with the heartbeat and the reaping of dead instances once a second, and
+unsubscribes from rooms left empty. One task reads the channels and fans
+each event out to the local members, its frame encoded once. A third
+closes the members whose join or message has waited past
+GARIN_SHARD_HOLD_TIMEOUT (1013 `room unavailable`).
+
+When the link breaks (any error, or an answer overdue): messages of the
+batch in flight are lost (never sent twice), members whose join was in
+flight are closed 1013, and the link is made again with backoff; then the
+shard subscribes again, registers its members again (Redis may have
+restarted empty; what it has that the shard no longer has is announced as
+left) and sends what waited. Credentials come from the URL or
+GARIN_REDIS_PASSWORD_FILE and are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+import coredis
+import trio
+from coredis.retry import NoRetryPolicy
+
+from garin import closes, metrics, protocol
+from garin.config import Config
+from garin.frames import text_frame
+from garin.shard import redis_lua as lua
+from garin.shard.cluster_rooms import ClusterRooms, JoinCommand, LeaveCommand, MessageCommand, channel, room_of
+from garin.websocket import ClientWebSocket, fan_out
+
+log = logging.getLogger("garin.shard")
+
+HEARTBEAT_S = 1.0
+HOLD_CHECK_S = 0.2
+# Redis answers in well under a millisecond; an answer this late means the
+# link (or Redis) is gone.
+REPLY_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+# Commands per pipeline: large enough to carry a burst in one round trip.
+BATCH = 1000
+# While the link is up, a join or message is still given up after this long
+# even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
+# that is down).
+UP_HOLD_FLOOR_S = 2.0
+
+
+def new_instance() -> str:
+    """A name for this shard process in Redis: host, pid and a random part
+    (a restarted process is a new instance)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class LinkDown(Exception):
+    pass
+
+
+class RedisRooms:
+    """The rooms of one shard process, shared with other hosts through Redis."""
+
+    def __init__(self, config: Config, shard_index: int) -> None:
+        self.config = config
+        self.index = shard_index
+        self.label = str(shard_index)
+        self.core: ClusterRooms[ClientWebSocket] = ClusterRooms(new_instance())
+        self.up = False
+        self._wake = trio.Event()
+        self._stopping = False
+        self._farewell_said = trio.Event()
+
+    # -- what the shard's sessions do (never block) --------------------------------
+
+    def join(self, key: int, room: str, username: str, sock: ClientWebSocket) -> None:
+        self.core.join(key, room, username, sock, trio.current_time())
+        self._wake.set()
+
+    def publish(self, key: int, username: str, body: str) -> bool:
+        queued = self.core.publish(key, protocol.message_text(username, body), trio.current_time())
+        self._wake.set()
+        return queued
+
+    def leave(self, key: int) -> None:
+        self.core.leave(key, trio.current_time())
+        self._wake.set()
+
+    @property
+    def member_count(self) -> int:
+        return self.core.member_count
+
+    @property
+    def room_count(self) -> int:
+        return len(self.core.local)
+
+    async def say_farewell(self) -> None:
+        """Stopping: send what waits (the members' leaves), then remove this
+        instance from Redis. Bounded by the caller."""
+        self._stopping = True
+        self._wake.set()
+        await self._farewell_said.wait()
+
+    # -- the link --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        metrics.REDIS_UP.labels(shard=self.label).set(0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._enforce_hold)
+            backoff = BACKOFF_FIRST_S
+            while True:
+                try:
+                    await self._connected()
+                except* Exception as group:
+                    self._went_down(group.exceptions[0])
+                if self._farewell_said.is_set():
+                    return
+                if self.up:
+                    backoff = BACKOFF_FIRST_S
+                self.up = False
+                metrics.REDIS_UP.labels(shard=self.label).set(0)
+                await trio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _went_down(self, exc: BaseException) -> None:
+        for sock in self.core.link_lost():
+            sock.kick(closes.SHARD_UNAVAILABLE)
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, (coredis.exceptions.RedisError, OSError, trio.TooSlowError, LinkDown, TimeoutError)):
+            if self.up:
+                log.warning("shard %d: Redis link down (%s); reconnecting", self.index, reason)
+            else:
+                log.info("shard %d: cannot reach Redis (%s); retrying", self.index, reason)
+        else:
+            log.error("shard %d: Redis link failed", self.index, exc_info=exc)
+
+    def _client(self) -> coredis.Redis[bytes]:
+        extra: dict[str, Any] = {}
+        if self.config.redis_password_file:
+            extra["password"] = Path(self.config.redis_password_file).read_text().strip()
+        return coredis.Redis.from_url(
+            self.config.redis_url,
+            decode_responses=False,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            stream_timeout=REPLY_TIMEOUT_S,
+            retry_policy=NoRetryPolicy(),
+            verify_version=False,
+            **extra,
+        )
+
+    async def _connected(self) -> None:
+        async with self._client() as client:
+            with trio.fail_after(CONNECT_TIMEOUT_S + REPLY_TIMEOUT_S):
+                shas = {
+                    name: await client.script_load(source)
+                    for name, source in (
+                        ("join", lua.JOIN), ("leave", lua.LEAVE), ("heartbeat", lua.HEARTBEAT),
+                        ("reap", lua.REAP), ("register", lua.REGISTER), ("farewell", lua.FAREWELL),
+                    )
+                }
+            async with client.pubsub(
+                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=HEARTBEAT_S * 2
+            ) as pubsub:
+                subscribed: set[str] = set()
+                with trio.fail_after(REPLY_TIMEOUT_S):
+                    await self._subscribe(pubsub, subscribed)
+                    await self._register(client, shas)
+                self.up = True
+                metrics.REDIS_UP.labels(shard=self.label).set(1)
+                metrics.REDIS_CONNECTS.inc()
+                log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, pubsub)
+                    await self._write(client, pubsub, shas, subscribed)
+                    nursery.cancel_scope.cancel()
+
+    async def _subscribe(self, pubsub: Any, subscribed: set[str]) -> None:
+        wanted = self.core.wanted_rooms()
+        new = [channel(room) for room in wanted - subscribed]
+        if new:
+            await pubsub.subscribe(*new)
+            subscribed.update(wanted)
+
+    async def _unsubscribe(self, pubsub: Any, subscribed: set[str]) -> None:
+        stale = subscribed - set(self.core.local)
+        if stale:
+            subscribed.difference_update(stale)
+            await pubsub.unsubscribe(*[channel(room) for room in stale])
+
+    async def _register(self, client: Any, shas: dict[str, Any]) -> None:
+        args: list[str | int] = [self.core.instance, self._dead_after_ms]
+        for key, room, username in self.core.registered():
+            args += [key, room, username]
+        if await client.evalsha(shas["register"], args=args) == 0:
+            await self._taken_for_dead(client, shas)
+
+    async def _taken_for_dead(self, client: Any, shas: dict[str, Any]) -> None:
+        """The others removed this instance's members (it was silent past
+        GARIN_REDIS_DEAD_AFTER): its members must reconnect, under a new name."""
+        kicked = self.core.drop_all()
+        for sock in kicked:
+            sock.kick(closes.SHARD_UNAVAILABLE)
+        old, self.core.instance = self.core.instance, new_instance()
+        log.warning(
+            "shard %d: the other hosts took instance %s for dead; closed its %d members (1013), now %s",
+            self.index, old, len(kicked), self.core.instance,
+        )
+        await client.evalsha(shas["register"], args=[self.core.instance, self._dead_after_ms])
+
+    @property
+    def _dead_after_ms(self) -> int:
+        return int(self.config.redis_dead_after_s * 1000)
+
+    async def _write(self, client: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
+        core = self.core
+        next_beat = trio.current_time()
+        while True:
+            if not core.queue and not self._stopping:
+                with trio.move_on_at(next_beat):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+            now = trio.current_time()
+            beat = now >= next_beat
+            with trio.fail_after(REPLY_TIMEOUT_S):
+                if core.rooms_changed:
+                    await self._subscribe(pubsub, subscribed)
+                batch = core.take(BATCH)
+                metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
+                if beat:
+                    next_beat = now + HEARTBEAT_S
+                    if not await self._beat(client, shas):
+                        continue
+                if batch:
+                    await self._send(client, shas, batch)
+                if core.rooms_changed:
+                    await self._unsubscribe(pubsub, subscribed)
+                if self._stopping and not core.queue:
+                    await client.evalsha(shas["farewell"], args=[core.instance])
+                    self._farewell_said.set()
+                    return
+
+    async def _beat(self, client: Any, shas: dict[str, Any]) -> bool:
+        alive = await client.evalsha(shas["heartbeat"], args=[self.core.instance, self._dead_after_ms])
+        if alive == 0:
+            await self._taken_for_dead(client, shas)
+            return False
+        reaped = await client.evalsha(shas["reap"])
+        if reaped:
+            metrics.REDIS_REAPED.inc(reaped)
+            log.info("shard %d: removed the members of %d dead instance(s)", self.index, reaped)
+        return True
+
+    async def _send(self, client: Any, shas: dict[str, Any], batch: list[Any]) -> None:
+        instance = self.core.instance
+        started = trio.current_time()
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for command in batch:
+                    if isinstance(command, MessageCommand):
+                        pipe.publish(channel(command.room), command.payload)
+                    elif isinstance(command, JoinCommand):
+                        pipe.evalsha(
+                            shas["join"],
+                            keys=[lua.roster(command.room), lua.owned(instance)],
+                            args=[channel(command.room), instance, command.key, command.room, command.username],
+                        )
+                    elif isinstance(command, LeaveCommand):
+                        pipe.evalsha(
+                            shas["leave"],
+                            keys=[lua.roster(command.room), lua.owned(instance)],
+                            args=[channel(command.room), instance, command.key, command.username],
+                        )
+        except BaseException:
+            lost = sum(isinstance(c, MessageCommand) for c in batch)
+            if lost:
+                metrics.REDIS_LOST_MESSAGES.inc(lost)
+            raise
+        metrics.REDIS_ROUND_TRIP.observe(trio.current_time() - started)
+
+    async def _read(self, pubsub: Any) -> None:
+        core = self.core
+        while True:
+            message = await pubsub.get_message()
+            if message is None or message["type"] != "message":
+                continue
+            room = room_of(message["channel"])
+            if room is None:
+                continue
+            delivery = core.apply(room, message["data"])
+            if delivery is not None:
+                fan_out(delivery.to.items(), text_frame(delivery.text), delivery.exclude)
+                metrics.DELIVERIES.inc(len(delivery.to) - (delivery.exclude in delivery.to))
+            if core.evicted:
+                for sock in core.evicted:
+                    sock.kick(closes.SHARD_UNAVAILABLE)
+                log.warning("shard %d: Redis removed %d of its members (taken for dead); closed them (1013)",
+                            self.index, len(core.evicted))
+                core.evicted.clear()
+
+    async def _enforce_hold(self) -> None:
+        hold = self.config.shard_hold_timeout_s
+        while True:
+            await trio.sleep(HOLD_CHECK_S)
+            late = self.core.held_too_long(trio.current_time(), hold if not self.up else max(hold, UP_HOLD_FLOOR_S))
+            for sock in late:
+                sock.kick(closes.SHARD_UNAVAILABLE)
+            if late:
+                log.info("shard %d: closed %d members held past %g s without Redis (1013)", self.index, len(late), hold)

@@ -1,0 +1,586 @@
+"""Several garin hosts sharing rooms through a real Redis (GARIN_REDIS_URL).
+
+Each "host" is its own `garin run` (own port, socket directory, metrics);
+they share one `redis-server` started here on a free loopback port. Skipped
+with a reason when Debian's redis-server is not installed (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import ClientConnection
+
+from conftest import (
+    SHARDS,
+    SHARED_ENV,
+    Clients,
+    GarinServer,
+    expect_close,
+    expect_join,
+    expect_message,
+    expect_quiet,
+    expect_userleave,
+    free_port,
+    message_frame,
+    new_room,
+    new_user,
+    recv_json,
+    room_on,
+)
+from test_metrics import get
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.usefixtures("hard_cap"),
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)"),
+]
+
+DEAD_AFTER_S = 2.0
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, no persistence.
+    `tls`: TLS only, with a self-signed certificate, and a password."""
+
+    def __init__(self, tls: bool = False) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        self.password = secrets.token_hex(16)
+        if tls:
+            self.cert = self.dir / "cert.pem"
+            self.key = self.dir / "key.pem"
+            _self_signed(self.cert, self.key)
+
+    @property
+    def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert REDIS_SERVER is not None
+        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--dir", str(self.dir)]
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
+                     "--tls-key-file", str(self.key), "--tls-auth-clients", "no", "--requirepass", self.password]
+        else:
+            args += ["--port", str(self.port)]
+        with open(self.dir / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            assert self.process.poll() is None, (self.dir / "redis.log").read_text()
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        return self
+
+    def ping(self) -> bool:
+        import socket
+        import ssl
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                if self.tls:
+                    context = ssl.create_default_context(cafile=str(self.cert))
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                        sock.sendall(f"AUTH {self.password}\r\n".encode())
+                        return sock.recv(64).startswith(b"+OK")
+                raw.sendall(b"PING\r\n")
+                return raw.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command in RESP, its raw reply (enough for the checks here)."""
+        import socket
+
+        payload = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(payload)
+            time.sleep(0.05)
+            return sock.recv(65536)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _self_signed(cert_path: Path, key_path: Path) -> None:
+    """A certificate for 127.0.0.1 (cryptography comes with PyJWT[crypto])."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+class Hosts:
+    """garin hosts on one Redis, sharing a token secret; stopped afterwards."""
+
+    def __init__(self, redis: RedisServer, stack: contextlib.ExitStack) -> None:
+        self.redis = redis
+        self.secret = secrets.token_urlsafe(48)
+        self.stack = stack
+        self.all: list[GarinServer] = []
+
+    def start(self, shards: int = SHARDS, **env: str) -> GarinServer:
+        server = GarinServer(
+            env_overrides={
+                **SHARED_ENV,
+                "GARIN_REDIS_URL": self.redis.url,
+                "GARIN_REDIS_DEAD_AFTER": str(DEAD_AFTER_S),
+                "GARIN_SHARD_HOLD_TIMEOUT": "5",
+                **env,
+            },
+            secret=self.secret,
+            shards=shards,
+        )
+        server.start()
+        self.all.append(server)
+        self.stack.callback(self._stop, server)
+        return server
+
+    def _stop(self, server: GarinServer) -> None:
+        if server.process is not None and server.process.poll() is None:
+            server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def hosts(redis: RedisServer) -> Iterator[Hosts]:
+    with contextlib.ExitStack() as stack:
+        yield Hosts(redis, stack)
+
+
+@pytest.fixture
+def people(hosts: Hosts) -> Iterator[Clients]:
+    with contextlib.ExitStack() as stack:
+        yield Clients(stack, None)  # type: ignore[arg-type]  # every call names its server
+
+
+def join_all(people: Clients, room: str, placed: list[tuple[str, GarinServer]]) -> list[ClientConnection]:
+    """Each (name, host) joins `room` in turn; everyone sees each join with the right count."""
+    joined: list[ClientConnection] = []
+    for n, (name, host) in enumerate(placed, 1):
+        ws = people.join(name, room, total=n, server=host)
+        for earlier in joined:
+            expect_join(earlier, name, n)
+        joined.append(ws)
+    return joined
+
+
+# -- chat across hosts ---------------------------------------------------------------
+
+
+def test_members_on_two_hosts_chat_in_rooms_of_every_shard(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(), hosts.start()
+    for shard in range(SHARDS):
+        room = room_on(shard, "x")
+        alice, bob = new_user("alice"), new_user("bob")
+        wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+        wa.send(message_frame("hi bob"))
+        expect_message(wb, alice, "hi bob")
+        wb.send(message_frame("hello alice"))
+        expect_message(wa, bob, "hello alice")
+        expect_quiet([wa, wb], settle=0.1)
+        wb.send(json.dumps({"type": "userleave"}))
+        expect_userleave(wa, bob, 1)
+
+
+def test_total_users_counts_both_hosts_through_joins_and_leaves(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    room = new_room("count")
+    names = [new_user(f"p{i}") for i in range(6)]
+    placed = [(name, a if i % 2 == 0 else b) for i, name in enumerate(names)]
+    sockets = join_all(people, room, placed)
+    # Leaves from both hosts, in turn: the others see counts 5, 4, 3.
+    present = list(range(6))
+    for gone, expected in ((1, 5), (2, 4), (5, 3)):
+        sockets[gone].send(message_frame(""))  # an empty body leaves and closes
+        expect_close(sockets[gone], 1000, "bye")
+        present.remove(gone)
+        for i in present:
+            expect_userleave(sockets[i], names[gone], expected)
+    late = new_user("late")
+    ws = people.join(late, room, total=4, server=b)
+    for i in (0, 3, 4):
+        expect_join(sockets[i], late, 4)
+    expect_quiet([ws, sockets[0], sockets[3], sockets[4]], settle=0.1)
+
+
+@pytest.mark.cap(90)
+def test_25_senders_over_three_hosts_every_message_once_in_order(hosts: Hosts, people: Clients) -> None:
+    three = [hosts.start(shards=2), hosts.start(shards=2), hosts.start(shards=2)]
+    room = new_room("busy")
+    names = [new_user(f"s{i:02d}") for i in range(25)]
+    sockets = join_all(people, room, [(name, three[i % 3]) for i, name in enumerate(names)])
+    per_sender = 20
+    errors: list[BaseException] = []
+
+    def send(ws: ClientConnection, name: str) -> None:
+        try:
+            for n in range(per_sender):
+                ws.send(message_frame(f"{name} {n}"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(ws, name)) for ws, name in zip(sockets, names)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors
+    expected = per_sender * (len(names) - 1)
+    for ws, me in zip(sockets, names):
+        seen: dict[str, int] = {}
+        for _ in range(expected):
+            got = recv_json(ws, timeout=15)
+            assert got["type"] == "message" and got["username"] != me, got
+            sender, n = got["body"].split()
+            assert got["username"] == sender
+            assert int(n) == seen.get(sender, -1) + 1, f"{sender}'s message {n} after {seen.get(sender)}"
+            seen[sender] = int(n)
+        assert all(v == per_sender - 1 for v in seen.values()) and len(seen) == len(names) - 1
+    expect_quiet(sockets, settle=0.2)
+
+
+# -- hosts and Redis failing ------------------------------------------------------------
+
+
+def kill_host(server: GarinServer) -> None:
+    """kill -9 a whole host: its supervisor and every child at once (no
+    process gets to say goodbye)."""
+    assert server.process is not None
+    pid = server.process.pid
+    children = [
+        int(entry.name) for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _ppid(entry) == pid
+    ]
+    assert children, "the host has no children to kill"
+    for victim in (pid, *children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    server.process.wait(timeout=10)
+    server.process = None
+    server.exit_code = -signal.SIGKILL
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.cap(60)
+def test_a_killed_host_s_members_leave_within_the_bound(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    room = new_room("kill")
+    names = [new_user(f"k{i}") for i in range(4)]
+    # b holds members 1 and 3.
+    sockets = join_all(people, room, [(n, a if i % 2 == 0 else b) for i, n in enumerate(names)])
+    kill_host(b)
+    killed = time.monotonic()
+    # Each survivor hears both leaves (in one order for both), counts 3 then 2.
+    orders = []
+    for ws in (sockets[0], sockets[2]):
+        first = recv_json(ws, timeout=DEAD_AFTER_S + 5)
+        second = recv_json(ws, timeout=2)
+        assert {first["type"], second["type"]} == {"userleave"}
+        assert (first["totalUsers"], second["totalUsers"]) == (3, 2)
+        assert {first["username"], second["username"]} == {names[1], names[3]}
+        orders.append((first["username"], second["username"]))
+    took = time.monotonic() - killed
+    assert took < DEAD_AFTER_S + 3, f"ghosts lasted {took:.1f} s"
+    assert orders[0] == orders[1]
+    late = new_user("late")
+    ws = people.join(late, room, total=3, server=a)
+    expect_join(sockets[0], late, 3)
+    expect_join(sockets[2], late, 3)
+    sockets[0].send(message_frame("still here"))
+    expect_message(ws, names[0], "still here")
+    expect_message(sockets[2], names[0], "still here")
+
+
+@pytest.mark.cap(60)
+def test_sigterm_of_one_host_closes_its_clients_and_the_others_chat_on(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    room = new_room("term")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb, wc = join_all(people, room, [(alice, a), (bob, b), (carol, a)])
+    b.stop()  # SIGTERM: exit 0, socket directory removed (checked by stop)
+    expect_close(wb, 1001, "server shutting down")
+    expect_userleave(wa, bob, 2)
+    expect_userleave(wc, bob, 2)
+    wa.send(message_frame("bob has gone"))
+    expect_message(wc, alice, "bob has gone")
+    expect_quiet([wa, wc], settle=0.1)
+
+
+def wait_for(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.cap(90)
+def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    metrics_port = free_port()
+    a = hosts.start(shards=2, GARIN_METRICS_PORT=str(metrics_port))
+    b = hosts.start(shards=2)
+    room = new_room("restart")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb, wc = join_all(people, room, [(alice, a), (bob, b), (carol, b)])
+    health = f"http://127.0.0.1:{metrics_port}/health"
+    # Ok once every shard's pong has said its Redis link is up (a second at most).
+    wait_for(lambda: get(health)[0] == 200, "/health ok")
+
+    stop = threading.Event()
+    sent = [0]
+
+    def chatter() -> None:
+        while not stop.is_set():
+            wa.send(message_frame(str(sent[0])))
+            sent[0] += 1
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        redis.stop()
+
+        def degraded() -> bool:
+            status, body = get(health)
+            return status == 503 and json.loads(body)["redis"] == {"0": False, "1": False}
+
+        wait_for(degraded, "/health to say both shards lost Redis")
+        time.sleep(0.5)
+        redis.start()
+        wait_for(lambda: get(health)[0] == 200, "/health ok again")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    last = sent[0] - 1
+    # Each receiver: numbers strictly increasing (nothing twice, nothing
+    # reordered), up to the last one sent (what was in flight when Redis died
+    # may be missing: README).
+    for ws in (wb, wc):
+        previous = -1
+        while previous < last:
+            got = recv_json(ws, timeout=10)
+            assert got["type"] == "message" and got["username"] == alice, got
+            n = int(got["body"])
+            assert n > previous, f"{n} after {previous}"
+            previous = n
+    expect_quiet([wa, wb, wc], settle=0.2)
+    # Redis came back empty: the hosts registered their members again, so a
+    # new member counts everyone, and leaves count down from there.
+    dave = new_user("dave")
+    wd = people.join(dave, room, total=4, server=a)
+    for ws in (wa, wb, wc):
+        expect_join(ws, dave, 4)
+    wb.send(message_frame(""))
+    expect_close(wb, 1000, "bye")
+    for ws in (wa, wc, wd):
+        expect_userleave(ws, bob, 3)
+
+
+@pytest.mark.cap(60)
+def test_without_redis_a_join_waits_the_hold_then_closes_1013(redis: RedisServer, hosts: Hosts, people: Clients) -> None:
+    a = hosts.start(shards=2, GARIN_SHARD_HOLD_TIMEOUT="1")
+    redis.stop()
+    time.sleep(0.5)
+    ws = people.authed(new_user("late"), server=a)
+    ws.send(json.dumps({"type": "join", "username": new_user("late"), "room": new_room("held")}))
+    took = expect_close(ws, 1013, "room unavailable", timeout=10)
+    assert 0.5 < took < 4, took
+    redis.start()
+    time.sleep(1.5)  # reconnect (backoff)
+    name = new_user("back")
+    people.join(name, new_room("back"), total=1, server=a)
+
+
+# -- bans shared through Redis --------------------------------------------------------
+
+
+@pytest.mark.cap(60)
+def test_strikes_on_two_hosts_ban_on_both_and_garin_ban_reaches_them(hosts: Hosts) -> None:
+    from test_bans import ban_cli, eventually, refused_as_banned, spam_until_closed
+
+    limits = {
+        "GARIN_RATE_LIMIT_COUNT": "1", "GARIN_RATE_LIMIT_WINDOW": "10",
+        "GARIN_BAN_STRIKES": "2", "GARIN_BAN_WINDOW": "600", "GARIN_BAN_DURATION": "600",
+    }
+    a, b = hosts.start(shards=1, **limits), hosts.start(shards=1, **limits)
+    spam_until_closed(a, "spammer", new_room("spam"))
+    assert not refused_as_banned(b, "spammer")  # one strike is not enough
+    spam_until_closed(b, "spammer", new_room("spam"))  # the second, on the other host
+    eventually(lambda: refused_as_banned(a, "spammer") and refused_as_banned(b, "spammer"))
+    assert not refused_as_banned(a, "bystander")
+    listing = ban_cli(a, "list")
+    assert listing.returncode == 0 and "spammer" in listing.stdout and "(ban list: Redis)" in listing.stdout
+    result = ban_cli(b, "add", "troll", "--for", "1h", "--reason", "abuse")
+    assert result.returncode == 0, result.stderr
+    eventually(lambda: refused_as_banned(a, "troll"))
+    assert ban_cli(a, "remove", "spammer").returncode == 0
+    eventually(lambda: not refused_as_banned(b, "spammer"))
+
+
+@pytest.mark.parametrize("strikes", [0, 1, 3])
+def test_the_strike_script_judges_as_ban_policy(redis: RedisServer, strikes: int) -> None:
+    """garin/redisbans.py's Lua gives BanPolicy.judge's verdict for every stored
+    ban (none, ended, running, until removed) and count of earlier strikes."""
+    import trio
+
+    from garin.bans import FOREVER, Ban, BanPolicy
+    from garin.redisbans import RedisBanStore
+
+    policy = BanPolicy(strikes=strikes, window_s=600, ban_s=3600)
+    now = 1_800_000_000.0
+
+    async def check() -> None:
+        async with RedisBanStore.open(redis.url) as store:
+            for n, banned_until in enumerate((None, now - 1, now + 100, FOREVER)):
+                for earlier in range(4):
+                    subject = f"s{strikes}-{n}-{earlier}"
+                    if banned_until is not None:
+                        await store.add(subject, None if banned_until == FOREVER else banned_until, "t", now - 5)
+                    for k in range(earlier):  # inside the window; one outside it, never counted
+                        await store._client.zadd(f"garin:strikes:{subject}", {f"old{k}": now - 10 - k})
+                    await store._client.zadd(f"garin:strikes:{subject}", {"ancient": now - 700})
+                    got = await store.strike(subject, now, policy)
+                    want = policy.judge(banned_until, earlier, now)
+                    if isinstance(want, Ban):
+                        assert isinstance(got, Ban) and abs(got.until - want.until) < 0.01, (subject, got, want)
+                        assert subject in await store.active(now)
+                    else:
+                        assert got == want, (subject, got, want)
+
+    trio.run(check)
+
+
+@pytest.mark.cap(60)
+def test_tls_and_a_password_file_and_the_password_is_never_shown(people: Clients) -> None:
+    tls = RedisServer(tls=True).start()
+    try:
+        password_file = tls.dir / "password"
+        password_file.write_text(tls.password + "\n")
+        with contextlib.ExitStack() as stack:
+            hosts = Hosts(tls, stack)
+            a = hosts.start(shards=1, GARIN_REDIS_PASSWORD_FILE=str(password_file))
+            # The other host has the password in its URL.
+            b = hosts.start(
+                shards=1, GARIN_REDIS_URL=tls.url.replace("rediss://", f"rediss://:{tls.password}@")
+            )
+            room = new_room("tls")
+            alice, bob = new_user("alice"), new_user("bob")
+            wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+            wa.send(message_frame("over TLS"))
+            expect_message(wb, alice, "over TLS")
+            help_text = subprocess.run(
+                [sys.executable, "-m", "garin", "run", "--help"], env=b.env(), capture_output=True, text=True,
+                timeout=30,
+            ).stdout
+            assert "--redis-url" in help_text and tls.password not in help_text
+            for host in (a, b):
+                log = host.log_path.read_text(errors="replace")
+                assert "Redis link up" in log and tls.password not in log
+    finally:
+        tls.cleanup()
+
+
+def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GARIN_")}
+    env.update(JWT_DECODE_SECRET="x" * 40, ALLOWED_ORIGINS="http://a.test", GARIN_REDIS_URL="http://u:hunter22@h/")
+    result = subprocess.run(
+        [sys.executable, "-m", "garin", "run"], env=env, capture_output=True, text=True, timeout=30,
+        cwd=tempfile.gettempdir(),
+    )
+    assert result.returncode == 2
+    assert "GARIN_REDIS_URL must start with redis://, rediss:// or unix://" in result.stderr
+    assert "hunter22" not in result.stderr + result.stdout
+
+
+@pytest.mark.cap(60)
+def test_a_shard_paused_past_the_bound_closes_its_members_instead_of_splitting(hosts: Hosts, people: Clients) -> None:
+    a, b = hosts.start(shards=1), hosts.start(shards=1)
+    room = new_room("pause")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    assert b.process is not None
+    [shard] = [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _ppid(p) == b.process.pid and b"shard" in (p / "cmdline").read_bytes()
+    ]
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        expect_userleave(wa, bob, 1)  # alice hears bob reaped
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    # Back, the paused shard learns it was taken for dead: bob must reconnect.
+    expect_close(wb, 1013, "room unavailable", timeout=10)
+    bob2 = new_user("bob")
+    people.join(bob2, room, total=2, server=b)
+    expect_join(wa, bob2, 2)
