@@ -28,12 +28,14 @@ address, so there the per-client limit must be raised or turned off (0).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from garin import closes
 from garin.closes import Close
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every accept and release; clients come back
 def client_key(address: str) -> str:
     """The name under which `address` is counted: the IPv4 address or the IPv6 /64."""
     try:

@@ -86,15 +86,14 @@ def client_address(
     peer: str, trusted: TrustedProxies, x_forwarded_for: str | None, forwarded: str | None
 ) -> str:
     """The client's address for `peer`'s request (see the module's docstring)."""
-    if not trusted.trusts(peer):
-        return peer
+    if not (forwarded or x_forwarded_for) or not trusted.trusts(peer):
+        return peer  # headers first: most connections have none (no address to parse)
     hops: Sequence[str]
     if forwarded:
         hops = _forwarded_for(forwarded)
-    elif x_forwarded_for:
-        hops = [hop.strip() for hop in x_forwarded_for.split(",")]
     else:
-        return peer
+        assert x_forwarded_for is not None
+        hops = [hop.strip() for hop in x_forwarded_for.split(",")]
     addresses = [ip for ip in (_ip(hop) for hop in hops)]
     if not addresses or any(ip is None for ip in addresses):
         return peer  # "unknown", an obfuscated name, garbage: nothing to believe
