@@ -7,7 +7,8 @@ end-to-end tests' hand-made client uses it too), `lean` a minimal trio
 WebSocket client on it, `stats` the percentiles and histograms, `options`
 the command-line options and run scaffolding the tools share.
 
-The tools: `bench` (with `worker`, `report`, `plot`), `floor`, `room`,
+The tools: `bench` (with `worker`, `report`, `plot`, and `hosts` for several
+garin hosts on one private redis-server), `floor`, `room`,
 `summary` and the `soak` package. Each has a thin entry script in scripts/
 (`python scripts/bench.py ...`), and runs as `python -m garin_bench.bench`
 once installed (`pip install -e '.[test]'` installs it from scripts/garin_bench).

@@ -22,6 +22,12 @@ Deliveries/s counts deliveries received during the window. Latency is
 receive time - send time (the body carries it) for every delivery of a window
 message. Results go to --out (JSON) and a PNG next to it.
 
+Several hosts (--hosts N, --redis; hosts.py): each run spawns a private
+redis-server and N `garin run` sharing it, and every room's members are
+split over the hosts; --rounds alternate it with the same load on one host
+without Redis, and the report adds each host's CPU per delivery to its own
+members, Redis's CPU per message and the medians of the rounds.
+
 The whole run is bounded: every wait has a deadline and an alarm ends the run
 after --timeout seconds whatever happens. Traffic goes to loopback only unless
 --allow-remote is given.
@@ -42,10 +48,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from garin_bench import worker
+from garin_bench import hosts, worker
 from garin_bench.worker import MemberSpec, Times, WorkerPlan
 from garin_bench.report import (
-    Run, Sample, build_result, print_summary, sleep_until, summarize_connect, take_sample, write_outputs, fmt,
+    Run, Sample, build_result, print_summary, sleep_until, summarize_connect, write_outputs, fmt,
 )
 from garin_bench.options import ToolError, open_target, run_bounded, tool_parser
 from garin_bench.server import TokenMinter, shard_for
@@ -99,6 +105,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="after the run, measure for SECONDS the write floor of this machine (scripts/bench_floor.py: "
                           "the same sockets and writes per second without a server) and report the server's "
                           "CPU per delivery as a multiple of it; 0: off")
+    several = p.add_argument_group("several hosts (GARIN_REDIS_URL)")
+    several.add_argument("--hosts", type=int, default=1,
+                         help="--spawn: this many `garin run` hosts (each --shards and --routers) sharing one private "
+                              "redis-server; each room's members are split over them, its first sender on host "
+                              "room %% hosts. More than 1 implies --redis")
+    several.add_argument("--redis", action="store_true",
+                         help="--spawn: start a private redis-server on a free loopback port (no persistence) and give "
+                              "the host(s) GARIN_REDIS_URL. The report adds each host's CPU per delivery to its own "
+                              "members and Redis's CPU per message; --out holds every run (schema garin-bench-hosts/1), "
+                              "no plot")
+    several.add_argument("--rounds", type=int, default=1,
+                         help="with --redis: rounds of the same load on one host without Redis (the reference) and "
+                              "on the hosts through Redis, their order alternating; the report gives medians")
+    several.add_argument("--no-reference", action="store_true", help="with --redis: skip the one-host reference runs")
+    several.add_argument("--redis-server", default="redis-server", help="with --redis: the redis-server binary")
     args = p.parse_args(argv)
 
     def bad(message: str) -> None:
@@ -120,6 +141,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad("--floor must be >= 0 (seconds; 0: off)")
     if args.spawn and args.server_pid is not None:
         bad("--spawn measures the server it starts; drop --server-pid")
+    if args.hosts < 1 or args.rounds < 1:
+        bad("--hosts and --rounds must be at least 1")
+    if args.hosts > 1:
+        args.redis = True  # several hosts share rooms only through Redis
+    if args.redis and not args.spawn:
+        bad("--hosts and --redis start their own hosts and Redis: add --spawn")
+    if args.redis and args.floor:
+        bad("--floor measures one server's write floor; run it without --hosts/--redis")
+    if (args.rounds > 1 or args.no_reference) and not args.redis:
+        bad("--rounds and --no-reference go with --hosts or --redis")
+    if args.redis:
+        args.no_plot = True  # the result holds every run of every round
     if args.timeout is None:
         args.timeout = args.connect_timeout + args.warmup + args.duration + args.drain + 60.0
     if args.plot is None:
@@ -143,8 +176,11 @@ def balanced_rooms(run_id: str, count: int, shards: int) -> list[str]:
 
 
 def make_plans(args: argparse.Namespace, url: str, origin: str, minter: TokenMinter, run_id: str,
-               hard_deadline: float) -> tuple[list[WorkerPlan], list[str]]:
-    """Members go round-robin over the workers, so every room's fan-out is shared by all of them."""
+               hard_deadline: float, host_urls: list[str] | None = None) -> tuple[list[WorkerPlan], list[str]]:
+    """Members go round-robin over the workers, so every room's fan-out is
+    shared by all of them. With `host_urls`, member i of room r connects to
+    host (r + i) % hosts: every room is split evenly, and the first sender of
+    room r is on host r % hosts."""
     shares: list[list[MemberSpec]] = [[] for _ in range(args.procs)]
     rooms = balanced_rooms(run_id, args.rooms, args.shards if args.spawn else 1)
     n = 0
@@ -152,7 +188,9 @@ def make_plans(args: argparse.Namespace, url: str, origin: str, minter: TokenMin
         for i in range(args.members):
             username = f"u{r}-{i}"
             sender = r * args.senders + i if i < args.senders else -1
-            shares[n % args.procs].append(MemberSpec(r, room, username, minter(username), sender))
+            host = (r + i) % len(host_urls) if host_urls else 0
+            member_url = host_urls[host] if host_urls else ""
+            shares[n % args.procs].append(MemberSpec(r, room, username, minter(username), sender, host, member_url))
             n += 1
     plans = [
         WorkerPlan(
@@ -245,8 +283,11 @@ def run_bench(run: Run, minter: TokenMinter, hard_deadline: float) -> dict[str, 
     args = run.args
     run_id = secrets.token_hex(3)
     connections = args.rooms * args.members
-    plans, rooms = make_plans(args, run.url, run.origin, minter, run_id, hard_deadline)
-    print(f"bench: {connections} members over {args.procs} worker process(es) -> {run.url}", file=sys.stderr)
+    host_urls = [host.url for host in run.hosts]
+    plans, rooms = make_plans(args, run.url, run.origin, minter, run_id, hard_deadline, host_urls)
+    run.host_members = [sum(1 for plan in plans for m in plan.members if m.host == k) for k in range(len(host_urls))]
+    where = f"{len(host_urls)} hosts ({', '.join(host_urls)})" if len(host_urls) > 1 else run.url
+    print(f"bench: {connections} members over {args.procs} worker process(es) -> {where}", file=sys.stderr)
     handles = start_workers(plans)
     graceful = False
     try:
@@ -265,12 +306,12 @@ def _drive(run: Run, handles: list[WorkerHandle], rooms: list[str]) -> dict[str,
     gather(handles, "ready", WORKER_START_TIMEOUT_S)
     cpu_self0 = os.times()
 
-    before = take_sample(run.server_pid)
+    before = run.sample()
     t_connect = time.monotonic() + 0.2
     broadcast(handles, ("connect", t_connect))
     joins = gather(handles, "joined", args.connect_timeout + 15)
     time.sleep(SETTLE_AFTER_JOIN_S)
-    after_join = take_sample(run.server_pid)
+    after_join = run.sample()
     connect = summarize_connect(joins, t_connect, connections)
     print(
         f"bench: {connect['joined']}/{connections} joined in {fmt(connect['all_joined_s'], 's')} "
@@ -297,13 +338,14 @@ def _drive(run: Run, handles: list[WorkerHandle], rooms: list[str]) -> dict[str,
     samples: dict[float, Sample] = {}
     for mark in worker.sample_marks(times):
         sleep_until(mark)
-        samples[mark] = take_sample(run.server_pid)
-        if run.spawned is not None and run.spawned.process is not None and run.spawned.process.poll() is not None:
-            raise BenchError(f"the spawned server exited during the run:\n{run.spawned.log_tail()}")
+        samples[mark] = run.sample()
+        for spawned in run.servers():
+            if spawned.process is not None and spawned.process.poll() is not None:
+                raise BenchError(f"the spawned server exited during the run:\n{spawned.log_tail()}")
     results = gather(handles, "result", 15)
-    end = take_sample(run.server_pid)
-    if run.spawned is not None:
-        problems = run.spawned.log_problems()
+    end = run.sample()
+    for spawned in run.servers():
+        problems = spawned.log_problems()
         if problems:
             run.warn(f"the spawned server logged {len(problems)} warning/error line(s), e.g. {problems[0]!r}")
             run.notes.extend(f"server log: {line}" for line in problems[:10])
@@ -342,6 +384,9 @@ def add_floor(result: dict[str, Any], members: int, body_bytes: int, seconds: fl
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.redis:
+        runs = len(hosts_order(args))
+        return run_bounded("bench", args.timeout * runs, 1, lambda: _bench_hosts(args))
     return run_bounded("bench", args.timeout, 1, lambda: _bench(args))
 
 
@@ -356,6 +401,55 @@ def _bench(args: argparse.Namespace) -> int:
             add_floor(result, args.members, args.body_bytes, args.floor)
         print_summary(result)
         write_outputs(result, args)
+    return 0
+
+
+def hosts_order(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(round, setup) in the order they run: the reference and the hosts
+    take turns going first, so that both meet the machine's drift alike."""
+    split = hosts.setup_name(args.hosts)
+    order = []
+    for k in range(1, args.rounds + 1):
+        pair = [split] if args.no_reference else [hosts.REFERENCE, split]
+        order += [(k, setup) for setup in (pair if k % 2 else pair[::-1])]
+    return order
+
+
+def _bench_hosts(args: argparse.Namespace) -> int:
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    runs: list[dict[str, Any]] = []
+    for k, setup in hosts_order(args):
+        print(f"bench: round {k}/{args.rounds}: {setup}", file=sys.stderr)
+        run = Run(args, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        hard_deadline = time.monotonic() + args.timeout
+        if setup == hosts.REFERENCE:
+            with open_target(args, "bench", args.token_ttl) as target:
+                run.url, run.origin, run.server_pid, run.spawned = (
+                    target.url, target.origin, target.server_pid, target.spawned)
+                result = run_bench(run, target.minter, hard_deadline)
+        else:
+            with hosts.open_hosts(args, "bench", args.token_ttl) as spawned:
+                first = spawned.servers[0]
+                run.url, run.origin, run.server_pid, run.spawned = first.url, spawned.origin, first.pid, first
+                run.hosts, run.redis_pid = spawned.servers, spawned.redis.pid
+                result = run_bench(run, spawned.minter, hard_deadline)
+        print(f"== round {k}: {setup}")
+        print_summary(result)
+        runs.append({"round": k, "setup": setup, "result": result})
+    signal.alarm(0)
+    summary = hosts.compare(runs, args.hosts)
+    print(f"== garin bench: {args.rooms} rooms x {args.members} members, {hosts.setup_name(args.hosts)}")
+    hosts.print_comparison(summary, args.rounds)
+    config: dict[str, Any] = {"reference": not args.no_reference} | {key: vars(args)[key] for key in (
+        "hosts", "rounds", "shards", "routers", "rooms", "members", "senders", "interval",
+        "body_bytes", "procs", "client", "warmup", "duration", "drain",
+    )}
+    write_outputs({
+        "schema": hosts.SCHEMA, "started_at": started_at, "config": config,
+        "summary": summary,
+        "warnings": [f"round {r['round']}, {r['setup']}: {w}" for r in runs for w in r["result"]["warnings"]],
+        "runs": runs,
+    }, args)
     return 0
 
 

@@ -133,6 +133,19 @@ def sample_tree(root: int) -> TreeSample:
     return TreeSample(tuple(live), cpu_total, rss_total, per_pid)
 
 
+def merged_samples(samples: list[TreeSample]) -> TreeSample:
+    """Several trees as one (bench.py --hosts: every host's garin together)."""
+    per_pid: dict[int, float] = {}
+    for sample in samples:
+        per_pid.update(sample.per_pid_cpu_s)
+    return TreeSample(
+        tuple(pid for sample in samples for pid in sample.pids),
+        sum(sample.cpu_s for sample in samples),
+        sum(sample.rss_kib for sample in samples),
+        per_pid,
+    )
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot."""
     with open("/proc/stat") as f:

@@ -40,9 +40,21 @@ class Run:
     spawned: SpawnedServer | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # bench.py --hosts/--redis: every host's `garin run` (the first is also
+    # `spawned`), how many members each has, and the private redis-server.
+    hosts: list[SpawnedServer] = field(default_factory=list)
+    host_members: list[int] = field(default_factory=list)
+    redis_pid: int | None = None
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    def sample(self) -> Sample:
+        return take_sample(self.server_pid, [host.pid for host in self.hosts], self.redis_pid)
+
+    def servers(self) -> list[SpawnedServer]:
+        """The garin processes this run spawned (none for --url)."""
+        return self.hosts or ([self.spawned] if self.spawned is not None else [])
 
 
 # -- sampling ---------------------------------------------------------------
@@ -53,11 +65,20 @@ class Sample:
     t: float
     tree: procfs.TreeSample | None
     machine: tuple[int, int]
+    hosts: list[procfs.TreeSample] = field(default_factory=list)
+    redis: procfs.TreeSample | None = None
 
 
-def take_sample(server_pid: int | None) -> Sample:
-    tree = procfs.sample_tree(server_pid) if server_pid is not None else None
-    return Sample(time.monotonic(), tree, procfs.machine_ticks())
+def take_sample(server_pid: int | None, host_pids: list[int] | None = None, redis_pid: int | None = None) -> Sample:
+    """The server's tree (with several hosts: all of them as one, and each
+    alone), Redis's process, and the machine."""
+    hosts = [procfs.sample_tree(pid) for pid in host_pids or ()]
+    if hosts:
+        tree: procfs.TreeSample | None = procfs.merged_samples(hosts)
+    else:
+        tree = procfs.sample_tree(server_pid) if server_pid is not None else None
+    redis = procfs.sample_tree(redis_pid) if redis_pid is not None else None
+    return Sample(time.monotonic(), tree, procfs.machine_ticks(), hosts, redis)
 
 
 def sleep_until(t: float) -> None:
@@ -264,6 +285,7 @@ def build_result(
             f"senders fell behind their schedule (max lag {max_lag_ms} ms, {skipped} sends skipped): "
             f"sent {traffic['sent_per_s']}/s of {traffic['target_send_per_s']}/s wanted"
         )
+    hosts = hosts_section(run, results, w0, w1, duration, window_sent) if run.hosts else None
     shard_rooms = None
     if run.spawned is not None:
         counts = [0] * run.spawned.shards
@@ -273,17 +295,18 @@ def build_result(
         if len(counts) > 1 and max(counts) > 1.5 * (len(rooms) / len(counts)):
             run.notes.append(f"rooms per shard were uneven: {counts}")
 
-    return {
+    config: dict[str, Any] = {
+        "url": run.url, "origin": run.origin, "spawn": args.spawn,
+        "shards": args.shards if args.spawn else None, "routers": args.routers if args.spawn else None,
+        "rooms": args.rooms, "members": args.members, "senders": args.senders,
+        "interval_s": args.interval, "body_bytes": args.body_bytes, "procs": args.procs, "client": args.client,
+        "warmup_s": args.warmup, "duration_s": args.duration, "drain_s": round(times.drain_end - times.window_end, 3),
+        "connect_concurrency": args.connect_concurrency,
+    }
+    result: dict[str, Any] = {
         "schema": SCHEMA,
         "started_at": run.started_at,
-        "config": {
-            "url": run.url, "origin": run.origin, "spawn": args.spawn,
-            "shards": args.shards if args.spawn else None, "routers": args.routers if args.spawn else None,
-            "rooms": args.rooms, "members": args.members, "senders": args.senders,
-            "interval_s": args.interval, "body_bytes": args.body_bytes, "procs": args.procs, "client": args.client,
-            "warmup_s": args.warmup, "duration_s": args.duration, "drain_s": round(times.drain_end - times.window_end, 3),
-            "connect_concurrency": args.connect_concurrency,
-        },
+        "config": config,
         "phases_s": {"warmup": args.warmup, "window": duration, "drain": round(times.drain_end - times.window_end, 3)},
         "connect": connect,
         "traffic": traffic,
@@ -295,6 +318,50 @@ def build_result(
         "timeline": timeline,
         "warnings": run.warnings,
         "notes": run.notes,
+    }
+    if hosts is not None:  # only then: a plain run's result keeps its shape
+        config["hosts"] = len(run.hosts)
+        config["redis"] = run.redis_pid is not None
+        result["hosts"] = hosts
+    return result
+
+
+def hosts_section(
+    run: Run, results: list[dict[str, Any]], w0: Sample, w1: Sample, duration: float, window_sent: int
+) -> dict[str, Any]:
+    """Each host's CPU against the deliveries to its own members, and Redis's
+    CPU against the messages published (one PUBLISH per chat message)."""
+    local = _merge_counts([r["received_in_window_by_host"] for r in results])
+    per_host: list[dict[str, Any]] = []
+    for k, (host, a, b) in enumerate(zip(run.hosts, w0.hosts, w1.hosts)):
+        cpu_s = b.cpu_s - a.cpu_s
+        delivered = local.get(k, 0)
+        per_host.append({
+            "host": k, "pid": host.pid, "url": host.url,
+            "members": run.host_members[k] if k < len(run.host_members) else None,
+            "cpu_s": round(cpu_s, 3),
+            "cpu_cores": round(cpu_s / duration, 3),
+            "local_deliveries_per_s": round(delivered / duration, 1),
+            "cpu_us_per_local_delivery": round(cpu_s * 1e6 / delivered, 3) if delivered else None,
+        })
+    redis = None
+    if run.redis_pid is not None and w0.redis is not None and w1.redis is not None:
+        cpu_s = w1.redis.cpu_s - w0.redis.cpu_s
+        redis = {
+            "pid": run.redis_pid,
+            "cpu_s": round(cpu_s, 3),
+            "cpu_cores": round(cpu_s / duration, 3),
+            "messages_published": window_sent,
+            "cpu_us_per_message": round(cpu_s * 1e6 / window_sent, 3) if window_sent else None,
+        }
+        if w1.redis.pids != w0.redis.pids:
+            run.warn("redis-server exited or restarted during the window: its CPU is not all counted")
+    per_delivery = [h["cpu_us_per_local_delivery"] for h in per_host if h["cpu_us_per_local_delivery"] is not None]
+    return {
+        "count": len(run.hosts),
+        "per_host": per_host,
+        "max_cpu_us_per_local_delivery": max(per_delivery, default=None),
+        "redis": redis,
     }
 
 
@@ -366,6 +433,18 @@ def print_summary(result: dict[str, Any]) -> None:
         )
         busiest = sorted(srv["per_process"], key=lambda p: -p["cpu_cores"])[:4]
         lines.append("             cores: " + ", ".join(f"{p['name']} {p['cpu_cores']}" for p in busiest))
+    hosts = result.get("hosts")
+    if hosts is not None:
+        lines.append("  hosts      " + "; ".join(
+            f"host {h['host']} {h['cpu_cores']} cores, {fmt(h['cpu_us_per_local_delivery'], ' us')} CPU/local "
+            f"delivery ({h['local_deliveries_per_s']:,}/s)" for h in hosts["per_host"]
+        ))
+        redis = hosts["redis"]
+        if redis is not None:
+            lines.append(
+                f"  redis      {redis['cpu_cores']} cores, {fmt(redis['cpu_us_per_message'], ' us')} CPU/message "
+                f"({redis['messages_published']:,} published in the window)"
+            )
     lines.append(
         f"  client     {cl['cpu_cores_total']} cores; per proc {cl['cpu_share_per_proc']} of a core"
         + ("  <-- SATURATED" if cl["saturated"] else "")

@@ -57,6 +57,9 @@ class MemberSpec:
     username: str
     token: str
     sender: int  # global sender id, or -1 for a member that only receives
+    # bench.py --hosts: which host the member connects to, and its URL ("": the plan's).
+    host: int = 0
+    url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ class Stats:
     received_warmup: int = 0
     received_after: int = 0
     received_in_window: int = 0  # by receive time
+    received_in_window_by_host: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
     foreign: int = 0
     bad_frames: int = 0
@@ -138,7 +142,7 @@ class Stats:
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
 
-    def record(self, room: int, now_us: int, sent_us: int) -> None:
+    def record(self, room: int, now_us: int, sent_us: int, host: int) -> None:
         latency = now_us - sent_us
         bucket = 0 if latency < 1 else 1 + int(math.log(latency) * BUCKETS_PER_E)
         second = (now_us - self.t0_us) // 1_000_000
@@ -160,6 +164,8 @@ class Stats:
             self.received_after += 1
         if self.win_start_us <= now_us < self.win_end_us:
             self.received_in_window += 1
+            by_host = self.received_in_window_by_host
+            by_host[host] = by_host.get(host, 0) + 1
 
     def join_report(self) -> dict[str, Any]:
         return {
@@ -180,6 +186,7 @@ class Stats:
             for name in (
                 "sent_by_room", "sent_per_second", "send_max_lag_s", "skipped_sends",
                 "received_by_room", "received_warmup", "received_after", "received_in_window",
+                "received_in_window_by_host",
                 "duplicates", "foreign", "bad_frames", "events", "window_hist", "window_max_us",
                 "window_sum_us", "second_hist", "second_max_us", "disconnects", "cpu_samples",
                 "late_joins",
@@ -241,7 +248,7 @@ class Worker:
             t0 = time.monotonic()
             if s.first_start is None:
                 s.first_start = t0
-            async with self._open() as ws:
+            async with self._open(spec.url or self.plan.url) as ws:
                 t1 = time.monotonic()
                 await ws.send_message(json.dumps({"type": "auth", "body": spec.token}))
                 await ws.send_message(
@@ -288,13 +295,11 @@ class Worker:
             if self.done == len(self.plan.members):
                 self.all_done.set()
 
-    def _open(self) -> Any:
+    def _open(self, url: str) -> Any:
         if self.plan.client == "lean":
-            return open_lean_websocket(
-                self.plan.url, self.plan.origin, self.plan.connect_timeout_s, DISCONNECT_TIMEOUT_S
-            )
+            return open_lean_websocket(url, self.plan.origin, self.plan.connect_timeout_s, DISCONNECT_TIMEOUT_S)
         return trio_websocket.open_websocket_url(
-            self.plan.url,
+            url,
             extra_headers=self.headers,  # type: ignore[arg-type]  # str pairs work too
             message_queue_size=MESSAGE_QUEUE_SIZE,
             receive_buffer_size=RECEIVE_BUFFER_BYTES,
@@ -316,6 +321,7 @@ class Worker:
         loads = json.loads
         record = s.record
         room = spec.room
+        host = spec.host
         last_seq: dict[int, int] = {}
 
         def on_text(text: str | bytes, now_us: int) -> None:
@@ -339,7 +345,7 @@ class Worker:
                 return
             last_seq[sender_id] = seq_no
             if self.times is not None:
-                record(room, now_us, sent)
+                record(room, now_us, sent, host)
 
         return on_text
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,52 @@ def test_bench_spawns_garin_loads_it_and_reports(tmp_path: Path, client: str) ->
     assert floor["server_ratio"] == round(server["cpu_us_per_delivery"] / floor["us_per_write"], 2)
     table = ok(run("bench_summary.py", f"smoke={out}"))
     assert "| smoke | 1.00 |" in table
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None,
+                    reason="redis-server is not installed (apt-get install redis-server)")
+def test_bench_hosts_splits_rooms_over_two_hosts_through_redis(tmp_path: Path) -> None:
+    out = tmp_path / "hosts.json"
+    # Members join one at a time: this checks the benchmark, and a join
+    # burst can still lose a joiner's own join on a Redis host (a first join
+    # to a room may be sent before its channel is subscribed to).
+    stdout = ok(run(
+        "bench.py", "--spawn", "--hosts", "2", "--client", "lean", "--rooms", "2", "--members", "4",
+        "--interval", "0.005", "--warmup", "0.5", "--duration", "1", "--drain", "0.5", "--out", str(out),
+        "--connect-concurrency", "1", timeout=180.0,
+    ))
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert result["schema"] == "garin-bench-hosts/1"
+    assert [r["setup"] for r in result["runs"]] == ["1 host", "2 hosts + Redis"]
+    reference, split = (r["result"] for r in result["runs"])
+    for one in (reference, split):
+        assert one["connect"]["joined"] == 8 and one["connect"]["errors"] == 0
+        traffic = one["traffic"]
+        assert traffic["delivered"] >= 400 and traffic["lost"] == 0 and traffic["duplicates"] == 0
+        assert one["latency_ms"]["p50"] <= one["latency_ms"]["p99"]
+    # The reference is a plain run: nothing about hosts in it.
+    assert "hosts" not in reference and "hosts" not in reference["config"]
+    hosts = split["hosts"]
+    assert hosts["count"] == 2 and split["config"]["hosts"] == 2 and split["config"]["redis"]
+    per_host = hosts["per_host"]
+    # Each room's 4 members are split 2 and 2, so each host has half of
+    # every room, and receives deliveries of both rooms' messages.
+    assert [h["members"] for h in per_host] == [4, 4]
+    assert len({h["pid"] for h in per_host}) == 2 and len({h["url"] for h in per_host}) == 2
+    for h in per_host:
+        assert h["local_deliveries_per_s"] > 0 and h["cpu_us_per_local_delivery"] > 0
+    assert sum(h["local_deliveries_per_s"] for h in per_host) == pytest.approx(
+        split["traffic"]["deliveries_per_s"], abs=0.2)
+    redis = hosts["redis"]
+    assert redis["cpu_s"] >= 0 and redis["messages_published"] == split["traffic"]["sent_window"] > 0
+    goals = result["summary"]["goals"]
+    medians = result["summary"]["medians"]
+    assert goals["host_cpu_ratio"] == round(
+        medians["2 hosts + Redis"]["host_us_per_local_delivery"] / medians["1 host"]["garin_us_per_delivery"], 2)
+    assert "goal: p99 < 10 ms" in stdout and "| 2 hosts + Redis |" in stdout
+    # Every host and the redis-server it started are gone.
+    for pid in [h["pid"] for h in per_host] + [redis["pid"]]:
+        assert not os.path.exists(f"/proc/{pid}"), f"process {pid} outlived the benchmark"
 
 
 def test_bench_room_times_a_message_to_every_member(tmp_path: Path) -> None:
