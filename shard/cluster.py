@@ -139,6 +139,8 @@ class RedisRooms:
     def _went_down(self, exc: BaseException) -> None:
         for sock in self.core.link_lost():
             sock.kick(closes.SHARD_UNAVAILABLE)
+        while isinstance(exc, BaseExceptionGroup):  # coredis's own task groups
+            exc = exc.exceptions[0]
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if isinstance(exc, (coredis.exceptions.RedisError, OSError, trio.TooSlowError, LinkDown, TimeoutError)):
             if self.up:
@@ -236,7 +238,11 @@ class RedisRooms:
             now = trio.current_time()
             beat = now >= next_beat
             with trio.fail_after(REPLY_TIMEOUT_S):
-                if core.rooms_changed:
+                # Rooms that got their first local member are subscribed to
+                # before their joins go out; rooms left empty are dropped
+                # after their leaves (a shard process hears only its rooms).
+                rooms_changed, core.rooms_changed = core.rooms_changed, False
+                if rooms_changed:
                     await self._subscribe(pubsub, subscribed)
                 batch = core.take(BATCH)
                 metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
@@ -246,7 +252,7 @@ class RedisRooms:
                         continue
                 if batch:
                     await self._send(client, shas, batch)
-                if core.rooms_changed:
+                if rooms_changed:
                     await self._unsubscribe(pubsub, subscribed)
                 if self._stopping and not core.queue:
                     await client.evalsha(shas["farewell"], args=[core.instance])

@@ -297,6 +297,65 @@ def test_25_senders_over_three_hosts_every_message_once_in_order(hosts: Hosts, p
     expect_quiet(sockets, settle=0.2)
 
 
+def subscribers(redis: RedisServer, room: str) -> int:
+    """How many connections Redis has subscribed to `room`'s channel."""
+    reply = redis.command("PUBSUB", "NUMSUB", "garin:room:" + room)
+    return int(reply.rsplit(b":", 1)[1].split(b"\r\n")[0])
+
+
+def test_a_shard_process_is_subscribed_only_while_it_has_members_there(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    a, b = hosts.start(shards=1), hosts.start(shards=1)
+    room = new_room("sub")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb, wc = join_all(people, room, [(alice, a), (bob, a), (carol, b)])
+    assert subscribers(redis, room) == 2  # one shard process per host
+    wb.send(json.dumps({"type": "userleave"}))
+    expect_userleave(wa, bob, 2)
+    expect_userleave(wc, bob, 2)
+    assert subscribers(redis, room) == 2  # alice is still there
+    wa.send(json.dumps({"type": "userleave"}))
+    expect_userleave(wc, alice, 1)
+    wait_for(lambda: subscribers(redis, room) == 1, "host a to unsubscribe from the room it left", timeout=5)
+    # Back in the room: subscribed again, and the room's events reach it.
+    dave = new_user("dave")
+    wd = people.join(dave, room, total=2, server=a)
+    expect_join(wc, dave, 2)
+    wc.send(message_frame("hi dave"))
+    expect_message(wd, carol, "hi dave")
+    assert subscribers(redis, room) == 2
+
+
+@pytest.mark.cap(60)
+def test_redis_dropping_a_subscriber_connection_is_a_link_down_and_back(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    a, b = hosts.start(shards=1), hosts.start(shards=1)
+    room = new_room("drop")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    # What Redis does to a subscriber past client-output-buffer-limit pubsub.
+    assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":2")
+    for host in (a, b):
+        wait_for(lambda: host.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+
+    def chat_works() -> bool:
+        wa.send(message_frame("anyone?"))
+        try:
+            got = recv_json(wb, timeout=1)
+        except TimeoutError:
+            return False
+        assert got == {"type": "message", "username": alice, "body": "anyone?"}
+        return True
+
+    wait_for(chat_works, "chat across the hosts again")
+    for host in (a, b):
+        log = host.log_path.read_text()
+        assert "Redis link down (ConnectionError: " in log, log
+        assert "Traceback" not in log and "Redis link failed" not in log, log
+
+
 # -- hosts and Redis failing ------------------------------------------------------------
 
 
