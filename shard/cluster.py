@@ -84,6 +84,8 @@ class RedisRooms:
         self._wake = trio.Event()
         self._stopping = False
         self._farewell_said = trio.Event()
+        # The Redis "life" this instance registered in (redis_lua.REGISTER).
+        self._epoch = ""
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -204,11 +206,14 @@ class RedisRooms:
             await pubsub.unsubscribe(*[channel(room) for room in stale])
 
     async def _register(self, client: Any, shas: dict[str, Any]) -> None:
-        args: list[str | int] = [self.core.instance, self._dead_after_ms]
+        args: list[str | int] = [self.core.instance, self._dead_after_ms, self._epoch, secrets.token_hex(8)]
         for key, room, username in self.core.registered():
             args += [key, room, username]
-        if await client.evalsha(shas["register"], args=args) == 0:
+        epoch = await client.evalsha(shas["register"], args=args)
+        if epoch == 0:
             await self._taken_for_dead(client, shas)
+        else:
+            self._epoch = epoch.decode()
 
     async def _taken_for_dead(self, client: Any, shas: dict[str, Any]) -> None:
         """The others removed this instance's members (it was silent past
@@ -221,7 +226,8 @@ class RedisRooms:
             "shard %d: the other hosts took instance %s for dead; closed its %d members (1013), now %s",
             self.index, old, len(kicked), self.core.instance,
         )
-        await client.evalsha(shas["register"], args=[self.core.instance, self._dead_after_ms])
+        epoch = await client.evalsha(shas["register"], args=[self.core.instance, self._dead_after_ms, "", secrets.token_hex(8)])
+        self._epoch = epoch.decode()
 
     @property
     def _dead_after_ms(self) -> int:

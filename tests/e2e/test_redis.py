@@ -43,6 +43,8 @@ from conftest import (
 )
 from test_metrics import get
 
+from garin.shard.cluster_rooms import channel
+
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = [
     pytest.mark.e2e,
@@ -576,6 +578,55 @@ def test_the_strike_script_judges_as_ban_policy(redis: RedisServer, strikes: int
                         assert subject in await store.active(now)
                     else:
                         assert got == want, (subject, got, want)
+
+    trio.run(check)
+
+
+def test_the_membership_scripts_never_let_a_reaped_instance_back_silently(redis: RedisServer) -> None:
+    """garin/shard/redis_lua.py against a real Redis: a reaped instance's
+    join is refused (it would be a ghost nobody removes), its heartbeat and
+    its registration say it was taken for dead, even once its tombstone has
+    expired; while after a restart (Redis empty) registering again brings
+    its members back silently."""
+    import coredis
+    import trio
+
+    from garin.shard import redis_lua as lua
+
+    async def check() -> None:
+        async with coredis.Redis.from_url(redis.url, verify_version=False) as client:
+            async def register(inst: str, epoch: str, *members: str) -> bytes | int:
+                return await client.eval(lua.REGISTER, args=[inst, 60_000, epoch, "fresh-" + inst, *members])
+
+            async def join(inst: str, key: int) -> int:
+                return await client.eval(
+                    lua.JOIN, keys=[lua.roster("r"), lua.owned(inst)],
+                    args=[channel("r"), inst, key, "r", f"u{key}"],
+                )
+
+            epoch = await register("A", "")
+            assert epoch == b"fresh-A"
+            assert await register("B", "") == epoch  # one epoch per Redis life
+            assert await join("A", 1) == 1 and await join("B", 2) == 2
+            await client.delete([lua.alive("A")])  # A's heartbeat expired: it was paused
+            assert await client.eval(lua.REAP) == 1
+            assert await client.hlen(lua.roster("r")) == 1
+            # A comes back: its join in flight is refused, not counted.
+            assert await join("A", 3) == -1
+            assert await client.hlen(lua.roster("r")) == 1
+            assert await client.eval(lua.HEARTBEAT, args=["A", 60_000]) == 0
+            await client.delete(["garin:reaped:A"])  # paused longer than the tombstone lasts
+            assert await client.eval(lua.HEARTBEAT, args=["A", 60_000]) == 0
+            assert await register("A", epoch.decode(), "1", "r", "u1") == 0
+            assert await client.hlen(lua.roster("r")) == 1
+            # Redis restarted empty: B registers its member again, silently.
+            await client.flushall()
+            assert await register("B", epoch.decode(), "2", "r", "u2") == b"fresh-B"
+            assert await client.hgetall(lua.roster("r")) == {b"B:2": b"u2"}
+            assert await client.eval(lua.HEARTBEAT, args=["B", 60_000]) == 1
+            # Keys flushed under a live link: its heartbeat says so.
+            await client.flushall()
+            assert await client.eval(lua.HEARTBEAT, args=["B", 60_000]) == 0
 
     trio.run(check)
 
