@@ -173,7 +173,10 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     try:
         run_trio(f"shard-{index}", serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:
-        _fail(f"shard {index}: {group.exceptions[0]}")
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):  # raised in nested nurseries
+            first = first.exceptions[0]
+        _fail(f"shard {index}: {first}")
 
 
 def _duration(text: str, option: str, zero: str) -> float | None:

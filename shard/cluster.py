@@ -72,6 +72,12 @@ class LinkDown(Exception):
     pass
 
 
+class ClusterNotSupported(RuntimeError):
+    """GARIN_REDIS_URL names a Redis Cluster node: garin's scripts need every
+    key in one Redis (README "Several hosts"). The shard stops (one line),
+    so `garin run` gives up instead of retrying a setup that cannot work."""
+
+
 class RedisRooms:
     """The rooms of one shard process, shared with other hosts through Redis."""
 
@@ -127,6 +133,8 @@ class RedisRooms:
             while True:
                 try:
                     await self._connected()
+                except* ClusterNotSupported:
+                    raise
                 except* Exception as group:
                     self._went_down(group.exceptions[0])
                 if self._farewell_said.is_set():
@@ -169,6 +177,7 @@ class RedisRooms:
     async def _connected(self) -> None:
         async with self._client() as client:
             with trio.fail_after(CONNECT_TIMEOUT_S + REPLY_TIMEOUT_S):
+                await _refuse_cluster(client)
                 shas = {
                     name: await client.script_load(source)
                     for name, source in (
@@ -332,3 +341,15 @@ class RedisRooms:
                 sock.kick(closes.SHARD_UNAVAILABLE)
             if late:
                 log.info("shard %d: closed %d members held past %g s without Redis (1013)", self.index, len(late), hold)
+
+
+async def _refuse_cluster(client: Any) -> None:
+    try:
+        info = await client.info("cluster")
+    except coredis.exceptions.ResponseError:
+        return  # INFO renamed or denied (some hosted Redis): nothing to tell
+    if str(info.get("cluster_enabled", 0)) == "1":
+        raise ClusterNotSupported(
+            "GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis (or a primary with "
+            "replicas), not a Cluster (README: Several hosts)"
+        )

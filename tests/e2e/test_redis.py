@@ -674,6 +674,39 @@ def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
 
 
 @pytest.mark.cap(60)
+def test_a_redis_cluster_node_is_refused_with_one_line() -> None:
+    """garin does not support Redis Cluster (README): `garin run` against a
+    Cluster node stops with a line saying so, instead of retrying forever."""
+    assert REDIS_SERVER is not None
+    node = RedisServer()
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(node.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--cluster-enabled", "yes", "--cluster-config-file", str(node.dir / "nodes.conf"), "--dir", str(node.dir)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(node.ping, "the Cluster node to start", timeout=10)
+        server = GarinServer(env_overrides={"GARIN_REDIS_URL": node.url}, shards=1)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "garin", "run", "--shards", "1"], env=server.env(), cwd=server.workdir,
+                capture_output=True, text=True, timeout=45,
+            )
+        finally:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+        assert result.returncode == 1, result.stderr
+        assert (
+            "garin: error: shard 0: GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis"
+            in result.stderr
+        ), result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        process.kill()
+        process.wait()
+        node.cleanup()
+
+
+@pytest.mark.cap(60)
 def test_a_shard_paused_past_the_bound_closes_its_members_instead_of_splitting(hosts: Hosts, people: Clients) -> None:
     a, b = hosts.start(shards=1), hosts.start(shards=1)
     room = new_room("pause")
