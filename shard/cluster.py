@@ -55,6 +55,13 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 # Commands per pipeline: large enough to carry a burst in one round trip.
 BATCH = 1000
+# coredis reads a subscription as fast as Redis sends and queues what it
+# read without a bound (anyio memory streams of size inf), so Redis's own
+# guard (client-output-buffer-limit pubsub) never sees a slow subscriber:
+# past this many events waiting here, the link is dropped and made again,
+# as Redis would (the events are lost, as there), rather than memory grow.
+MAX_BACKLOG = 50_000
+BACKLOG_CHECK_EVERY = 256
 # While the link is up, a join or message is still given up after this long
 # even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
 # that is down).
@@ -314,8 +321,15 @@ class RedisRooms:
 
     async def _read(self, pubsub: Any) -> None:
         core = self.core
+        until_check = BACKLOG_CHECK_EVERY
         while True:
             message = await pubsub.get_message()
+            until_check -= 1
+            if not until_check:
+                until_check = BACKLOG_CHECK_EVERY
+                backlog = _backlog(pubsub)
+                if backlog > MAX_BACKLOG:
+                    raise LinkDown(f"{backlog} events from Redis waiting, fan-out cannot keep up")
             if message is None or message["type"] != "message":
                 continue
             room = room_of(message["channel"])
@@ -336,6 +350,7 @@ class RedisRooms:
         hold = self.config.shard_hold_timeout_s
         while True:
             await trio.sleep(HOLD_CHECK_S)
+            metrics.REDIS_QUEUE.labels(shard=self.label).set(len(self.core.queue))
             late = self.core.held_too_long(trio.current_time(), hold if not self.up else max(hold, UP_HOLD_FLOOR_S))
             for sock in late:
                 sock.kick(closes.SHARD_UNAVAILABLE)
@@ -353,3 +368,13 @@ async def _refuse_cluster(client: Any) -> None:
             "GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis (or a primary with "
             "replicas), not a Cluster (README: Several hosts)"
         )
+
+
+def _backlog(pubsub: Any) -> int:
+    """Events coredis has read from the subscription and not handed over yet:
+    in its connection's push buffer, then in its PubSub's (coredis 6)."""
+    streams = (
+        getattr(getattr(pubsub, "_connection", None), "_push_message_buffer_in", None),
+        getattr(pubsub, "_receive_stream", None),
+    )
+    return sum(int(stream.statistics().current_buffer_used) for stream in streams if stream is not None)

@@ -41,7 +41,7 @@ from conftest import (
     recv_json,
     room_on,
 )
-from test_metrics import get
+from test_metrics import get, sample
 
 from garin.shard.cluster_rooms import channel
 
@@ -341,21 +341,67 @@ def test_redis_dropping_a_subscriber_connection_is_a_link_down_and_back(
     assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":2")
     for host in (a, b):
         wait_for(lambda: host.log_path.read_text().count("Redis link up") >= 2, "the link made again")
-
-    def chat_works() -> bool:
-        wa.send(message_frame("anyone?"))
-        try:
-            got = recv_json(wb, timeout=1)
-        except TimeoutError:
-            return False
-        assert got == {"type": "message", "username": alice, "body": "anyone?"}
-        return True
-
-    wait_for(chat_works, "chat across the hosts again")
+    chat_resumes(wa, alice, wb)
     for host in (a, b):
         log = host.log_path.read_text()
         assert "Redis link down (ConnectionError: " in log, log
         assert "Traceback" not in log and "Redis link failed" not in log, log
+
+
+def chat_resumes(sender: ClientConnection, name: str, receiver: ClientConnection) -> None:
+    """`sender`'s messages reach `receiver` again (soon: the link is being made again)."""
+
+    def chat_works() -> bool:
+        sender.send(message_frame("anyone?"))
+        try:
+            got = recv_json(receiver, timeout=1)
+        except TimeoutError:
+            return False
+        assert got == {"type": "message", "username": name, "body": "anyone?"}
+        return True
+
+    wait_for(chat_works, "chat across the hosts again")
+
+
+def shard_pid(server: GarinServer, index: int = 0) -> int:
+    assert server.process is not None
+    [pid] = [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _ppid(p) == server.process.pid
+        and f"shard\0--index\0{index}\0".encode() in (p / "cmdline").read_bytes()
+    ]
+    return pid
+
+
+@pytest.mark.cap(60)
+def test_a_shard_far_behind_its_subscription_drops_the_link_instead_of_growing(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    """coredis queues what it reads from a subscription without a bound: a
+    shard process that falls far behind (here: frozen while a burst waits)
+    drops its link and makes it again, as Redis drops a slow subscriber."""
+    import socket
+
+    a = hosts.start(shards=1, GARIN_REDIS_DEAD_AFTER="30")  # not reaped while frozen
+    b = hosts.start(shards=1)
+    room = new_room("burst")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$1\r\nx\r\n" % (len("garin:room:" + room), ("garin:room:" + room).encode())
+    burst = 120_000  # events no shard applies ("x"), each one fan-out step
+    frozen = shard_pid(a)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as sock:
+            sock.sendall(command * burst + b"*1\r\n$4\r\nPING\r\n")
+            replies = b""
+            while not replies.endswith(b"+PONG\r\n"):
+                replies += sock.recv(1 << 20)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    wait_for(lambda: "events from Redis waiting, fan-out cannot keep up" in a.log_path.read_text(), "the link dropped")
+    wait_for(lambda: a.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+    chat_resumes(wb, bob, wa)
 
 
 # -- hosts and Redis failing ------------------------------------------------------------
@@ -476,6 +522,12 @@ def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
             return status == 503 and json.loads(body)["redis"] == {"0": False, "1": False}
 
         wait_for(degraded, "/health to say both shards lost Redis")
+
+        def waiting() -> float:
+            text = get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
+            return sum(sample(text, "garin_redis_queue", shard=str(i)) for i in range(2))
+
+        wait_for(waiting, "alice's messages counted as waiting for Redis", timeout=3)
         time.sleep(0.5)
         redis.start()
         wait_for(lambda: get(health)[0] == 200, "/health ok again")
@@ -712,11 +764,7 @@ def test_a_shard_paused_past_the_bound_closes_its_members_instead_of_splitting(h
     room = new_room("pause")
     alice, bob = new_user("alice"), new_user("bob")
     wa, wb = join_all(people, room, [(alice, a), (bob, b)])
-    assert b.process is not None
-    [shard] = [
-        int(p.name) for p in Path("/proc").iterdir()
-        if p.name.isdigit() and _ppid(p) == b.process.pid and b"shard" in (p / "cmdline").read_bytes()
-    ]
+    shard = shard_pid(b)
     os.kill(shard, signal.SIGSTOP)
     try:
         expect_userleave(wa, bob, 1)  # alice hears bob reaped
