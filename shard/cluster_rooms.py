@@ -112,9 +112,12 @@ def message_event(instance: str, key: int, text: bytes) -> bytes:
 @dataclass(slots=True)
 class ClusterRooms(Generic[S]):
     instance: str
-    # Commands waiting for Redis; past this many, a member's command is refused
-    # (its client is closed 1013) rather than growing without bound.
+    # Commands waiting for Redis; past this many, or this many bytes of
+    # messages, a member's message is refused (its client is closed 1013)
+    # rather than memory growing while Redis is slow or away.
     max_queue: int = 100_000
+    max_queue_bytes: int = 64 * 1024 * 1024
+    queued_bytes: int = 0
     members: dict[int, Member[S]] = field(default_factory=dict)
     rooms: dict[str, dict[int, S]] = field(default_factory=dict)
     queue: deque[Command] = field(default_factory=deque)
@@ -147,12 +150,14 @@ class ClusterRooms(Generic[S]):
     def publish(self, key: int, text: bytes, now: float) -> bool:
         """`key` sends `text` (protocol.message_text) to its room. False if
         too much is waiting already."""
-        if len(self.queue) >= self.max_queue:
-            return False
         member = self.members[key]
         if member.state is State.GONE:
             return True  # being closed (maybe announced gone already): never heard again
-        self.queue.append(MessageCommand(key, member.room, message_event(self.instance, key, text), now))
+        event = message_event(self.instance, key, text)
+        if len(self.queue) >= self.max_queue or self.queued_bytes + len(event) > self.max_queue_bytes:
+            return False
+        self.queue.append(MessageCommand(key, member.room, event, now))
+        self.queued_bytes += len(event)
         return True
 
     def leave(self, key: int, now: float) -> None:
@@ -186,7 +191,9 @@ class ClusterRooms(Generic[S]):
         batch: list[Command] = []
         while self.queue and len(batch) < limit:
             command = self.queue.popleft()
-            if isinstance(command, JoinCommand):
+            if isinstance(command, MessageCommand):
+                self.queued_bytes -= len(command.payload)
+            elif isinstance(command, JoinCommand):
                 member = self.members.get(command.key)
                 if member is not None and member.room == command.room:
                     member.state = State.SENT
@@ -221,6 +228,7 @@ class ClusterRooms(Generic[S]):
             self.queue = deque(
                 c for c in self.queue if isinstance(c, LeaveCommand) or c.key not in late
             )
+            self.queued_bytes = sum(len(c.payload) for c in self.queue if isinstance(c, MessageCommand))
         return self._gone([key for key in late if key in self.members])
 
     def drop_all(self) -> list[S]:
@@ -228,6 +236,7 @@ class ClusterRooms(Generic[S]):
         process was taken for dead by the others (its members were announced
         gone), so its members must reconnect."""
         self.queue.clear()
+        self.queued_bytes = 0
         return self._gone([key for key, m in self.members.items() if m.state is not State.GONE])
 
     def _gone(self, keys: list[int]) -> list[S]:

@@ -171,6 +171,20 @@ def test_a_full_queue_refuses_messages() -> None:
     assert not host.publish(1, b"z", 0.0)
 
 
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    event = len(b"m h1 1 ") + 1000
+    host: ClusterRooms[str] = ClusterRooms("h1", max_queue_bytes=3 * event)
+    host.join(1, "lobby", "alice", "a", now=0.0)
+    for _ in range(3):
+        assert host.publish(1, b"x" * 1000, 0.0)
+    assert not host.publish(1, b"x" * 1000, 0.0)
+    assert host.queued_bytes == 3 * event
+    host.take(2)  # the join and one message sent: room for one more
+    assert host.publish(1, b"x" * 1000, 0.0) and not host.publish(1, b"x", 0.0)
+    assert host.held_too_long(now=60.0, hold_s=5.0) == ["a"]
+    assert host.queued_bytes == 0
+
+
 def test_taken_for_dead_drops_everything() -> None:
     host: ClusterRooms[str] = ClusterRooms("h1")
     host.join(1, "lobby", "alice", "a", now=0.0)
