@@ -286,7 +286,7 @@ class RedisRooms:
         if alive == 0:
             await self._taken_for_dead(client, shas)
             return False
-        reaped = await client.evalsha(shas["reap"])
+        reaped = await client.evalsha(shas["reap"], args=[lua.REAP_EVERY_MS])
         if reaped:
             metrics.REDIS_REAPED.inc(reaped)
             log.info("shard %d: removed the members of %d dead instance(s)", self.index, reaped)

@@ -13,6 +13,7 @@ in the URL for a second one):
 - `garin:reaped:<instance>`: a tombstone (an hour) for an instance the others
   took for dead, so that it learns it (after a long pause) and does not
   silently come back with members the others saw leave.
+- `garin:reaping`: present for REAP_EVERY_MS after a reaping run.
 - `garin:epoch`: a random value set by the first instance to register with
   this Redis: an instance that comes back to the same epoch and finds
   itself neither alive nor known was reaped (even once its tombstone has
@@ -33,6 +34,9 @@ would need the room's keys and channel in one hash slot (README).
 from __future__ import annotations
 
 INSTANCES = "garin:instances"
+# A little under the heartbeat's second, so that some shard process reaps
+# about every second.
+REAP_EVERY_MS = 900
 
 
 def roster(room: str) -> str:
@@ -108,8 +112,12 @@ return 1
 """
 
 # Remove the members of every instance whose heartbeat expired, announcing
-# each as a userleave. Returns the number of instances reaped.
+# each as a userleave. Returns the number of instances reaped. Every shard
+# process calls it every second, but it runs at most once per REAP_EVERY_MS
+# (`garin:reaping`): its cost grows with the number of instances, so one
+# run per second in all, not one per instance.
 REAP = _REMOVE + """
+if not redis.call('SET', 'garin:reaping', '1', 'NX', 'PX', ARGV[1]) then return 0 end
 local reaped = 0
 for _, inst in ipairs(redis.call('SMEMBERS', 'garin:instances')) do
   if redis.call('EXISTS', 'garin:alive:' .. inst) == 0 then

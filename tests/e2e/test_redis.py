@@ -661,7 +661,7 @@ def test_the_membership_scripts_never_let_a_reaped_instance_back_silently(redis:
             assert await register("B", "") == epoch  # one epoch per Redis life
             assert await join("A", 1) == 1 and await join("B", 2) == 2
             await client.delete([lua.alive("A")])  # A's heartbeat expired: it was paused
-            assert await client.eval(lua.REAP) == 1
+            assert await client.eval(lua.REAP, args=[60_000]) == 1
             assert await client.hlen(lua.roster("r")) == 1
             # A comes back: its join in flight is refused, not counted.
             assert await join("A", 3) == -1
@@ -679,6 +679,15 @@ def test_the_membership_scripts_never_let_a_reaped_instance_back_silently(redis:
             # Keys flushed under a live link: its heartbeat says so.
             await client.flushall()
             assert await client.eval(lua.HEARTBEAT, args=["B", 60_000]) == 0
+            # Every shard process calls REAP every second; it runs once per interval.
+            await register("C", "")
+            await client.delete([lua.alive("C")])
+            assert await client.eval(lua.REAP, args=[60_000]) == 1
+            await register("D", "")
+            await client.delete([lua.alive("D")])
+            assert await client.eval(lua.REAP, args=[60_000]) == 0
+            await client.delete(["garin:reaping"])  # the interval is over
+            assert await client.eval(lua.REAP, args=[60_000]) == 1
 
     trio.run(check)
 
