@@ -478,6 +478,24 @@ def test_sigterm_of_one_host_closes_its_clients_and_the_others_chat_on(hosts: Ho
     expect_quiet([wa, wc], settle=0.1)
 
 
+@pytest.mark.cap(60)
+def test_sigterm_with_redis_unreachable_still_exits_0_within_the_shutdown_timeout(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    a = hosts.start(shards=2, GARIN_SHUTDOWN_TIMEOUT="2")
+    ws = people.join(new_user("alice"), new_room("frozen"), total=1, server=a)
+    assert redis.process is not None
+    os.kill(redis.process.pid, signal.SIGSTOP)  # connected, never answering: the worst case
+    try:
+        started = time.monotonic()
+        a.stop()  # exit 0, socket directory removed
+        took = time.monotonic() - started
+    finally:
+        os.kill(redis.process.pid, signal.SIGCONT)
+    expect_close(ws, 1001, "server shutting down")
+    assert took < 2 + 1.5, f"stopping took {took:.1f} s"
+
+
 def wait_for(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
