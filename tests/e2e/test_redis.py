@@ -57,13 +57,15 @@ DEAD_AFTER_S = 2.0
 
 class RedisServer:
     """A throwaway redis-server on a free loopback port, no persistence.
-    `tls`: TLS only, with a self-signed certificate, and a password."""
+    `tls`: TLS only, with a self-signed certificate, and a password.
+    `unix`: on a Unix socket in its directory only."""
 
-    def __init__(self, tls: bool = False) -> None:
+    def __init__(self, tls: bool = False, unix: bool = False) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
         self.tls = tls
+        self.unix = self.dir / "redis.sock" if unix else None
         self.password = secrets.token_hex(16)
         if tls:
             self.cert = self.dir / "cert.pem"
@@ -74,6 +76,8 @@ class RedisServer:
     def url(self) -> str:
         if self.tls:
             return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
+        if self.unix:
+            return f"unix://{self.unix}?db=0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
@@ -83,6 +87,8 @@ class RedisServer:
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
                      "--tls-key-file", str(self.key), "--tls-auth-clients", "no", "--requirepass", self.password]
+        elif self.unix:
+            args += ["--port", "0", "--unixsocket", str(self.unix), "--unixsocketperm", "700"]
         else:
             args += ["--port", str(self.port)]
         with open(self.dir / "redis.log", "ab") as log:
@@ -99,6 +105,12 @@ class RedisServer:
         import ssl
 
         try:
+            if self.unix:
+                with socket.socket(socket.AF_UNIX) as raw:
+                    raw.settimeout(1)
+                    raw.connect(str(self.unix))
+                    raw.sendall(b"PING\r\n")
+                    return raw.recv(64).startswith(b"+PONG")
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
                 if self.tls:
                     context = ssl.create_default_context(cafile=str(self.cert))
@@ -738,6 +750,21 @@ def test_tls_and_a_password_file_and_the_password_is_never_shown(people: Clients
                 assert "Redis link up" in log and tls.password not in log
     finally:
         tls.cleanup()
+
+
+@pytest.mark.cap(60)
+def test_a_redis_on_a_unix_socket(people: Clients) -> None:
+    local = RedisServer(unix=True).start()
+    try:
+        with contextlib.ExitStack() as stack:
+            hosts = Hosts(local, stack)
+            a, b = hosts.start(shards=1), hosts.start(shards=1)
+            alice, bob = new_user("alice"), new_user("bob")
+            wa, wb = join_all(people, new_room("unix"), [(alice, a), (bob, b)])
+            wb.send(message_frame("over a Unix socket"))
+            expect_message(wa, bob, "over a Unix socket")
+    finally:
+        local.cleanup()
 
 
 def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
