@@ -246,7 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
     # that with a wide margin while a client waits for its join.
     Setting("shard_hold_timeout_s", "GARIN_SHARD_HOLD_TIMEOUT", "--shard-hold-timeout", "10",
             "Seconds a join to an unreachable shard's room waits for it before the client is "
-            "closed 1013 (room unavailable).", _seconds(0, 3600)),
+            "closed 1013 (room unavailable); with GARIN_REDIS_URL, also how long a join or "
+            "message waits for an unreachable Redis.", _seconds(0, 3600)),
     # Several hosts (README "Several hosts"). The URL may hold a password:
     # hidden in --help, never logged.
     Setting("redis_url", "GARIN_REDIS_URL", "--redis-url", "",

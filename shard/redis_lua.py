@@ -1,7 +1,8 @@
 """What garin keeps in Redis, and the Lua scripts that change it atomically.
 
-Keys (one garin deployment per Redis database; pick another database number
-in the URL for a second one):
+Keys (one garin deployment per Redis server: pub/sub channels are shared
+by all of a Redis's databases, so another database number would still mix
+two deployments' rooms):
 
 - `garin:roster:<room>`: hash, member id (`<instance>:<key>`) -> username.
   Its length is the room's `totalUsers` on all hosts.
