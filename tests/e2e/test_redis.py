@@ -416,6 +416,36 @@ def test_a_shard_far_behind_its_subscription_drops_the_link_instead_of_growing(
     chat_resumes(wb, bob, wa)
 
 
+def _maps_coredis(server: GarinServer) -> dict[str, bool]:
+    """For each of the host's processes (by its command line): whether it
+    has loaded coredis (its compiled modules show in /proc/PID/maps)."""
+    assert server.process is not None
+    pids = [server.process.pid] + [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == server.process.pid
+    ]
+    return {
+        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(): "/coredis/" in Path(
+            f"/proc/{pid}/maps"
+        ).read_text()
+        for pid in pids
+    }
+
+
+def test_one_host_without_redis_never_loads_the_redis_client(hosts: Hosts, people: Clients) -> None:
+    single = GarinServer(env_overrides=SHARED_ENV, shards=2)
+    hosts.stack.callback(hosts._stop, single)
+    single.start()
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, new_room("one"), [(alice, single), (bob, single)])
+    wa.send(message_frame("one host"))
+    expect_message(wb, alice, "one host")
+    loaded = _maps_coredis(single)
+    assert len(loaded) == 4 and not any(loaded.values()), loaded  # supervisor, router, 2 shards
+    # The check can fail: a host with GARIN_REDIS_URL has it in its shards.
+    shards = {cmd: used for cmd, used in _maps_coredis(hosts.start(shards=2)).items() if " shard " in cmd}
+    assert len(shards) == 2 and all(shards.values()), shards
+
+
 # -- hosts and Redis failing ------------------------------------------------------------
 
 
