@@ -311,6 +311,29 @@ def test_25_senders_over_three_hosts_every_message_once_in_order(hosts: Hosts, p
     expect_quiet(sockets, settle=0.2)
 
 
+@pytest.mark.parametrize("same_room", [False, True])
+def test_a_member_moving_rooms_is_announced_leaving_then_joining_on_every_host(
+    hosts: Hosts, people: Clients, same_room: bool
+) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    first = room_on(0, "from", shards=2)
+    second = first if same_room else room_on(1, "to", shards=2)
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb = join_all(people, first, [(alice, a), (bob, b)])
+    wc = wb if same_room else people.join(carol, second, total=1, server=b)
+    # Alice leaves, then joins the second room (of the other shard of her host).
+    wa.send(json.dumps({"type": "userleave"}))
+    expect_userleave(wb, alice, 1)
+    wa.send(json.dumps({"type": "join", "username": alice, "room": second}))
+    expect_join(wa, alice, 2)
+    expect_join(wc, alice, 2)
+    wc.send(message_frame("welcome"))
+    expect_message(wa, bob if same_room else carol, "welcome")
+    wa.send(message_frame("thanks"))
+    expect_message(wc, alice, "thanks")
+    expect_quiet([wa, wb, wc], settle=0.1)
+
+
 def subscribers(redis: RedisServer, room: str) -> int:
     """How many connections Redis has subscribed to `room`'s channel."""
     reply = redis.command("PUBSUB", "NUMSUB", "garin:room:" + room)
