@@ -99,6 +99,10 @@ class RedisRooms:
         self._farewell_said = trio.Event()
         # The Redis "life" this instance registered in (redis_lua.REGISTER).
         self._epoch = ""
+        # When the link last came up, and whether Redis was ever out of
+        # reach before: see `_beat`.
+        self._up_since = 0.0
+        self._was_down = False
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -154,6 +158,7 @@ class RedisRooms:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _went_down(self, exc: BaseException) -> None:
+        self._was_down = True
         for sock in self.core.link_lost():
             sock.kick(closes.SHARD_UNAVAILABLE)
         while isinstance(exc, BaseExceptionGroup):  # coredis's own task groups
@@ -200,6 +205,7 @@ class RedisRooms:
                     await self._subscribe(pubsub, subscribed)
                     await self._register(client, shas)
                 self.up = True
+                self._up_since = trio.current_time()
                 metrics.REDIS_UP.labels(shard=self.label).set(1)
                 metrics.REDIS_CONNECTS.inc()
                 log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
@@ -246,6 +252,11 @@ class RedisRooms:
         self._epoch = epoch.decode()
 
     @property
+    def _reap_grace_s(self) -> float:
+        """Time for every other host to be back after an outage and beat."""
+        return self.config.redis_dead_after_s + BACKOFF_MAX_S + HEARTBEAT_S
+
+    @property
     def _dead_after_ms(self) -> int:
         return int(self.config.redis_dead_after_s * 1000)
 
@@ -286,6 +297,12 @@ class RedisRooms:
         if alive == 0:
             await self._taken_for_dead(client, shas)
             return False
+        if self._was_down and trio.current_time() - self._up_since < self._reap_grace_s:
+            # Back from an outage: every heartbeat may have expired while
+            # Redis was away (if it kept its keys), and the other hosts may
+            # still be coming back (backoff). Reaping them now would close
+            # all their members; a host that is really dead is reaped later.
+            return True
         reaped = await client.evalsha(shas["reap"], args=[lua.REAP_EVERY_MS])
         if reaped:
             metrics.REDIS_REAPED.inc(reaped)

@@ -58,14 +58,16 @@ DEAD_AFTER_S = 2.0
 class RedisServer:
     """A throwaway redis-server on a free loopback port, no persistence.
     `tls`: TLS only, with a self-signed certificate, and a password.
-    `unix`: on a Unix socket in its directory only."""
+    `unix`: on a Unix socket in its directory only. `persist`: keys kept
+    across a restart (an append-only file, synced at every write)."""
 
-    def __init__(self, tls: bool = False, unix: bool = False) -> None:
+    def __init__(self, tls: bool = False, unix: bool = False, persist: bool = False) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
         self.tls = tls
         self.unix = self.dir / "redis.sock" if unix else None
+        self.persist = persist
         self.password = secrets.token_hex(16)
         if tls:
             self.cert = self.dir / "cert.pem"
@@ -82,8 +84,8 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         assert REDIS_SERVER is not None
-        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--dir", str(self.dir)]
+        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--daemonize", "no", "--dir", str(self.dir)]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
                      "--tls-key-file", str(self.key), "--tls-auth-clients", "no", "--requirepass", self.password]
@@ -559,6 +561,36 @@ def test_sigterm_with_redis_unreachable_still_exits_0_within_the_shutdown_timeou
         os.kill(redis.process.pid, signal.SIGCONT)
     expect_close(ws, 1001, "server shutting down")
     assert took < 2 + 1.5, f"stopping took {took:.1f} s"
+
+
+@pytest.mark.cap(90)
+def test_after_redis_was_away_past_the_bound_the_hosts_do_not_reap_each_other(people: Clients) -> None:
+    """Redis away from every host past GARIN_REDIS_DEAD_AFTER (restarted
+    with its keys, a failover, a network cut) has every heartbeat expired
+    when it is back: the first host back must not take the others, still
+    coming back (backoff), for dead, which closes all their members."""
+    redis = RedisServer(persist=True).start()
+    stack = contextlib.ExitStack()
+    stack.callback(redis.cleanup)
+    with stack:
+        hosts = Hosts(redis, stack)
+        a, b = hosts.start(shards=1), hosts.start(shards=1)
+        room = new_room("away")
+        alice, bob = new_user("alice"), new_user("bob")
+        wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+        redis.stop()
+        time.sleep(DEAD_AFTER_S + 2)
+        redis.start()
+        for host in (a, b):
+            wait_for(lambda: host.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+        time.sleep(DEAD_AFTER_S + 2)  # past any reaping
+        expect_quiet([wa, wb], settle=0.1)  # nobody closed, nobody announced gone
+        chat_resumes(wa, alice, wb)
+        carol = new_user("carol")
+        people.join(carol, room, total=3, server=a)
+        expect_join(wa, carol, 3)
+        expect_join(wb, carol, 3)
+        assert "took instance" not in a.log_path.read_text() + b.log_path.read_text()
 
 
 def wait_for(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
