@@ -6,9 +6,9 @@ One command connection and one pub/sub connection per shard process
 the members' sessions queued, subscribes to the channels of rooms that got
 local members (before their joins go out, so that the joins come back),
 sends the batch as one pipeline (order kept: one connection, in order),
-with the heartbeat and the reaping of dead instances once a second, and
-unsubscribes from rooms left empty. One task reads the channels and fans
-each event out to the local members, its frame encoded once. A third
+and unsubscribes from rooms left empty. One task beats the heartbeat and
+reaps dead instances once a second. One task reads the channels and fans
+each event out to the local members, its frame encoded once. Another
 closes the members whose join or message has waited past
 GARIN_SHARD_HOLD_TIMEOUT (1013 `room unavailable`).
 
@@ -61,6 +61,9 @@ BATCH = 1000
 # past this many events waiting here, the link is dropped and made again,
 # as Redis would (the events are lost, as there), rather than memory grow.
 MAX_BACKLOG = 50_000
+# Redis answers a SUBSCRIBE after the events already on their way to this
+# process: behind a backlog (at most MAX_BACKLOG) that takes a while.
+SUBSCRIBE_TIMEOUT_S = 10.0
 BACKLOG_CHECK_EVERY = 256
 # While the link is up, a join or message is still given up after this long
 # even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
@@ -198,7 +201,8 @@ class RedisRooms:
                     )
                 }
             async with client.pubsub(
-                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=HEARTBEAT_S * 2
+                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=HEARTBEAT_S * 2,
+                subscription_timeout=SUBSCRIBE_TIMEOUT_S,
             ) as pubsub:
                 subscribed: set[str] = set()
                 with trio.fail_after(REPLY_TIMEOUT_S):
@@ -211,6 +215,7 @@ class RedisRooms:
                 log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read, pubsub)
+                    nursery.start_soon(self._heartbeats, client, shas)
                     await self._write(client, pubsub, shas, subscribed)
                     nursery.cancel_scope.cancel()
 
@@ -262,27 +267,20 @@ class RedisRooms:
 
     async def _write(self, client: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
         core = self.core
-        next_beat = trio.current_time()
         while True:
             if not core.queue and not self._stopping:
-                with trio.move_on_at(next_beat):
-                    await self._wake.wait()
+                await self._wake.wait()
                 self._wake = trio.Event()
-            now = trio.current_time()
-            beat = now >= next_beat
-            with trio.fail_after(REPLY_TIMEOUT_S):
-                # Rooms that got their first local member are subscribed to
-                # before their joins go out; rooms left empty are dropped
-                # after their leaves (a shard process hears only its rooms).
-                rooms_changed, core.rooms_changed = core.rooms_changed, False
-                if rooms_changed:
+            # Rooms that got their first local member are subscribed to
+            # before their joins go out; rooms left empty are dropped after
+            # their leaves (a shard process hears only its rooms).
+            rooms_changed, core.rooms_changed = core.rooms_changed, False
+            if rooms_changed:
+                with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
                     await self._subscribe(pubsub, subscribed)
+            with trio.fail_after(REPLY_TIMEOUT_S):
                 batch = core.take(BATCH)
                 metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
-                if beat:
-                    next_beat = now + HEARTBEAT_S
-                    if not await self._beat(client, shas):
-                        continue
                 if batch:
                     await self._send(client, shas, batch)
                 if rooms_changed:
@@ -291,6 +289,15 @@ class RedisRooms:
                     await client.evalsha(shas["farewell"], args=[core.instance])
                     self._farewell_said.set()
                     return
+
+    async def _heartbeats(self, client: Any, shas: dict[str, Any]) -> None:
+        """Its own task: a slow step of `_write` (a subscription answered
+        behind a backlog) must not silence this process past
+        GARIN_REDIS_DEAD_AFTER."""
+        while True:
+            with trio.fail_after(REPLY_TIMEOUT_S):
+                await self._beat(client, shas)
+            await trio.sleep(HEARTBEAT_S)
 
     async def _beat(self, client: Any, shas: dict[str, Any]) -> bool:
         alive = await client.evalsha(shas["heartbeat"], args=[self.core.instance, self._dead_after_ms])

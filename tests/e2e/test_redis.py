@@ -400,6 +400,47 @@ def chat_resumes(sender: ClientConnection, name: str, receiver: ClientConnection
     wait_for(chat_works, "chat across the hosts again")
 
 
+def publish_burst(redis: RedisServer, room: str, events: int) -> None:
+    """`events` events on `room`'s channel that no shard applies ("x"), each
+    still one step of its fan-out loop, as fast as Redis takes them."""
+    import socket
+
+    name = ("garin:room:" + room).encode()
+    command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$1\r\nx\r\n" % (len(name), name)
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as sock:
+        sock.sendall(command * events + b"*1\r\n$4\r\nPING\r\n")
+        replies = b""
+        while not replies.endswith(b"+PONG\r\n"):
+            replies += sock.recv(1 << 20)
+
+
+@pytest.mark.cap(60)
+def test_a_join_to_a_new_room_waits_for_its_subscription_behind_a_backlog(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    """Redis answers a SUBSCRIBE after the events already on their way to
+    the shard process: behind a backlog (here 48,000 events, under the
+    bound) the answer is late, and that must not count as the link lost."""
+    a = hosts.start(shards=1, GARIN_REDIS_DEAD_AFTER="30")  # not reaped while frozen
+    room = new_room("busy")
+    wa = people.join(new_user("alice"), room, total=1, server=a)
+    frozen = shard_pid(a)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        publish_burst(redis, room, 48_000)
+        # Handed to the frozen shard: it subscribes to the new room when it
+        # wakes, its SUBSCRIBE answered after the 48,000 events.
+        bob = new_user("bob")
+        wb = people.authed(bob, server=a)
+        wb.send(json.dumps({"type": "join", "username": bob, "room": new_room("quiet")}))
+        time.sleep(0.5)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    expect_join(wb, bob, 1)
+    expect_quiet([wa], settle=0.1)
+    assert "Redis link down" not in a.log_path.read_text()
+
+
 def shard_pid(server: GarinServer, index: int = 0) -> int:
     assert server.process is not None
     [pid] = [
@@ -417,23 +458,15 @@ def test_a_shard_far_behind_its_subscription_drops_the_link_instead_of_growing(
     """coredis queues what it reads from a subscription without a bound: a
     shard process that falls far behind (here: frozen while a burst waits)
     drops its link and makes it again, as Redis drops a slow subscriber."""
-    import socket
-
     a = hosts.start(shards=1, GARIN_REDIS_DEAD_AFTER="30")  # not reaped while frozen
     b = hosts.start(shards=1)
     room = new_room("burst")
     alice, bob = new_user("alice"), new_user("bob")
     wa, wb = join_all(people, room, [(alice, a), (bob, b)])
-    command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$1\r\nx\r\n" % (len("garin:room:" + room), ("garin:room:" + room).encode())
-    burst = 120_000  # events no shard applies ("x"), each one fan-out step
     frozen = shard_pid(a)
     os.kill(frozen, signal.SIGSTOP)
     try:
-        with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as sock:
-            sock.sendall(command * burst + b"*1\r\n$4\r\nPING\r\n")
-            replies = b""
-            while not replies.endswith(b"+PONG\r\n"):
-                replies += sock.recv(1 << 20)
+        publish_burst(redis, room, 120_000)
     finally:
         os.kill(frozen, signal.SIGCONT)
     wait_for(lambda: "events from Redis waiting, fan-out cannot keep up" in a.log_path.read_text(), "the link dropped")
