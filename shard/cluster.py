@@ -106,6 +106,7 @@ class RedisRooms:
         # reach before: see `_beat`.
         self._up_since = 0.0
         self._was_down = False
+        self._warned_eviction = False
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -192,7 +193,7 @@ class RedisRooms:
     async def _connected(self) -> None:
         async with self._client() as client:
             with trio.fail_after(CONNECT_TIMEOUT_S + REPLY_TIMEOUT_S):
-                await _refuse_cluster(client)
+                await self._check_server(client)
                 shas = {
                     name: await client.script_load(source)
                     for name, source in (
@@ -218,6 +219,25 @@ class RedisRooms:
                     nursery.start_soon(self._heartbeats, client, shas)
                     await self._write(client, pubsub, shas, subscribed)
                     nursery.cancel_scope.cancel()
+
+    async def _check_server(self, client: Any) -> None:
+        """Refuse a Redis Cluster node; warn of a Redis that may evict keys."""
+        try:
+            info = await client.info("cluster")
+            policy = (await client.info("memory")).get("maxmemory_policy", "noeviction")
+        except coredis.exceptions.ResponseError:
+            return  # INFO renamed or denied (some hosted Redis): nothing to tell
+        if str(info.get("cluster_enabled", 0)) == "1":
+            raise ClusterNotSupported(
+                "GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis (or a primary with "
+                "replicas), not a Cluster (README: Several hosts)"
+            )
+        if policy != "noeviction" and not self._warned_eviction:
+            self._warned_eviction = True
+            log.warning(
+                "shard %d: Redis's maxmemory-policy is %s: it may evict a live host's heartbeat or a "
+                "room's roster (garin needs noeviction)", self.index, policy,
+            )
 
     async def _subscribe(self, pubsub: Any, subscribed: set[str]) -> None:
         wanted = self.core.wanted_rooms()
@@ -382,16 +402,6 @@ class RedisRooms:
                 log.info("shard %d: closed %d members held past %g s without Redis (1013)", self.index, len(late), hold)
 
 
-async def _refuse_cluster(client: Any) -> None:
-    try:
-        info = await client.info("cluster")
-    except coredis.exceptions.ResponseError:
-        return  # INFO renamed or denied (some hosted Redis): nothing to tell
-    if str(info.get("cluster_enabled", 0)) == "1":
-        raise ClusterNotSupported(
-            "GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis (or a primary with "
-            "replicas), not a Cluster (README: Several hosts)"
-        )
 
 
 def _backlog(pubsub: Any) -> int:

@@ -897,6 +897,15 @@ def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
     assert "hunter22" not in result.stderr + result.stdout
 
 
+def test_a_redis_that_may_evict_keys_is_warned_about(redis: RedisServer, hosts: Hosts) -> None:
+    redis.command("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
+    a = hosts.start(shards=1)
+    assert "Redis's maxmemory-policy is volatile-lru: it may evict a live host's heartbeat" in a.log_path.read_text()
+    redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    b = hosts.start(shards=1)
+    assert "maxmemory-policy" not in b.log_path.read_text()
+
+
 @pytest.mark.cap(60)
 def test_a_redis_cluster_node_is_refused_with_one_line() -> None:
     """garin does not support Redis Cluster (README): `garin run` against a
