@@ -59,10 +59,15 @@ class RedisServer:
     """A throwaway redis-server on a free loopback port, no persistence.
     `tls`: TLS only, with a self-signed certificate, and a password.
     `unix`: on a Unix socket in its directory only. `persist`: keys kept
-    across a restart (an append-only file, synced at every write)."""
+    across a restart (an append-only file, synced at every write).
+    `cluster`: a Redis Cluster node (with no slots)."""
 
-    def __init__(self, tls: bool = False, unix: bool = False, persist: bool = False) -> None:
+    def __init__(self, tls: bool = False, unix: bool = False, persist: bool = False, cluster: bool = False) -> None:
         self.port = free_port()
+        # A Cluster node also listens on its port + 10000 (its cluster bus).
+        while cluster and not (self.port <= 55535 and _port_free(self.port + 10000)):
+            self.port = free_port()
+        self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
         self.tls = tls
@@ -86,6 +91,8 @@ class RedisServer:
         assert REDIS_SERVER is not None
         args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--daemonize", "no", "--dir", str(self.dir)]
         args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf")]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
                      "--tls-key-file", str(self.key), "--tls-auth-clients", "no", "--requirepass", self.password]
@@ -145,6 +152,17 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _self_signed(cert_path: Path, key_path: Path) -> None:
@@ -910,15 +928,8 @@ def test_a_redis_that_may_evict_keys_is_warned_about(redis: RedisServer, hosts: 
 def test_a_redis_cluster_node_is_refused_with_one_line() -> None:
     """garin does not support Redis Cluster (README): `garin run` against a
     Cluster node stops with a line saying so, instead of retrying forever."""
-    assert REDIS_SERVER is not None
-    node = RedisServer()
-    process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(node.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--cluster-enabled", "yes", "--cluster-config-file", str(node.dir / "nodes.conf"), "--dir", str(node.dir)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    node = RedisServer(cluster=True).start()
     try:
-        wait_for(node.ping, "the Cluster node to start", timeout=10)
         server = GarinServer(env_overrides={"GARIN_REDIS_URL": node.url}, shards=1)
         try:
             result = subprocess.run(
@@ -934,8 +945,6 @@ def test_a_redis_cluster_node_is_refused_with_one_line() -> None:
         ), result.stderr
         assert "Traceback" not in result.stderr
     finally:
-        process.kill()
-        process.wait()
         node.cleanup()
 
 
