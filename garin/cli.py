@@ -45,6 +45,13 @@ def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
     return decorate
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The error itself, out of the exception groups of nested nurseries."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _fail(message: str) -> NoReturn:
     click.echo(f"garin: error: {message}", err=True)
     sys.exit(2)
@@ -173,7 +180,7 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     try:
         run_trio(f"shard-{index}", serve_shard, config, index, lifeline_fd)
     except* (OSError, RuntimeError) as group:
-        _fail(f"shard {index}: {group.exceptions[0]}")
+        _fail(f"shard {index}: {_innermost(group)}")
 
 
 def _duration(text: str, option: str, zero: str) -> float | None:
@@ -325,7 +332,8 @@ def _in_redis(config: Config, call: Callable[[Any], Awaitable[T]]) -> T:
 
     try:
         return trio.run(run)
-    except Exception as exc:  # unreachable, refused, timed out: never echo the URL
+    except Exception as group:  # unreachable, refused, timed out: never echo the URL
+        exc = _innermost(group)
         _fail(f"cannot use the ban list in Redis: {type(exc).__name__}: {exc}")
 
 

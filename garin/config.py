@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES, PUBLIC_KEY_ALGORITHMS, load_public_key
 from garin.bans import BanPolicy
@@ -245,7 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
     # that with a wide margin while a client waits for its join.
     Setting("shard_hold_timeout_s", "GARIN_SHARD_HOLD_TIMEOUT", "--shard-hold-timeout", "10",
             "Seconds a join to an unreachable shard's room waits for it before the client is "
-            "closed 1013 (room unavailable).", _seconds(0, 3600)),
+            "closed 1013 (room unavailable); with GARIN_REDIS_URL, also how long a join or "
+            "message waits for an unreachable Redis.", _seconds(0, 3600)),
     # Several hosts (README "Several hosts"). The URL may hold a password:
     # hidden in --help, never logged.
     Setting("redis_url", "GARIN_REDIS_URL", "--redis-url", "",
@@ -535,6 +537,27 @@ def _check_public_key(values: dict[str, Any]) -> None:
         raise ConfigError(f"GARIN_JWKS_URL must be an http(s) URL, not {jwks_url!r}")
 
 
+def _check_redis_url(url: str) -> None:
+    """What coredis would only find when connecting (so every shard would
+    retry it forever): a bad port, database or option, a missing TLS file.
+    Never repeats the URL, which may hold a password."""
+    import coredis  # only here: GARIN_REDIS_URL is set
+
+    secret = re.search(r"//[^@/]*:([^@/]*)@", url)
+    password = secret.group(1) if secret else ""
+    try:
+        parts = urlsplit(url)
+        database = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if database and not database.isdigit():
+            raise ValueError("the database (the URL's path) must be a number")
+        coredis.Redis.from_url(url)
+    except Exception as exc:
+        detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        if password and password in detail:
+            detail = type(exc).__name__
+        raise ConfigError(f"GARIN_REDIS_URL cannot be used: {detail} (value not shown: it may hold a password)") from None
+
+
 def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
     secret = values["jwt_secret"]
     algorithm = values["jwt_algorithm"]
@@ -552,8 +575,10 @@ def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
             raise ConfigError(
                 f"GARIN_{kind.upper()}_MIN ({low}) is larger than GARIN_{kind.upper()}_MAX ({high})"
             )
-    if values["redis_url"] and importlib.util.find_spec("coredis") is None:
-        raise ConfigError("GARIN_REDIS_URL is set but coredis is not installed: pip install 'garin[redis]'")
+    if values["redis_url"]:
+        if importlib.util.find_spec("coredis") is None:
+            raise ConfigError("GARIN_REDIS_URL is set but coredis is not installed: pip install 'garin[redis]'")
+        _check_redis_url(values["redis_url"])
     if values["redis_password_file"]:
         if not values["redis_url"]:
             raise ConfigError("GARIN_REDIS_PASSWORD_FILE is set but GARIN_REDIS_URL is not")

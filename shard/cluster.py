@@ -6,9 +6,9 @@ One command connection and one pub/sub connection per shard process
 the members' sessions queued, subscribes to the channels of rooms that got
 local members (before their joins go out, so that the joins come back),
 sends the batch as one pipeline (order kept: one connection, in order),
-with the heartbeat and the reaping of dead instances once a second, and
-unsubscribes from rooms left empty. One task reads the channels and fans
-each event out to the local members, its frame encoded once. A third
+and unsubscribes from rooms left empty. One task beats the heartbeat and
+reaps dead instances once a second. One task reads the channels and fans
+each event out to the local members, its frame encoded once. Another
 closes the members whose join or message has waited past
 GARIN_SHARD_HOLD_TIMEOUT (1013 `room unavailable`).
 
@@ -55,6 +55,16 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 # Commands per pipeline: large enough to carry a burst in one round trip.
 BATCH = 1000
+# coredis reads a subscription as fast as Redis sends and queues what it
+# read without a bound (anyio memory streams of size inf), so Redis's own
+# guard (client-output-buffer-limit pubsub) never sees a slow subscriber:
+# past this many events waiting here, the link is dropped and made again,
+# as Redis would (the events are lost, as there), rather than memory grow.
+MAX_BACKLOG = 50_000
+# Redis answers a SUBSCRIBE after the events already on their way to this
+# process: behind a backlog (at most MAX_BACKLOG) that takes a while.
+SUBSCRIBE_TIMEOUT_S = 10.0
+BACKLOG_CHECK_EVERY = 256
 # While the link is up, a join or message is still given up after this long
 # even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
 # that is down).
@@ -72,6 +82,12 @@ class LinkDown(Exception):
     pass
 
 
+class ClusterNotSupported(RuntimeError):
+    """GARIN_REDIS_URL names a Redis Cluster node: garin's scripts need every
+    key in one Redis (README "Several hosts"). The shard stops (one line),
+    so `garin run` gives up instead of retrying a setup that cannot work."""
+
+
 class RedisRooms:
     """The rooms of one shard process, shared with other hosts through Redis."""
 
@@ -84,6 +100,13 @@ class RedisRooms:
         self._wake = trio.Event()
         self._stopping = False
         self._farewell_said = trio.Event()
+        # The Redis "life" this instance registered in (redis_lua.REGISTER).
+        self._epoch = ""
+        # When the link last came up, and whether Redis was ever out of
+        # reach before: see `_beat`.
+        self._up_since = 0.0
+        self._was_down = False
+        self._warned_eviction = False
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -125,6 +148,8 @@ class RedisRooms:
             while True:
                 try:
                     await self._connected()
+                except* ClusterNotSupported:
+                    raise
                 except* Exception as group:
                     self._went_down(group.exceptions[0])
                 if self._farewell_said.is_set():
@@ -137,8 +162,11 @@ class RedisRooms:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     def _went_down(self, exc: BaseException) -> None:
+        self._was_down = True
         for sock in self.core.link_lost():
             sock.kick(closes.SHARD_UNAVAILABLE)
+        while isinstance(exc, BaseExceptionGroup):  # coredis's own task groups
+            exc = exc.exceptions[0]
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if isinstance(exc, (coredis.exceptions.RedisError, OSError, trio.TooSlowError, LinkDown, TimeoutError)):
             if self.up:
@@ -165,6 +193,7 @@ class RedisRooms:
     async def _connected(self) -> None:
         async with self._client() as client:
             with trio.fail_after(CONNECT_TIMEOUT_S + REPLY_TIMEOUT_S):
+                await self._check_server(client)
                 shas = {
                     name: await client.script_load(source)
                     for name, source in (
@@ -173,20 +202,42 @@ class RedisRooms:
                     )
                 }
             async with client.pubsub(
-                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=HEARTBEAT_S * 2
+                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=HEARTBEAT_S * 2,
+                subscription_timeout=SUBSCRIBE_TIMEOUT_S,
             ) as pubsub:
                 subscribed: set[str] = set()
                 with trio.fail_after(REPLY_TIMEOUT_S):
                     await self._subscribe(pubsub, subscribed)
                     await self._register(client, shas)
                 self.up = True
+                self._up_since = trio.current_time()
                 metrics.REDIS_UP.labels(shard=self.label).set(1)
                 metrics.REDIS_CONNECTS.inc()
                 log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read, pubsub)
+                    nursery.start_soon(self._heartbeats, client, shas)
                     await self._write(client, pubsub, shas, subscribed)
                     nursery.cancel_scope.cancel()
+
+    async def _check_server(self, client: Any) -> None:
+        """Refuse a Redis Cluster node; warn of a Redis that may evict keys."""
+        try:
+            info = await client.info("cluster")
+            policy = (await client.info("memory")).get("maxmemory_policy", "noeviction")
+        except coredis.exceptions.ResponseError:
+            return  # INFO renamed or denied (some hosted Redis): nothing to tell
+        if str(info.get("cluster_enabled", 0)) == "1":
+            raise ClusterNotSupported(
+                "GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis (or a primary with "
+                "replicas), not a Cluster (README: Several hosts)"
+            )
+        if policy != "noeviction" and not self._warned_eviction:
+            self._warned_eviction = True
+            log.warning(
+                "shard %d: Redis's maxmemory-policy is %s: it may evict a live host's heartbeat or a "
+                "room's roster (garin needs noeviction)", self.index, policy,
+            )
 
     async def _subscribe(self, pubsub: Any, subscribed: set[str]) -> None:
         wanted = self.core.wanted_rooms()
@@ -202,11 +253,14 @@ class RedisRooms:
             await pubsub.unsubscribe(*[channel(room) for room in stale])
 
     async def _register(self, client: Any, shas: dict[str, Any]) -> None:
-        args: list[str | int] = [self.core.instance, self._dead_after_ms]
+        args: list[str | int] = [self.core.instance, self._dead_after_ms, self._epoch, secrets.token_hex(8)]
         for key, room, username in self.core.registered():
             args += [key, room, username]
-        if await client.evalsha(shas["register"], args=args) == 0:
+        epoch = await client.evalsha(shas["register"], args=args)
+        if epoch == 0:
             await self._taken_for_dead(client, shas)
+        else:
+            self._epoch = epoch.decode()
 
     async def _taken_for_dead(self, client: Any, shas: dict[str, Any]) -> None:
         """The others removed this instance's members (it was silent past
@@ -219,7 +273,13 @@ class RedisRooms:
             "shard %d: the other hosts took instance %s for dead; closed its %d members (1013), now %s",
             self.index, old, len(kicked), self.core.instance,
         )
-        await client.evalsha(shas["register"], args=[self.core.instance, self._dead_after_ms])
+        epoch = await client.evalsha(shas["register"], args=[self.core.instance, self._dead_after_ms, "", secrets.token_hex(8)])
+        self._epoch = epoch.decode()
+
+    @property
+    def _reap_grace_s(self) -> float:
+        """Time for every other host to be back after an outage and beat."""
+        return self.config.redis_dead_after_s + BACKOFF_MAX_S + HEARTBEAT_S
 
     @property
     def _dead_after_ms(self) -> int:
@@ -227,38 +287,50 @@ class RedisRooms:
 
     async def _write(self, client: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
         core = self.core
-        next_beat = trio.current_time()
         while True:
             if not core.queue and not self._stopping:
-                with trio.move_on_at(next_beat):
-                    await self._wake.wait()
+                await self._wake.wait()
                 self._wake = trio.Event()
-            now = trio.current_time()
-            beat = now >= next_beat
-            with trio.fail_after(REPLY_TIMEOUT_S):
-                if core.rooms_changed:
+            # Rooms that got their first local member are subscribed to
+            # before their joins go out; rooms left empty are dropped after
+            # their leaves (a shard process hears only its rooms).
+            rooms_changed, core.rooms_changed = core.rooms_changed, False
+            if rooms_changed:
+                with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
                     await self._subscribe(pubsub, subscribed)
+            with trio.fail_after(REPLY_TIMEOUT_S):
                 batch = core.take(BATCH)
                 metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
-                if beat:
-                    next_beat = now + HEARTBEAT_S
-                    if not await self._beat(client, shas):
-                        continue
                 if batch:
                     await self._send(client, shas, batch)
-                if core.rooms_changed:
+                if rooms_changed:
                     await self._unsubscribe(pubsub, subscribed)
                 if self._stopping and not core.queue:
                     await client.evalsha(shas["farewell"], args=[core.instance])
                     self._farewell_said.set()
                     return
 
+    async def _heartbeats(self, client: Any, shas: dict[str, Any]) -> None:
+        """Its own task: a slow step of `_write` (a subscription answered
+        behind a backlog) must not silence this process past
+        GARIN_REDIS_DEAD_AFTER."""
+        while True:
+            with trio.fail_after(REPLY_TIMEOUT_S):
+                await self._beat(client, shas)
+            await trio.sleep(HEARTBEAT_S)
+
     async def _beat(self, client: Any, shas: dict[str, Any]) -> bool:
         alive = await client.evalsha(shas["heartbeat"], args=[self.core.instance, self._dead_after_ms])
         if alive == 0:
             await self._taken_for_dead(client, shas)
             return False
-        reaped = await client.evalsha(shas["reap"])
+        if self._was_down and trio.current_time() - self._up_since < self._reap_grace_s:
+            # Back from an outage: every heartbeat may have expired while
+            # Redis was away (if it kept its keys), and the other hosts may
+            # still be coming back (backoff). Reaping them now would close
+            # all their members; a host that is really dead is reaped later.
+            return True
+        reaped = await client.evalsha(shas["reap"], args=[lua.REAP_EVERY_MS])
         if reaped:
             metrics.REDIS_REAPED.inc(reaped)
             log.info("shard %d: removed the members of %d dead instance(s)", self.index, reaped)
@@ -293,8 +365,15 @@ class RedisRooms:
 
     async def _read(self, pubsub: Any) -> None:
         core = self.core
+        until_check = BACKLOG_CHECK_EVERY
         while True:
             message = await pubsub.get_message()
+            until_check -= 1
+            if not until_check:
+                until_check = BACKLOG_CHECK_EVERY
+                backlog = _backlog(pubsub)
+                if backlog > MAX_BACKLOG:
+                    raise LinkDown(f"{backlog} events from Redis waiting, fan-out cannot keep up")
             if message is None or message["type"] != "message":
                 continue
             room = room_of(message["channel"])
@@ -315,8 +394,21 @@ class RedisRooms:
         hold = self.config.shard_hold_timeout_s
         while True:
             await trio.sleep(HOLD_CHECK_S)
+            metrics.REDIS_QUEUE.labels(shard=self.label).set(len(self.core.queue))
             late = self.core.held_too_long(trio.current_time(), hold if not self.up else max(hold, UP_HOLD_FLOOR_S))
             for sock in late:
                 sock.kick(closes.SHARD_UNAVAILABLE)
             if late:
                 log.info("shard %d: closed %d members held past %g s without Redis (1013)", self.index, len(late), hold)
+
+
+
+
+def _backlog(pubsub: Any) -> int:
+    """Events coredis has read from the subscription and not handed over yet:
+    in its connection's push buffer, then in its PubSub's (coredis 6)."""
+    streams = (
+        getattr(getattr(pubsub, "_connection", None), "_push_message_buffer_in", None),
+        getattr(pubsub, "_receive_stream", None),
+    )
+    return sum(int(stream.statistics().current_buffer_used) for stream in streams if stream is not None)

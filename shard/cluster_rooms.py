@@ -14,8 +14,10 @@ commands over one connection, in order).
 This object holds what one shard process knows, and never does I/O:
 
 - its local members, each `QUEUED` (its join waits to be sent), `SENT`
-  (sent, not back yet) or `ACTIVE` (its join came back: it hears the room).
-  A joiner hears nothing before its own join, and every event after it;
+  (sent, not back yet), `ACTIVE` (its join came back: it hears the room) or
+  `GONE` (closed by the shell, 1013: it hears nothing more and is never
+  registered again; its leave still goes out). A joiner hears nothing
+  before its own join, and every event after it;
 - `rooms`: per room, the sockets of its ACTIVE local members (what fan-out
   walks);
 - the commands waiting for Redis (`queue`), in the order the members'
@@ -52,6 +54,7 @@ class State(enum.Enum):
     QUEUED = 1
     SENT = 2
     ACTIVE = 3
+    GONE = 4
 
 
 @dataclass(slots=True)
@@ -109,9 +112,12 @@ def message_event(instance: str, key: int, text: bytes) -> bytes:
 @dataclass(slots=True)
 class ClusterRooms(Generic[S]):
     instance: str
-    # Commands waiting for Redis; past this many, a member's command is refused
-    # (its client is closed 1013) rather than growing without bound.
+    # Commands waiting for Redis; past this many, or this many bytes of
+    # messages, a member's message is refused (its client is closed 1013)
+    # rather than memory growing while Redis is slow or away.
     max_queue: int = 100_000
+    max_queue_bytes: int = 64 * 1024 * 1024
+    queued_bytes: int = 0
     members: dict[int, Member[S]] = field(default_factory=dict)
     rooms: dict[str, dict[int, S]] = field(default_factory=dict)
     queue: deque[Command] = field(default_factory=deque)
@@ -144,10 +150,14 @@ class ClusterRooms(Generic[S]):
     def publish(self, key: int, text: bytes, now: float) -> bool:
         """`key` sends `text` (protocol.message_text) to its room. False if
         too much is waiting already."""
-        if len(self.queue) >= self.max_queue:
-            return False
         member = self.members[key]
-        self.queue.append(MessageCommand(key, member.room, message_event(self.instance, key, text), now))
+        if member.state is State.GONE:
+            return True  # being closed (maybe announced gone already): never heard again
+        event = message_event(self.instance, key, text)
+        if len(self.queue) >= self.max_queue or self.queued_bytes + len(event) > self.max_queue_bytes:
+            return False
+        self.queue.append(MessageCommand(key, member.room, event, now))
+        self.queued_bytes += len(event)
         return True
 
     def leave(self, key: int, now: float) -> None:
@@ -172,8 +182,8 @@ class ClusterRooms(Generic[S]):
 
     def wanted_rooms(self) -> set[str]:
         """Rooms with local members: their channels must be subscribed to
-        before any of their commands is sent, so that joins come back."""
-        self.rooms_changed = False
+        before any of their commands is sent, so that joins come back, and
+        only those (the shell unsubscribes from the others)."""
         return set(self.local)
 
     def take(self, limit: int) -> list[Command]:
@@ -181,7 +191,9 @@ class ClusterRooms(Generic[S]):
         batch: list[Command] = []
         while self.queue and len(batch) < limit:
             command = self.queue.popleft()
-            if isinstance(command, JoinCommand):
+            if isinstance(command, MessageCommand):
+                self.queued_bytes -= len(command.payload)
+            elif isinstance(command, JoinCommand):
                 member = self.members.get(command.key)
                 if member is not None and member.room == command.room:
                     member.state = State.SENT
@@ -194,7 +206,7 @@ class ClusterRooms(Generic[S]):
         been counted, and their echo is lost. Their members must go (the
         shell closes them 1013 and their leaves clean up after them)."""
         self.sent.clear()
-        return [m.sock for m in self.members.values() if m.state is State.SENT]
+        return self._gone([key for key, m in self.members.items() if m.state is State.SENT])
 
     def registered(self) -> list[tuple[int, str, str]]:
         """(key, room, username) of every member Redis has counted: what a
@@ -216,17 +228,31 @@ class ClusterRooms(Generic[S]):
             self.queue = deque(
                 c for c in self.queue if isinstance(c, LeaveCommand) or c.key not in late
             )
-        for key in late:
-            self.sent.pop(key, None)
-        return [self.members[key].sock for key in late if key in self.members]
+            self.queued_bytes = sum(len(c.payload) for c in self.queue if isinstance(c, MessageCommand))
+        return self._gone([key for key in late if key in self.members])
 
     def drop_all(self) -> list[S]:
         """Forget every command and return every member's socket: this
         process was taken for dead by the others (its members were announced
         gone), so its members must reconnect."""
         self.queue.clear()
-        self.sent.clear()
-        return [m.sock for m in self.members.values()]
+        self.queued_bytes = 0
+        return self._gone([key for key, m in self.members.items() if m.state is not State.GONE])
+
+    def _gone(self, keys: list[int]) -> list[S]:
+        """`keys` are being closed: out of the fan-out, never registered
+        again (a reconnected link must not count them silently, nor announce
+        them twice). Their sockets, for the shell to close."""
+        socks = []
+        for key in keys:
+            member = self.members[key]
+            member.state = State.GONE
+            self.sent.pop(key, None)
+            sockets = self.rooms.get(member.room)
+            if sockets is not None and sockets.pop(key, None) is not None and not sockets:
+                del self.rooms[member.room]
+            socks.append(member.sock)
+        return socks
 
     # -- events from Redis ---------------------------------------------------------------
 
@@ -257,28 +283,20 @@ class ClusterRooms(Generic[S]):
                 self._activate(key, room)
             sockets = self.rooms.get(room)
             return Delivery(protocol.join_text(username, total), sockets) if sockets else None
-        exclude = -1
-        if instance == self.instance and key in self.members:
+        member = self.members.get(key) if instance == self.instance else None
+        if member is not None and member.room == room and member.state is not State.GONE:
             # Redis removed a member this process still has: the others took
             # the process for dead (it was paused). The member hears nothing
             # more and must go (`evicted`); the rest hear the leave.
-            exclude = key
-            self._evict(key)
+            self.evicted += self._gone([key])
         sockets = self.rooms.get(room)
         if not sockets:
             return None
-        return Delivery(protocol.userleave_text(username, total), sockets, exclude)
-
-    def _evict(self, key: int) -> None:
-        member = self.members[key]
-        sockets = self.rooms.get(member.room)
-        if sockets is not None and sockets.pop(key, None) is not None and not sockets:
-            del self.rooms[member.room]
-        self.evicted.append(member.sock)
+        return Delivery(protocol.userleave_text(username, total), sockets)
 
     def _activate(self, key: int, room: str) -> None:
         member = self.members.get(key)
-        if member is None or member.room != room or member.state is State.ACTIVE:
+        if member is None or member.room != room or member.state in (State.ACTIVE, State.GONE):
             return  # gone already (its leave follows), or an echo of a re-registration
         member.state = State.ACTIVE
         self.sent.pop(key, None)

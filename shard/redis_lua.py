@@ -1,7 +1,8 @@
 """What garin keeps in Redis, and the Lua scripts that change it atomically.
 
-Keys (one garin deployment per Redis database; pick another database number
-in the URL for a second one):
+Keys (one garin deployment per Redis server: pub/sub channels are shared
+by all of a Redis's databases, so another database number would still mix
+two deployments' rooms):
 
 - `garin:roster:<room>`: hash, member id (`<instance>:<key>`) -> username.
   Its length is the room's `totalUsers` on all hosts.
@@ -13,6 +14,12 @@ in the URL for a second one):
 - `garin:reaped:<instance>`: a tombstone (an hour) for an instance the others
   took for dead, so that it learns it (after a long pause) and does not
   silently come back with members the others saw leave.
+- `garin:reaping`: present for REAP_EVERY_MS after a reaping run.
+- `garin:epoch`: a random value set by the first instance to register with
+  this Redis: an instance that comes back to the same epoch and finds
+  itself neither alive nor known was reaped (even once its tombstone has
+  expired), while a new epoch means Redis restarted empty and nobody saw
+  anyone leave.
 
 Channels: `garin:room:<room>` (events, garin/shard/cluster_rooms.py).
 
@@ -28,6 +35,9 @@ would need the room's keys and channel in one hash slot (README).
 from __future__ import annotations
 
 INSTANCES = "garin:instances"
+# A little under the heartbeat's second, so that some shard process reaps
+# about every second.
+REAP_EVERY_MS = 900
 
 
 def roster(room: str) -> str:
@@ -43,7 +53,10 @@ def alive(instance: str) -> str:
 
 
 # KEYS: roster, owned. ARGV: channel, instance, key, room, username.
+# Refused (-1) for an instance that is not alive: reaped, its join would be
+# a ghost nobody removes (the instance goes on under a new name).
 JOIN = """
+if redis.call('EXISTS', 'garin:alive:' .. ARGV[2]) == 0 then return -1 end
 local id = ARGV[2] .. ':' .. ARGV[3]
 redis.call('HSET', KEYS[1], id, ARGV[5])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
@@ -87,17 +100,25 @@ end
 """
 
 # Heartbeat. ARGV: instance, dead_after_ms. Returns 0 if the others took this
-# instance for dead (its tombstone is there), else 1.
+# instance for dead (its tombstone is there, or it is neither alive nor
+# known: reaped longer ago than a tombstone lasts, or the keys were
+# flushed), else 1.
 HEARTBEAT = """
 if redis.call('EXISTS', 'garin:reaped:' .. ARGV[1]) == 1 then return 0 end
+if redis.call('EXISTS', 'garin:alive:' .. ARGV[1]) == 0
+    and redis.call('SISMEMBER', 'garin:instances', ARGV[1]) == 0 then return 0 end
 redis.call('SET', 'garin:alive:' .. ARGV[1], '1', 'PX', ARGV[2])
 redis.call('SADD', 'garin:instances', ARGV[1])
 return 1
 """
 
 # Remove the members of every instance whose heartbeat expired, announcing
-# each as a userleave. Returns the number of instances reaped.
+# each as a userleave. Returns the number of instances reaped. Every shard
+# process calls it every second, but it runs at most once per REAP_EVERY_MS
+# (`garin:reaping`): its cost grows with the number of instances, so one
+# run per second in all, not one per instance.
 REAP = _REMOVE + """
+if not redis.call('SET', 'garin:reaping', '1', 'NX', 'PX', ARGV[1]) then return 0 end
 local reaped = 0
 for _, inst in ipairs(redis.call('SMEMBERS', 'garin:instances')) do
   if redis.call('EXISTS', 'garin:alive:' .. inst) == 0 then
@@ -112,26 +133,35 @@ return reaped
 """
 
 # After a (re)connection: this instance's members are exactly those given
-# (key, room, username triples after ARGV[1..2] = instance, dead_after_ms).
-# Missing ones are added silently (Redis restarted empty: nobody saw them
-# leave), ones Redis has but the instance does not are removed and
-# announced (their leave was lost with the connection). Returns 0 if the
-# others took this instance for dead, else 1.
+# (key, room, username triples after ARGV[1..4] = instance, dead_after_ms,
+# the epoch it last registered in ("" the first time), a fresh epoch in
+# case Redis has none). Missing ones are added silently (Redis restarted
+# empty: nobody saw them leave), ones Redis has but the instance does not
+# are removed and announced (their leave was lost with the connection).
+# Returns 0 if the others took this instance for dead, else the epoch.
 REGISTER = _REMOVE + """
 local inst = ARGV[1]
 if redis.call('EXISTS', 'garin:reaped:' .. inst) == 1 then return 0 end
+local epoch = redis.call('GET', 'garin:epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('SET', 'garin:epoch', epoch)
+elseif epoch == ARGV[3] and redis.call('EXISTS', 'garin:alive:' .. inst) == 0
+    and redis.call('SISMEMBER', 'garin:instances', inst) == 0 then
+  return 0
+end
 redis.call('SET', 'garin:alive:' .. inst, '1', 'PX', ARGV[2])
 redis.call('SADD', 'garin:instances', inst)
 local keep = {}
-for i = 3, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   keep[ARGV[i]] = true
 end
 remove(inst, keep)
-for i = 3, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   redis.call('HSET', 'garin:roster:' .. ARGV[i + 1], inst .. ':' .. ARGV[i], ARGV[i + 2])
   redis.call('HSET', 'garin:owned:' .. inst, ARGV[i], ARGV[i + 1])
 end
-return 1
+return epoch
 """
 
 # A stopping instance: its members have left; forget it.

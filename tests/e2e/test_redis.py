@@ -41,7 +41,9 @@ from conftest import (
     recv_json,
     room_on,
 )
-from test_metrics import get
+from test_metrics import get, sample
+
+from garin.shard.cluster_rooms import channel
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = [
@@ -55,13 +57,22 @@ DEAD_AFTER_S = 2.0
 
 class RedisServer:
     """A throwaway redis-server on a free loopback port, no persistence.
-    `tls`: TLS only, with a self-signed certificate, and a password."""
+    `tls`: TLS only, with a self-signed certificate, and a password.
+    `unix`: on a Unix socket in its directory only. `persist`: keys kept
+    across a restart (an append-only file, synced at every write).
+    `cluster`: a Redis Cluster node (with no slots)."""
 
-    def __init__(self, tls: bool = False) -> None:
+    def __init__(self, tls: bool = False, unix: bool = False, persist: bool = False, cluster: bool = False) -> None:
         self.port = free_port()
+        # A Cluster node also listens on its port + 10000 (its cluster bus).
+        while cluster and not (self.port <= 55535 and _port_free(self.port + 10000)):
+            self.port = free_port()
+        self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="gr", dir="/tmp"))
         self.process: subprocess.Popen[bytes] | None = None
         self.tls = tls
+        self.unix = self.dir / "redis.sock" if unix else None
+        self.persist = persist
         self.password = secrets.token_hex(16)
         if tls:
             self.cert = self.dir / "cert.pem"
@@ -72,15 +83,21 @@ class RedisServer:
     def url(self) -> str:
         if self.tls:
             return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
+        if self.unix:
+            return f"unix://{self.unix}?db=0"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         assert REDIS_SERVER is not None
-        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--dir", str(self.dir)]
+        args = [REDIS_SERVER, "--bind", "127.0.0.1", "--save", "", "--daemonize", "no", "--dir", str(self.dir)]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf")]
         if self.tls:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
                      "--tls-key-file", str(self.key), "--tls-auth-clients", "no", "--requirepass", self.password]
+        elif self.unix:
+            args += ["--port", "0", "--unixsocket", str(self.unix), "--unixsocketperm", "700"]
         else:
             args += ["--port", str(self.port)]
         with open(self.dir / "redis.log", "ab") as log:
@@ -97,6 +114,12 @@ class RedisServer:
         import ssl
 
         try:
+            if self.unix:
+                with socket.socket(socket.AF_UNIX) as raw:
+                    raw.settimeout(1)
+                    raw.connect(str(self.unix))
+                    raw.sendall(b"PING\r\n")
+                    return raw.recv(64).startswith(b"+PONG")
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
                 if self.tls:
                     context = ssl.create_default_context(cafile=str(self.cert))
@@ -129,6 +152,17 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _self_signed(cert_path: Path, key_path: Path) -> None:
@@ -297,6 +331,197 @@ def test_25_senders_over_three_hosts_every_message_once_in_order(hosts: Hosts, p
     expect_quiet(sockets, settle=0.2)
 
 
+@pytest.mark.parametrize("same_room", [False, True])
+def test_a_member_moving_rooms_is_announced_leaving_then_joining_on_every_host(
+    hosts: Hosts, people: Clients, same_room: bool
+) -> None:
+    a, b = hosts.start(shards=2), hosts.start(shards=2)
+    first = room_on(0, "from", shards=2)
+    second = first if same_room else room_on(1, "to", shards=2)
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb = join_all(people, first, [(alice, a), (bob, b)])
+    wc = wb if same_room else people.join(carol, second, total=1, server=b)
+    # Alice leaves, then joins the second room (of the other shard of her host).
+    wa.send(json.dumps({"type": "userleave"}))
+    expect_userleave(wb, alice, 1)
+    wa.send(json.dumps({"type": "join", "username": alice, "room": second}))
+    expect_join(wa, alice, 2)
+    expect_join(wc, alice, 2)
+    wc.send(message_frame("welcome"))
+    expect_message(wa, bob if same_room else carol, "welcome")
+    wa.send(message_frame("thanks"))
+    expect_message(wc, alice, "thanks")
+    expect_quiet([wa, wb, wc], settle=0.1)
+
+
+def subscribers(redis: RedisServer, room: str) -> int:
+    """How many connections Redis has subscribed to `room`'s channel."""
+    reply = redis.command("PUBSUB", "NUMSUB", "garin:room:" + room)
+    return int(reply.rsplit(b":", 1)[1].split(b"\r\n")[0])
+
+
+def test_a_shard_process_is_subscribed_only_while_it_has_members_there(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    a, b = hosts.start(shards=1), hosts.start(shards=1)
+    room = new_room("sub")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa, wb, wc = join_all(people, room, [(alice, a), (bob, a), (carol, b)])
+    assert subscribers(redis, room) == 2  # one shard process per host
+    wb.send(json.dumps({"type": "userleave"}))
+    expect_userleave(wa, bob, 2)
+    expect_userleave(wc, bob, 2)
+    assert subscribers(redis, room) == 2  # alice is still there
+    wa.send(json.dumps({"type": "userleave"}))
+    expect_userleave(wc, alice, 1)
+    wait_for(lambda: subscribers(redis, room) == 1, "host a to unsubscribe from the room it left", timeout=5)
+    # Back in the room: subscribed again, and the room's events reach it.
+    dave = new_user("dave")
+    wd = people.join(dave, room, total=2, server=a)
+    expect_join(wc, dave, 2)
+    wc.send(message_frame("hi dave"))
+    expect_message(wd, carol, "hi dave")
+    assert subscribers(redis, room) == 2
+
+
+@pytest.mark.cap(60)
+def test_redis_dropping_a_subscriber_connection_is_a_link_down_and_back(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    a, b = hosts.start(shards=1), hosts.start(shards=1)
+    room = new_room("drop")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    # What Redis does to a subscriber past client-output-buffer-limit pubsub.
+    assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":2")
+    for host in (a, b):
+        wait_for(lambda: host.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+    chat_resumes(wa, alice, wb)
+    for host in (a, b):
+        log = host.log_path.read_text()
+        assert "Redis link down (ConnectionError: " in log, log
+        assert "Traceback" not in log and "Redis link failed" not in log, log
+
+
+def chat_resumes(sender: ClientConnection, name: str, receiver: ClientConnection) -> None:
+    """`sender`'s messages reach `receiver` again (soon: the link is being made again)."""
+
+    def chat_works() -> bool:
+        sender.send(message_frame("anyone?"))
+        try:
+            got = recv_json(receiver, timeout=1)
+        except TimeoutError:
+            return False
+        assert got == {"type": "message", "username": name, "body": "anyone?"}
+        return True
+
+    wait_for(chat_works, "chat across the hosts again")
+
+
+def publish_burst(redis: RedisServer, room: str, events: int) -> None:
+    """`events` events on `room`'s channel that no shard applies ("x"), each
+    still one step of its fan-out loop, as fast as Redis takes them."""
+    import socket
+
+    name = ("garin:room:" + room).encode()
+    command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$1\r\nx\r\n" % (len(name), name)
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as sock:
+        sock.sendall(command * events + b"*1\r\n$4\r\nPING\r\n")
+        replies = b""
+        while not replies.endswith(b"+PONG\r\n"):
+            replies += sock.recv(1 << 20)
+
+
+@pytest.mark.cap(60)
+def test_a_join_to_a_new_room_waits_for_its_subscription_behind_a_backlog(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    """Redis answers a SUBSCRIBE after the events already on their way to
+    the shard process: behind a backlog (here 48,000 events, under the
+    bound) the answer is late, and that must not count as the link lost."""
+    a = hosts.start(shards=1, GARIN_REDIS_DEAD_AFTER="30")  # not reaped while frozen
+    room = new_room("busy")
+    wa = people.join(new_user("alice"), room, total=1, server=a)
+    frozen = shard_pid(a)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        publish_burst(redis, room, 48_000)
+        # Handed to the frozen shard: it subscribes to the new room when it
+        # wakes, its SUBSCRIBE answered after the 48,000 events.
+        bob = new_user("bob")
+        wb = people.authed(bob, server=a)
+        wb.send(json.dumps({"type": "join", "username": bob, "room": new_room("quiet")}))
+        time.sleep(0.5)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    expect_join(wb, bob, 1)
+    expect_quiet([wa], settle=0.1)
+    assert "Redis link down" not in a.log_path.read_text()
+
+
+def shard_pid(server: GarinServer, index: int = 0) -> int:
+    assert server.process is not None
+    [pid] = [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _ppid(p) == server.process.pid
+        and f"shard\0--index\0{index}\0".encode() in (p / "cmdline").read_bytes()
+    ]
+    return pid
+
+
+@pytest.mark.cap(60)
+def test_a_shard_far_behind_its_subscription_drops_the_link_instead_of_growing(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    """coredis queues what it reads from a subscription without a bound: a
+    shard process that falls far behind (here: frozen while a burst waits)
+    drops its link and makes it again, as Redis drops a slow subscriber."""
+    a = hosts.start(shards=1, GARIN_REDIS_DEAD_AFTER="30")  # not reaped while frozen
+    b = hosts.start(shards=1)
+    room = new_room("burst")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    frozen = shard_pid(a)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        publish_burst(redis, room, 120_000)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    wait_for(lambda: "events from Redis waiting, fan-out cannot keep up" in a.log_path.read_text(), "the link dropped")
+    wait_for(lambda: a.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+    chat_resumes(wb, bob, wa)
+
+
+def _maps_coredis(server: GarinServer) -> dict[str, bool]:
+    """For each of the host's processes (by its command line): whether it
+    has loaded coredis (its compiled modules show in /proc/PID/maps)."""
+    assert server.process is not None
+    pids = [server.process.pid] + [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == server.process.pid
+    ]
+    return {
+        Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(): "/coredis/" in Path(
+            f"/proc/{pid}/maps"
+        ).read_text()
+        for pid in pids
+    }
+
+
+def test_one_host_without_redis_never_loads_the_redis_client(hosts: Hosts, people: Clients) -> None:
+    single = GarinServer(env_overrides=SHARED_ENV, shards=2)
+    hosts.stack.callback(hosts._stop, single)
+    single.start()
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, new_room("one"), [(alice, single), (bob, single)])
+    wa.send(message_frame("one host"))
+    expect_message(wb, alice, "one host")
+    loaded = _maps_coredis(single)
+    assert len(loaded) == 4 and not any(loaded.values()), loaded  # supervisor, router, 2 shards
+    # The check can fail: a host with GARIN_REDIS_URL has it in its shards.
+    shards = {cmd: used for cmd, used in _maps_coredis(hosts.start(shards=2)).items() if " shard " in cmd}
+    assert len(shards) == 2 and all(shards.values()), shards
+
+
 # -- hosts and Redis failing ------------------------------------------------------------
 
 
@@ -371,6 +596,54 @@ def test_sigterm_of_one_host_closes_its_clients_and_the_others_chat_on(hosts: Ho
     expect_quiet([wa, wc], settle=0.1)
 
 
+@pytest.mark.cap(60)
+def test_sigterm_with_redis_unreachable_still_exits_0_within_the_shutdown_timeout(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    a = hosts.start(shards=2, GARIN_SHUTDOWN_TIMEOUT="2")
+    ws = people.join(new_user("alice"), new_room("frozen"), total=1, server=a)
+    assert redis.process is not None
+    os.kill(redis.process.pid, signal.SIGSTOP)  # connected, never answering: the worst case
+    try:
+        started = time.monotonic()
+        a.stop()  # exit 0, socket directory removed
+        took = time.monotonic() - started
+    finally:
+        os.kill(redis.process.pid, signal.SIGCONT)
+    expect_close(ws, 1001, "server shutting down")
+    assert took < 2 + 1.5, f"stopping took {took:.1f} s"
+
+
+@pytest.mark.cap(90)
+def test_after_redis_was_away_past_the_bound_the_hosts_do_not_reap_each_other(people: Clients) -> None:
+    """Redis away from every host past GARIN_REDIS_DEAD_AFTER (restarted
+    with its keys, a failover, a network cut) has every heartbeat expired
+    when it is back: the first host back must not take the others, still
+    coming back (backoff), for dead, which closes all their members."""
+    redis = RedisServer(persist=True).start()
+    stack = contextlib.ExitStack()
+    stack.callback(redis.cleanup)
+    with stack:
+        hosts = Hosts(redis, stack)
+        a, b = hosts.start(shards=1), hosts.start(shards=1)
+        room = new_room("away")
+        alice, bob = new_user("alice"), new_user("bob")
+        wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+        redis.stop()
+        time.sleep(DEAD_AFTER_S + 2)
+        redis.start()
+        for host in (a, b):
+            wait_for(lambda: host.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+        time.sleep(DEAD_AFTER_S + 2)  # past any reaping
+        expect_quiet([wa, wb], settle=0.1)  # nobody closed, nobody announced gone
+        chat_resumes(wa, alice, wb)
+        carol = new_user("carol")
+        people.join(carol, room, total=3, server=a)
+        expect_join(wa, carol, 3)
+        expect_join(wb, carol, 3)
+        assert "took instance" not in a.log_path.read_text() + b.log_path.read_text()
+
+
 def wait_for(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
@@ -415,6 +688,12 @@ def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
             return status == 503 and json.loads(body)["redis"] == {"0": False, "1": False}
 
         wait_for(degraded, "/health to say both shards lost Redis")
+
+        def waiting() -> float:
+            text = get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
+            return sum(sample(text, "garin_redis_queue", shard=str(i)) for i in range(2))
+
+        wait_for(waiting, "alice's messages counted as waiting for Redis", timeout=3)
         time.sleep(0.5)
         redis.start()
         wait_for(lambda: get(health)[0] == 200, "/health ok again")
@@ -521,6 +800,64 @@ def test_the_strike_script_judges_as_ban_policy(redis: RedisServer, strikes: int
     trio.run(check)
 
 
+def test_the_membership_scripts_never_let_a_reaped_instance_back_silently(redis: RedisServer) -> None:
+    """garin/shard/redis_lua.py against a real Redis: a reaped instance's
+    join is refused (it would be a ghost nobody removes), its heartbeat and
+    its registration say it was taken for dead, even once its tombstone has
+    expired; while after a restart (Redis empty) registering again brings
+    its members back silently."""
+    import coredis
+    import trio
+
+    from garin.shard import redis_lua as lua
+
+    async def check() -> None:
+        async with coredis.Redis.from_url(redis.url, verify_version=False) as client:
+            async def register(inst: str, epoch: str, *members: str) -> bytes | int:
+                return await client.eval(lua.REGISTER, args=[inst, 60_000, epoch, "fresh-" + inst, *members])
+
+            async def join(inst: str, key: int) -> int:
+                return await client.eval(
+                    lua.JOIN, keys=[lua.roster("r"), lua.owned(inst)],
+                    args=[channel("r"), inst, key, "r", f"u{key}"],
+                )
+
+            epoch = await register("A", "")
+            assert epoch == b"fresh-A"
+            assert await register("B", "") == epoch  # one epoch per Redis life
+            assert await join("A", 1) == 1 and await join("B", 2) == 2
+            await client.delete([lua.alive("A")])  # A's heartbeat expired: it was paused
+            assert await client.eval(lua.REAP, args=[60_000]) == 1
+            assert await client.hlen(lua.roster("r")) == 1
+            # A comes back: its join in flight is refused, not counted.
+            assert await join("A", 3) == -1
+            assert await client.hlen(lua.roster("r")) == 1
+            assert await client.eval(lua.HEARTBEAT, args=["A", 60_000]) == 0
+            await client.delete(["garin:reaped:A"])  # paused longer than the tombstone lasts
+            assert await client.eval(lua.HEARTBEAT, args=["A", 60_000]) == 0
+            assert await register("A", epoch.decode(), "1", "r", "u1") == 0
+            assert await client.hlen(lua.roster("r")) == 1
+            # Redis restarted empty: B registers its member again, silently.
+            await client.flushall()
+            assert await register("B", epoch.decode(), "2", "r", "u2") == b"fresh-B"
+            assert await client.hgetall(lua.roster("r")) == {b"B:2": b"u2"}
+            assert await client.eval(lua.HEARTBEAT, args=["B", 60_000]) == 1
+            # Keys flushed under a live link: its heartbeat says so.
+            await client.flushall()
+            assert await client.eval(lua.HEARTBEAT, args=["B", 60_000]) == 0
+            # Every shard process calls REAP every second; it runs once per interval.
+            await register("C", "")
+            await client.delete([lua.alive("C")])
+            assert await client.eval(lua.REAP, args=[60_000]) == 1
+            await register("D", "")
+            await client.delete([lua.alive("D")])
+            assert await client.eval(lua.REAP, args=[60_000]) == 0
+            await client.delete(["garin:reaping"])  # the interval is over
+            assert await client.eval(lua.REAP, args=[60_000]) == 1
+
+    trio.run(check)
+
+
 @pytest.mark.cap(60)
 def test_tls_and_a_password_file_and_the_password_is_never_shown(people: Clients) -> None:
     tls = RedisServer(tls=True).start()
@@ -551,6 +888,21 @@ def test_tls_and_a_password_file_and_the_password_is_never_shown(people: Clients
         tls.cleanup()
 
 
+@pytest.mark.cap(60)
+def test_a_redis_on_a_unix_socket(people: Clients) -> None:
+    local = RedisServer(unix=True).start()
+    try:
+        with contextlib.ExitStack() as stack:
+            hosts = Hosts(local, stack)
+            a, b = hosts.start(shards=1), hosts.start(shards=1)
+            alice, bob = new_user("alice"), new_user("bob")
+            wa, wb = join_all(people, new_room("unix"), [(alice, a), (bob, b)])
+            wb.send(message_frame("over a Unix socket"))
+            expect_message(wa, bob, "over a Unix socket")
+    finally:
+        local.cleanup()
+
+
 def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GARIN_")}
     env.update(JWT_DECODE_SECRET="x" * 40, ALLOWED_ORIGINS="http://a.test", GARIN_REDIS_URL="http://u:hunter22@h/")
@@ -563,17 +915,46 @@ def test_a_bad_redis_url_is_one_line_without_the_url() -> None:
     assert "hunter22" not in result.stderr + result.stdout
 
 
+def test_a_redis_that_may_evict_keys_is_warned_about(redis: RedisServer, hosts: Hosts) -> None:
+    redis.command("CONFIG", "SET", "maxmemory-policy", "volatile-lru")
+    a = hosts.start(shards=1)
+    assert "Redis's maxmemory-policy is volatile-lru: it may evict a live host's heartbeat" in a.log_path.read_text()
+    redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    b = hosts.start(shards=1)
+    assert "maxmemory-policy" not in b.log_path.read_text()
+
+
+@pytest.mark.cap(60)
+def test_a_redis_cluster_node_is_refused_with_one_line() -> None:
+    """garin does not support Redis Cluster (README): `garin run` against a
+    Cluster node stops with a line saying so, instead of retrying forever."""
+    node = RedisServer(cluster=True).start()
+    try:
+        server = GarinServer(env_overrides={"GARIN_REDIS_URL": node.url}, shards=1)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "garin", "run", "--shards", "1"], env=server.env(), cwd=server.workdir,
+                capture_output=True, text=True, timeout=45,
+            )
+        finally:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+        assert result.returncode == 1, result.stderr
+        assert (
+            "garin: error: shard 0: GARIN_REDIS_URL names a Redis Cluster node; garin needs one Redis"
+            in result.stderr
+        ), result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        node.cleanup()
+
+
 @pytest.mark.cap(60)
 def test_a_shard_paused_past_the_bound_closes_its_members_instead_of_splitting(hosts: Hosts, people: Clients) -> None:
     a, b = hosts.start(shards=1), hosts.start(shards=1)
     room = new_room("pause")
     alice, bob = new_user("alice"), new_user("bob")
     wa, wb = join_all(people, room, [(alice, a), (bob, b)])
-    assert b.process is not None
-    [shard] = [
-        int(p.name) for p in Path("/proc").iterdir()
-        if p.name.isdigit() and _ppid(p) == b.process.pid and b"shard" in (p / "cmdline").read_bytes()
-    ]
+    shard = shard_pid(b)
     os.kill(shard, signal.SIGSTOP)
     try:
         expect_userleave(wa, bob, 1)  # alice hears bob reaped

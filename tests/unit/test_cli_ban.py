@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -160,3 +161,15 @@ def test_empty_ban_db_means_bans_are_off() -> None:
 def test_help_shows_ban_db(command: str) -> None:
     result = CliRunner().invoke(main, ["ban", command, "--help"], terminal_width=200)
     assert "--ban-db" in result.output and "GARIN_BAN_DB" in result.output
+
+
+# coredis leaves memory streams unclosed when a connection fails: collected
+# here, so that their warnings do not land on another test.
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("command", [("list",), ("add", "zed"), ("remove", "zed")])
+def test_an_unreachable_redis_is_one_line_naming_the_error(command: tuple[str, ...]) -> None:
+    pytest.importorskip("coredis")
+    line = one_line_error(ban(*command, GARIN_REDIS_URL="redis://:hunter22@127.0.0.1:1/0"))
+    gc.collect()
+    assert line.startswith("garin: error: cannot use the ban list in Redis: ConnectionError: "), line
+    assert "hunter22" not in line

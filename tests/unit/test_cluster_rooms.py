@@ -171,6 +171,20 @@ def test_a_full_queue_refuses_messages() -> None:
     assert not host.publish(1, b"z", 0.0)
 
 
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    event = len(b"m h1 1 ") + 1000
+    host: ClusterRooms[str] = ClusterRooms("h1", max_queue_bytes=3 * event)
+    host.join(1, "lobby", "alice", "a", now=0.0)
+    for _ in range(3):
+        assert host.publish(1, b"x" * 1000, 0.0)
+    assert not host.publish(1, b"x" * 1000, 0.0)
+    assert host.queued_bytes == 3 * event
+    host.take(2)  # the join and one message sent: room for one more
+    assert host.publish(1, b"x" * 1000, 0.0) and not host.publish(1, b"x", 0.0)
+    assert host.held_too_long(now=60.0, hold_s=5.0) == ["a"]
+    assert host.queued_bytes == 0
+
+
 def test_taken_for_dead_drops_everything() -> None:
     host: ClusterRooms[str] = ClusterRooms("h1")
     host.join(1, "lobby", "alice", "a", now=0.0)
@@ -188,9 +202,42 @@ def test_a_member_redis_removed_behind_our_back_is_evicted() -> None:
     host.apply("lobby", b"j h1 2 2 bob")
     # The others reaped this process (it was paused): bob's leave, still here.
     delivery = host.apply("lobby", b"l h1 2 1 bob")
-    assert delivery == Delivery(userleave_text("bob", 1), {1: "alice"}, exclude=2)
+    assert delivery == Delivery(userleave_text("bob", 1), {1: "alice"})
     assert host.evicted == ["bob"]
     assert host.rooms == {"lobby": {1: "alice"}}
+    # Until its session ends, bob is neither heard (the others saw him
+    # leave) nor registered again by a reconnected link (he would be
+    # counted silently, then announced leaving a second time).
+    assert host.publish(2, message_text("bob", "ghost"), now=1.0)
+    assert not host.queue
+    assert host.registered() == [(1, "lobby", "alice")]
+    assert host.apply("lobby", b"j h1 2 2 bob") == Delivery(join_text("bob", 2), {1: "alice"})
+    assert host.rooms == {"lobby": {1: "alice"}}
+
+
+def test_members_closed_by_the_shell_are_out_of_the_room_at_once() -> None:
+    """Whatever closes them (taken for dead, a join lost with the link, a
+    wait past the hold), members being closed hear nothing more, are not
+    registered again, and their leaves still go out."""
+    host: ClusterRooms[str] = ClusterRooms("h1")
+    for key, name in ((1, "alice"), (2, "bob"), (3, "carol")):
+        host.join(key, "lobby", name, name, now=0.0)
+    host.take(10)
+    host.apply("lobby", b"j h1 1 1 alice")
+    host.apply("lobby", b"j h1 2 2 bob")
+    assert host.link_lost() == ["carol"]  # her join was in flight
+    host.apply("lobby", b"j h1 3 3 carol")  # its echo, late: she is being closed
+    assert host.rooms == {"lobby": {1: "alice", 2: "bob"}}
+    host.publish(2, message_text("bob", "late"), now=0.0)
+    assert host.held_too_long(now=60.0, hold_s=5.0) == ["bob"]
+    assert host.rooms == {"lobby": {1: "alice"}}
+    assert host.registered() == [(1, "lobby", "alice")]
+    assert host.drop_all() == ["alice"]
+    assert host.rooms == {} and host.registered() == []
+    for key in (1, 2, 3):
+        host.leave(key, now=61.0)
+    assert [(type(c).__name__, c.key) for c in host.take(10)] == [("LeaveCommand", 1), ("LeaveCommand", 2), ("LeaveCommand", 3)]
+    assert host.members == {} and host.local == {}
 
 
 def test_channel_names() -> None:

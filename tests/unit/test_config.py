@@ -577,3 +577,32 @@ PORT=9000
 def test_origins_of_things_that_are_not_pages_are_refused(origin: str) -> None:
     with pytest.raises(ConfigError, match="not a web page's origin"):
         load_config({}, {"JWT_DECODE_SECRET": "x" * 40, "ALLOWED_ORIGINS": origin})
+
+
+# --- Redis (several hosts) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "http://:hunter22@redis.example/0",
+    "redis://:hunter22@127.0.0.1:notaport/0",
+    "redis://:hunter22@127.0.0.1:6379/notadb",
+    "redis://:hunter22@[::1/0",
+    "redis://:hunter22@127.0.0.1:6379/0?db=x",
+    "redis://:hunter22@127.0.0.1:6379/0?connect_timeout=soon",
+    "rediss://:hunter22@127.0.0.1:6379/0?ssl_cert_reqs=bogus",
+    "rediss://:hunter22@127.0.0.1:6379/0?ssl_ca_certs=/nonexistent/hunter22.pem",
+])
+def test_a_redis_url_coredis_cannot_use_is_refused_without_showing_it(url: str) -> None:
+    pytest.importorskip("coredis")
+    message = error_of({"GARIN_REDIS_URL": url})
+    assert message.startswith("GARIN_REDIS_URL ")
+    assert "hunter22" not in message
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0", "redis://:pw@redis.example", "rediss://u:pw@redis.example:6380/3",
+    "unix:///run/redis/redis.sock", "unix:///run/redis/redis.sock?db=2",
+])
+def test_redis_urls_garin_takes(url: str) -> None:
+    pytest.importorskip("coredis")
+    assert load({"GARIN_REDIS_URL": url}).redis_url == url
