@@ -294,8 +294,13 @@ class RedisRooms:
             # Rooms that got their first local member are subscribed to
             # before their joins go out; rooms left empty are dropped after
             # their leaves (a shard process hears only its rooms).
-            rooms_changed, core.rooms_changed = core.rooms_changed, False
-            if rooms_changed:
+            # Joins to further new rooms can come while a SUBSCRIBE is
+            # answered: subscribe again until none came, then take the batch
+            # with no checkpoint between (a join published before its room
+            # is subscribed never comes back).
+            rooms_changed = False
+            while core.rooms_changed:
+                rooms_changed, core.rooms_changed = True, False
                 with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
                     await self._subscribe(pubsub, subscribed)
             with trio.fail_after(REPLY_TIMEOUT_S):

@@ -459,6 +459,19 @@ def test_a_join_to_a_new_room_waits_for_its_subscription_behind_a_backlog(
     assert "Redis link down" not in a.log_path.read_text()
 
 
+def test_a_burst_of_joins_to_new_rooms_each_hear_their_own_join(hosts: Hosts, people: Clients) -> None:
+    """Joins to rooms new to the shard process, arriving while it is
+    subscribing to others: each room is subscribed before its join goes out
+    (else the join's echo never comes back and its member is closed 1013)."""
+    a = hosts.start(shards=1)
+    names = [new_user("burst") for _ in range(80)]
+    sockets = [people.authed(name, server=a) for name in names]
+    for name, ws in zip(names, sockets):
+        ws.send(json.dumps({"type": "join", "username": name, "room": new_room("burst")}))
+    for name, ws in zip(names, sockets):
+        expect_join(ws, name, 1)
+
+
 def shard_pid(server: GarinServer, index: int = 0) -> int:
     assert server.process is not None
     [pid] = [
