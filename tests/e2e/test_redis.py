@@ -672,7 +672,10 @@ def test_redis_restarted_mid_traffic_service_resumes_without_duplicates(
     redis: RedisServer, hosts: Hosts, people: Clients
 ) -> None:
     metrics_port = free_port()
-    a = hosts.start(shards=2, GARIN_METRICS_PORT=str(metrics_port))
+    # Alice's messages wait for Redis while it is away, then for the link's
+    # backoff (up to 5 s): held past GARIN_SHARD_HOLD_TIMEOUT she would be
+    # closed 1013 (another test), so the hold is long here.
+    a = hosts.start(shards=2, GARIN_METRICS_PORT=str(metrics_port), GARIN_SHARD_HOLD_TIMEOUT="20")
     b = hosts.start(shards=2)
     room = new_room("restart")
     alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
