@@ -42,7 +42,9 @@ REDIS_QUEUE = Gauge(
     multiprocess_mode="livesum",
 )
 REDIS_ROUND_TRIP = Histogram(
-    "garin_redis_round_trip_seconds", "Time to send one batch of room events to Redis and have it answered.",
+    "garin_redis_round_trip_seconds",
+    "Time from sending a batch of room events to Redis to the writer seeing it answered "
+    "(it checks when it next wakes, at least every 50 ms).",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 REDIS_CONNECTS = Counter("garin_redis_connects", "Redis links made (the first and every reconnection).")

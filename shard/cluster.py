@@ -5,7 +5,9 @@ One command connection and one pub/sub connection per shard process
 (coredis, which runs on trio through anyio). One task writes: it takes what
 the members' sessions queued, subscribes to the channels of rooms that got
 local members (before their joins go out, so that the joins come back),
-sends the batch as one pipeline (order kept: one connection, in order),
+sends the batch on its own connection without waiting for the last
+batch's replies (order kept: one connection, in order; replies checked as
+they come, at most MAX_IN_FLIGHT batches unanswered),
 and unsubscribes from rooms left empty. One task beats the heartbeat and
 reaps dead instances once a second. One task reads the channels and fans
 each event out to the local members, its frame encoded once. Another
@@ -29,6 +31,8 @@ import random
 import re
 import secrets
 import socket
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +57,12 @@ REPLY_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 3.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
-# Commands per pipeline: large enough to carry a burst in one round trip.
+# Commands per batch: large enough to carry a burst in one round trip.
 BATCH = 1000
+# Batches sent and not answered yet, at most; and how often the writer
+# checks their replies while nothing new comes.
+MAX_IN_FLIGHT = 64
+REAP_EVERY_S = 0.05
 # coredis reads a subscription as fast as Redis sends and queues what it
 # read without a bound (anyio memory streams of size inf), so Redis's own
 # guard (client-output-buffer-limit pubsub) never sees a slow subscriber:
@@ -82,6 +90,18 @@ class LinkDown(Exception):
     pass
 
 
+@dataclass(slots=True)
+class InFlight:
+    """One batch sent to Redis, its replies not checked yet."""
+
+    requests: list[Any]  # coredis requests, in the order sent
+    is_message: list[bool]
+    sent_at: float
+
+    def answered(self) -> bool:
+        return self.requests[-1].complete if self.requests else True
+
+
 class ClusterNotSupported(RuntimeError):
     """GARIN_REDIS_URL names a Redis Cluster node: garin's scripts need every
     key in one Redis (README "Several hosts"). The shard stops (one line),
@@ -107,6 +127,8 @@ class RedisRooms:
         self._up_since = 0.0
         self._was_down = False
         self._warned_eviction = False
+        # Batches sent on the writer's connection, replies not checked yet.
+        self._in_flight: deque[InFlight] = deque()
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -286,11 +308,31 @@ class RedisRooms:
         return int(self.config.redis_dead_after_s * 1000)
 
     async def _write(self, client: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
+        # The writer's own connection (coredis connections multiplex; the
+        # pool's would be shared with the heartbeats): commands go out in
+        # the order taken, and the next batch goes out without waiting for
+        # the replies of the last one (a reply wait per message cost more
+        # CPU than the PUBLISH itself). Replies are checked as they come
+        # (`_reap`); at most MAX_IN_FLIGHT batches wait for theirs.
+        connection = await client.connection_pool.get_connection()
+        try:
+            await self._write_on(connection, pubsub, shas, subscribed)
+        except BaseException:
+            await self._count_lost()
+            raise
+        finally:
+            client.connection_pool.release(connection)
+
+    async def _write_on(self, connection: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
         core = self.core
         while True:
+            await self._reap(wait=len(self._in_flight) >= MAX_IN_FLIGHT)
             if not core.queue and not self._stopping:
-                await self._wake.wait()
-                self._wake = trio.Event()
+                # Wake up now and then while replies are due, to check them.
+                with trio.move_on_after(REAP_EVERY_S if self._in_flight else float("inf")):
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                continue
             # Rooms that got their first local member are subscribed to
             # before their joins go out; rooms left empty are dropped after
             # their leaves (a shard process hears only its rooms).
@@ -303,15 +345,17 @@ class RedisRooms:
                 rooms_changed, core.rooms_changed = True, False
                 with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
                     await self._subscribe(pubsub, subscribed)
+            batch = core.take(BATCH)
+            metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
+            if batch:
+                self._send(connection, shas, batch)
             with trio.fail_after(REPLY_TIMEOUT_S):
-                batch = core.take(BATCH)
-                metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
-                if batch:
-                    await self._send(client, shas, batch)
                 if rooms_changed:
                     await self._unsubscribe(pubsub, subscribed)
                 if self._stopping and not core.queue:
-                    await client.evalsha(shas["farewell"], args=[core.instance])
+                    # The leaves first: the farewell removes what is left.
+                    await self._reap(wait=True)
+                    await connection.create_request(b"EVALSHA", shas["farewell"], 0, core.instance)
                     self._farewell_said.set()
                     return
 
@@ -341,32 +385,64 @@ class RedisRooms:
             log.info("shard %d: removed the members of %d dead instance(s)", self.index, reaped)
         return True
 
-    async def _send(self, client: Any, shas: dict[str, Any], batch: list[Any]) -> None:
+    def _send(self, connection: Any, shas: dict[str, Any], batch: list[Any]) -> None:
+        """Queue `batch` on the writer's own connection without waiting for
+        its replies (they are checked by `_reap`): one connection, so Redis
+        runs the commands in the order sent."""
         instance = self.core.instance
-        started = trio.current_time()
-        try:
-            async with client.pipeline(transaction=False) as pipe:
-                for command in batch:
-                    if isinstance(command, MessageCommand):
-                        pipe.publish(channel(command.room), command.payload)
-                    elif isinstance(command, JoinCommand):
-                        pipe.evalsha(
-                            shas["join"],
-                            keys=[lua.roster(command.room), lua.owned(instance)],
-                            args=[channel(command.room), instance, command.key, command.room, command.username],
-                        )
-                    elif isinstance(command, LeaveCommand):
-                        pipe.evalsha(
-                            shas["leave"],
-                            keys=[lua.roster(command.room), lua.owned(instance)],
-                            args=[channel(command.room), instance, command.key, command.username],
-                        )
-        except BaseException:
-            lost = sum(isinstance(c, MessageCommand) for c in batch)
-            if lost:
-                metrics.REDIS_LOST_MESSAGES.inc(lost)
-            raise
-        metrics.REDIS_ROUND_TRIP.observe(trio.current_time() - started)
+        requests = []
+        is_message = []
+        for command in batch:
+            is_message.append(isinstance(command, MessageCommand))
+            if is_message[-1]:
+                requests.append(connection.create_request(b"PUBLISH", channel(command.room), command.payload))
+            else:
+                keys = (lua.roster(command.room), lua.owned(instance))
+                if isinstance(command, JoinCommand):
+                    sha, args = shas["join"], (command.key, command.room, command.username)
+                else:
+                    sha, args = shas["leave"], (command.key, command.username)
+                requests.append(connection.create_request(
+                    b"EVALSHA", sha, 2, *keys, channel(command.room), instance, *args,
+                ))
+        self._in_flight.append(InFlight(requests, is_message, trio.current_time()))
+
+    async def _reap(self, wait: bool) -> None:
+        """Check the replies of the batches sent, oldest first: an error, or
+        a reply overdue (REPLY_TIMEOUT_S), breaks the link. With `wait`, wait
+        for every reply (before the farewell); else take only those in."""
+        in_flight = self._in_flight
+        while in_flight:
+            oldest = in_flight[0]
+            if not wait and not oldest.answered():
+                if trio.current_time() - oldest.sent_at > REPLY_TIMEOUT_S:
+                    raise LinkDown(f"no reply from Redis in {REPLY_TIMEOUT_S:g} s")
+                return
+            for request in oldest.requests:
+                await request  # answered (or failed): raises at once, no wait
+            in_flight.popleft()
+            metrics.REDIS_ROUND_TRIP.observe(trio.current_time() - oldest.sent_at)
+
+    async def _count_lost(self) -> None:
+        """The link broke: the messages not answered are lost (maybe
+        delivered, never resent). Every request here is answered or failed
+        already (the connection fails what it has not answered when it
+        closes) or never will be: awaiting them does not wait."""
+        lost = 0
+        for batch in self._in_flight:
+            for request, is_message in zip(batch.requests, batch.is_message):
+                if not is_message:
+                    continue
+                if not request.complete:
+                    lost += 1
+                    continue
+                try:
+                    await request
+                except Exception:
+                    lost += 1
+        self._in_flight.clear()
+        if lost:
+            metrics.REDIS_LOST_MESSAGES.inc(lost)
 
     async def _read(self, pubsub: Any) -> None:
         core = self.core
