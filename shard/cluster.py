@@ -1,8 +1,8 @@
 """A shard process's link to Redis (GARIN_REDIS_URL): the trio shell around
 garin/shard/cluster_rooms.py.
 
-One command connection and one pub/sub connection per shard process
-(coredis, which runs on trio through anyio). One task writes: it takes what
+Per shard process (coredis, which runs on trio through anyio): the
+writer's connection, one for the heartbeats, and one for pub/sub. One task writes: it takes what
 the members' sessions queued, subscribes to the channels of rooms that got
 local members (before their joins go out, so that the joins come back),
 sends the batch on its own connection without waiting for the last
