@@ -398,6 +398,7 @@ class RedisRooms:
                 requests.append(connection.create_request(b"PUBLISH", channel(command.room), command.payload))
             else:
                 keys = (lua.roster(command.room), lua.owned(instance))
+                args: tuple[int | str, ...]
                 if isinstance(command, JoinCommand):
                     sha, args = shas["join"], (command.key, command.room, command.username)
                 else:
