@@ -14,7 +14,17 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES
-from garin.config import BY_NAME, ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS, Config, ConfigError, load_config, read_dotenv
+from garin.config import (
+    BY_NAME,
+    ROUTER_SETTINGS,
+    SETTINGS,
+    SHARD_SETTINGS,
+    Config,
+    ConfigError,
+    legacy_ban_db_warning,
+    load_config,
+    read_dotenv,
+)
 
 F = Callable[..., Any]
 T = TypeVar("T")
@@ -81,6 +91,20 @@ def _warn_weak_secret(config: Config) -> None:
         )
 
 
+def _warn_legacy_ban_db(config: Config, log: bool = True) -> None:
+    """The old ./garin-bans.sqlite3 of an upgraded install: said at start by
+    whoever warns about the secret, and by every `garin ban` command."""
+    warning = legacy_ban_db_warning(config.ban_db, os.environ, Path.cwd())
+    if warning is None:
+        return
+    if log:
+        import logging
+
+        logging.getLogger("garin").warning("%s", warning)
+    else:
+        click.echo(f"garin: warning: {warning}", err=True)
+
+
 def _enable_metrics(config: Config, fresh: bool, forget_dead: bool = False) -> None:
     """Multi-process metrics must be switched on before prometheus_client loads;
     `garin run` starts the directory afresh, its children inherit it; a
@@ -114,6 +138,7 @@ def run(**options: Any) -> None:
     config = _load(options)
     setup_logging(config.log_level, "garin", config.log_format)
     _warn_weak_secret(config)
+    _warn_legacy_ban_db(config)
     _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
@@ -143,6 +168,7 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     )
     if listen_fd is None:  # not a child of `garin run`, which warned already
         _warn_weak_secret(config)
+        _warn_legacy_ban_db(config)
     try:
         run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* ShardRefused as group:
@@ -298,6 +324,7 @@ def _ban_path(ban_db: str | None) -> str:
     config = _load({"ban_db": ban_db}, required=())
     if not config.ban_db:
         _fail("GARIN_BAN_DB is empty: the ban list is turned off")
+    _warn_legacy_ban_db(config, log=False)
     return os.path.abspath(config.ban_db)
 
 

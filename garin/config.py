@@ -422,6 +422,24 @@ def default_ban_db(environ: Mapping[str, str]) -> str:
     return str(state_home(environ) / "garin" / "bans.sqlite3")
 
 
+# Where garin kept the ban list before it moved under XDG_STATE_HOME.
+LEGACY_BAN_DB = "garin-bans.sqlite3"
+
+
+def legacy_ban_db_warning(ban_db: str, environ: Mapping[str, str], cwd: Path) -> str | None:
+    """One line for an operator upgrading from a garin that kept its bans in
+    ./garin-bans.sqlite3: that file is no longer read, so its bans would be
+    lifted without a word. None unless the default list is in use and the
+    old file sits in `cwd`."""
+    old = cwd / LEGACY_BAN_DB
+    if not ban_db or ban_db != default_ban_db(environ) or not old.is_file():
+        return None
+    return (
+        f"{old} (where older garin versions kept the ban list) is not read: bans are in {ban_db}; "
+        f"set GARIN_BAN_DB={old} to keep using the old file, or move it to {ban_db}"
+    )
+
+
 def _home(environ: Mapping[str, str]) -> Path:
     home = environ.get("HOME", "")
     return Path(home) if os.path.isabs(home) else Path.home()

@@ -54,3 +54,23 @@ def test_a_weak_secret_is_warned_about_once_in_the_log_format() -> None:
     entries = [json.loads(line) for line in text.splitlines() if line.strip()]
     warnings = [e for e in entries if "JWT_DECODE_SECRET is short" in e["message"]]
     assert len(warnings) == 1 and warnings[0]["level"] == "warning" and warnings[0]["role"] == "garin", warnings
+
+
+def test_an_old_ban_list_in_the_working_directory_is_warned_about_once() -> None:
+    """An upgraded install whose bans were in ./garin-bans.sqlite3 (older
+    garin versions) must hear that the file is not read: its bans would be
+    lifted without a word."""
+    server = GarinServer(env_overrides={"GARIN_LOG_FORMAT": "json"})
+    server.env_overrides["XDG_STATE_HOME"] = str(server.workdir / "state")
+    old = server.workdir / "garin-bans.sqlite3"
+    old.write_bytes(b"")
+    server.start()
+    try:
+        server.stop()
+    finally:
+        server.process = None
+    entries = [json.loads(line) for line in server.final_log.splitlines() if line.strip()]
+    warnings = [e for e in entries if "garin-bans.sqlite3" in e["message"]]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning" and warnings[0]["role"] == "garin", warnings
+    assert f"GARIN_BAN_DB={old}" in warnings[0]["message"]
+    assert str(server.workdir / "state" / "garin" / "bans.sqlite3") in warnings[0]["message"]

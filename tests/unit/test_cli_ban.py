@@ -173,3 +173,21 @@ def test_an_unreachable_redis_is_one_line_naming_the_error(command: tuple[str, .
     gc.collect()
     assert line.startswith("garin: error: cannot use the ban list in Redis: ConnectionError: "), line
     assert "hunter22" not in line
+
+
+def test_an_old_ban_list_in_the_working_directory_is_warned_about(elsewhere: Path, default_db: Path) -> None:
+    """Older garin versions kept the list in ./garin-bans.sqlite3: an
+    operator listing bans after the upgrade must learn why they are gone."""
+    old = elsewhere / "garin-bans.sqlite3"
+    assert ban("add", "old-offender", GARIN_BAN_DB=str(old)).exit_code == 0
+    listed = ban("list")
+    assert listed.exit_code == 0
+    assert listed.stdout.startswith(f"no active bans (ban list: {default_db}")
+    warning = listed.stderr.strip()
+    assert warning.startswith("garin: warning: ") and f"GARIN_BAN_DB={old}" in warning, listed.stderr
+    # Named explicitly, the old file is used, and nothing is said.
+    kept = ban("list", GARIN_BAN_DB=str(old))
+    assert kept.stderr == "" and "old-offender" in kept.stdout
+    # Without the old file, nothing is said either.
+    old.unlink()
+    assert ban("list").stderr == ""
