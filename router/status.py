@@ -6,7 +6,7 @@ answers; each sees every shard, so any answer about shard reachability holds.
 
 A tiny h11 server: one request per connection, bounded in time and size.
 GET and HEAD are answered (HEAD with GET's headers and no body, as RFC 9110
-9.3.2 asks); any other method gets 405. Whatever arrives on this port, a
+9.3.2 asks); any other method gets 405, an HTTP version but 1.0 and 1.1 505. Whatever arrives on this port, a
 handler never raises: a peer's bad bytes are logged at debug and answered
 with h11's suggested 4xx when possible, anything else (a bug of ours) at
 warning; either way the connection is closed and the router keeps serving.
@@ -63,6 +63,9 @@ def reply_events(method: bytes, reply: Reply) -> list[h11.Response | h11.Data | 
 
 
 async def _route(request: h11.Request, health: Health) -> Reply:
+    # h11 parses any HTTP/1.x-looking version (HTTP/9.9 included) as 1.x.
+    if request.http_version not in (b"1.0", b"1.1"):
+        return Reply(505, b"HTTP/1.0 or HTTP/1.1 only\n")
     if request.method not in (b"GET", b"HEAD"):
         return Reply(405, b"GET or HEAD only\n", allow=True)
     target = request.target.split(b"?", 1)[0]

@@ -120,6 +120,13 @@ async def test_garbage_is_closed_quietly(request_bytes: bytes) -> None:
     assert raw == b"" or raw.startswith(b"HTTP/1.1 4") or raw.startswith(b"HTTP/1.1 5")
 
 
+@pytest.mark.parametrize("version", [b"9.9", b"1.2", b"2.0", b"0.9"])
+async def test_other_http_versions_get_505(version: bytes) -> None:
+    """h11 reads any HTTP/d.d request line; only 1.0 and 1.1 are spoken here."""
+    raw = await exchange(b"GET /health HTTP/" + version + b"\r\nHost: x\r\n\r\n")
+    assert parse(raw)[0].status_code == 505
+
+
 async def test_pipelined_requests_get_one_answer_then_close() -> None:
     raw = await exchange(
         b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nHEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n"
