@@ -48,31 +48,30 @@ def origin_allowed(request: Upgrade, allowed: tuple[str, ...]) -> bool:
     return request.origin is not None and request.origin.rstrip("/") in allowed
 
 
-async def handle_client(router: Router, verifier: TokenVerifier, stream: trio.SocketStream) -> None:
-    """Run one connection up to its join and hand it over, or close it; close
-    our socket either way. Nothing it does can raise into the accept loop."""
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        stream.socket.close()  # gone before we could look at it
-        return
+async def handle_client(
+    router: Router, verifier: TokenVerifier, tcp: trio.socket.SocketType, peer: tuple[str, int]
+) -> None:
+    """Run one connection (accepted from `peer`) up to its join and hand it
+    over, or close it; close our socket either way. Nothing it does can
+    raise into the accept loop."""
+    host, port = peer[:2]
     # Counted from accept, so a handshake that never ends still holds a slot;
     # a trusted proxy's connections count per client once its headers say who.
     refusal = router.limits.admit(host, per_client=not router.trusts_proxy(host))
     if refusal is not None:
         if not router.limits.start_refusal():
-            stream.socket.close()  # too many refusals under way: no answer
+            tcp.close()  # too many refusals under way: no answer
             return
         try:
             with trio.move_on_after(REFUSAL_TIMEOUT_S):
-                await _refuse(router, host, port, stream, refusal)
+                await _refuse(router, host, port, tcp, refusal)
         finally:
-            stream.socket.close()
+            tcp.close()
             router.limits.end_refusal()
         return
     # A connection's drain task (only while its outbox is non-empty) runs in
     # the router-wide nursery: no nursery per connection.
-    sock = ClientWebSocket(stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
+    sock = ClientWebSocket(tcp, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
     conn_id = router.new_id()
     metrics.CONNECTIONS.inc()
     outcome: Close | Moved | None = None
@@ -100,11 +99,11 @@ class Client:
     peer: str
 
 
-async def _refuse(router: Router, host: str, port: int, stream: trio.SocketStream, refusal: Close) -> None:
+async def _refuse(router: Router, host: str, port: int, tcp: trio.socket.SocketType, refusal: Close) -> None:
     """Over a connection limit: complete the handshake and send a close frame,
     which (unlike an HTTP status) a browser shows the page; bounded in time
     by the caller, and uncounted."""
-    sock = ClientWebSocket(stream, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
+    sock = ClientWebSocket(tcp, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
     try:
         request = await sock.handshake()
         if request is None:
@@ -175,10 +174,14 @@ async def _accept_loop(
 ) -> None:
     """trio.serve_listeners' loop, without the aclose_forcefully it wraps
     around each handler (a raised Cancelled: ~30 us a connection, for a
-    socket handle_client has always closed already)."""
+    socket handle_client has always closed already), and on the bare
+    socket: accept() gives the peer's address, and TCP_NODELAY comes from
+    the listening socket (`_no_delay`), so no SocketStream (a setsockopt
+    and a getpeername per connection)."""
+    sock = listener.socket
     while True:
         try:
-            stream = await listener.accept()
+            tcp, peer = await sock.accept()
         except OSError as exc:
             if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                 raise
@@ -186,7 +189,15 @@ async def _accept_loop(
             log.error("accept failed (%s); retrying in %.1f s", os.strerror(exc.errno), ACCEPT_RETRY_S)
             await trio.sleep(ACCEPT_RETRY_S)
         else:
-            handlers.start_soon(handle_client, router, verifier, stream)
+            handlers.start_soon(handle_client, router, verifier, tcp, peer)
+
+
+def _no_delay(listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
+    """Linux gives accepted sockets the listening socket's TCP_NODELAY: set
+    once here, not once per connection (frames must not wait for Nagle)."""
+    for listener in listeners:
+        listener.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+    return listeners
 
 
 def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
@@ -212,6 +223,7 @@ async def serve_router(
         listeners = _listeners_from_fd(listen_fd)
     else:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    _no_delay(listeners)
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as links:
         # Until the handlers' nursery opens: a shard may pass a member on
