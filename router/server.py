@@ -251,8 +251,7 @@ async def serve_router(
                 for listener in listeners:
                     await listener.aclose()
                 log.info("router %s stopping: closing %d clients", router_id, len(router.clients))
-                for conn in list(router.clients.values()):
-                    conn.socket.kick(closes.SHUTDOWN)
+                router.close_all(closes.SHUTDOWN)
                 grace.deadline = trio.current_time() + config.shutdown_timeout_s
         links.cancel_scope.cancel()
 

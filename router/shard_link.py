@@ -1,8 +1,9 @@
 """One router's link to one shard: connect, hello, then hand connections over.
 
 The link is up (`link`) once the shard welcomed this router. Hand-offs wait
-for it (`wait_up`) at most GARIN_SHARD_HOLD_TIMEOUT, then the router closes
-the client 1013 "room unavailable". What the shard sends back (a connection
+for it (`wait_up`) at most GARIN_SHARD_HOLD_TIMEOUT (and again, within that
+time, for a link that closed under their send), then the router closes the
+client 1013 "room unavailable". What the shard sends back (a connection
 ended, a member moving to another shard's room) goes to the router's
 callbacks. A lost link is retried every RETRY_MAX_S at most, forever; once
 relinked, the shard's `Welcome` says which of the router's connections it
@@ -84,14 +85,20 @@ class ShardLink:
         link = self.link
         return link if link is not None and not link.closed and self.responsive else None
 
-    async def wait_up(self, timeout_s: float) -> Link | None:
-        """The live link, waiting for it up to `timeout_s`; None if it stays down."""
+    async def wait_up(self, deadline: float) -> Link | None:
+        """The live link, waiting for it until `deadline` (trio time); None if
+        it stays down."""
         serving = self._serving()
         if serving is not None:
             return serving  # the usual case, without a cancel scope
-        with trio.move_on_after(timeout_s):
+        with trio.move_on_at(deadline):
             while self._serving() is None:
-                await self._up.wait()
+                if self._up.is_set():
+                    # Up, but its link closed (a send failed a moment ago):
+                    # `run` has not dropped it yet. Soon it has, and relinks.
+                    await trio.sleep(RETRY_MIN_S)
+                else:
+                    await self._up.wait()
         return self._serving()
 
     def _set_responsive(self, responsive: bool) -> None:

@@ -35,6 +35,7 @@ from garin.auth import make_token
 
 # tests/e2e is on sys.path (pytest's default "prepend" import mode).
 from conftest import (
+    USERLEAVE,
     Clients,
     GarinServer,
     ServerFactory,
@@ -357,6 +358,27 @@ def test_sigterm_closes_a_join_waiting_for_a_dead_shard_1001(socket_dir: str, tm
         assert expect_close(waiting, 1001, "server shutting down", timeout=5) < 5
         assert procs["router"].wait(timeout=15) == 0
         calm.close()
+        assert stop(procs["shard 0"]) == 0
+    finally:
+        outputs = {name: finish(proc) for name, proc in procs.items()}
+    assert "Traceback" not in "".join(outputs.values()), outputs
+
+
+def test_sigterm_closes_a_member_moving_to_a_dead_shard_1001(socket_dir: str, tmp_path: Path) -> None:
+    """A member passed on through the router (a room of another shard) that
+    waits there for its shard is the router's too: 1001 when it stops."""
+    port = free_port()
+    settings = base_env(port, socket_dir, GARIN_SHARDS="2", GARIN_SHARD_HOLD_TIMEOUT="60")
+    procs = {"shard 0": start_shard(0, settings, tmp_path)}  # shard 1 never starts
+    procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    try:
+        mover = join(port, "mover", room_on(0, "here", shards=2))
+        mover.send(USERLEAVE)
+        mover.send(join_frame("mover", room_on(1, "there", shards=2)))
+        time.sleep(0.5)  # shard 0 has passed it to the router, which waits for shard 1
+        os.kill(procs["router"].pid, signal.SIGTERM)
+        assert expect_close(mover, 1001, "server shutting down", timeout=5) < 5
+        assert procs["router"].wait(timeout=15) == 0
         assert stop(procs["shard 0"]) == 0
     finally:
         outputs = {name: finish(proc) for name, proc in procs.items()}
