@@ -253,6 +253,11 @@ async def serve_router(
                 log.info("router %s stopping: closing %d clients", router_id, len(router.clients))
                 router.close_all(closes.SHUTDOWN)
                 grace.deadline = trio.current_time() + config.shutdown_timeout_s
+                # A link send is shielded (half a message would corrupt the
+                # link): bounded by the grace too, or a shard that stopped
+                # reading would hold us up to SEND_TIMEOUT_S.
+                for link in router.links:
+                    link.limit_sends(grace.deadline)
         links.cancel_scope.cancel()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,6 +77,8 @@ class ShardLink:
         self._answered_at = 0.0
         # The shard's last Pong said its Redis link was up (GARIN_REDIS_URL).
         self.redis_up = False
+        # Set by `limit_sends` when the router stops.
+        self._send_deadline = math.inf
 
     @property
     def connected(self) -> bool:
@@ -100,6 +103,13 @@ class ShardLink:
                 else:
                     await self._up.wait()
         return self._serving()
+
+    def limit_sends(self, deadline: float) -> None:
+        """The process stops: no send on this link (or a later one) may last
+        past `deadline` (garin/link.py `Link.limit_sends`)."""
+        self._send_deadline = min(self._send_deadline, deadline)
+        if self.link is not None:
+            self.link.limit_sends(deadline)
 
     def _set_responsive(self, responsive: bool) -> None:
         if responsive and not self.responsive:
@@ -148,6 +158,7 @@ class ShardLink:
             delay = RETRY_MIN_S
             waiting_logged = False
             link = Link(sock)
+            link.limit_sends(self._send_deadline)
             try:
                 welcome = await self._hello(link)
                 unlinked_at = None

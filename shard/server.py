@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,8 @@ class Shard:
         self.routers: dict[str, Link] = {}
         # Set (and replaced) whenever a router links: moves waiting for one.
         self._router_linked = trio.Event()
+        # The shutdown deadline, once stopping: no link send lasts past it.
+        self._send_deadline = math.inf
         self.conns: dict[int, Connection] = {}
         # Shard-local member keys (connection ids are per router) and the
         # room each member is in here.
@@ -102,6 +105,7 @@ class Shard:
             live = tuple(conn.id for conn in self.conns.values() if conn.owner == router)
             await link.send(wire.Welcome(wire.PROTOCOL_VERSION, self.index, live))
             self.routers[router] = link
+            link.limit_sends(self._send_deadline)  # stopping already?
             self._router_linked.set()
             self._router_linked = trio.Event()
             log.info("shard %d: router %s linked", self.index, router)
@@ -266,6 +270,12 @@ class Shard:
         for conn in list(self.conns.values()):
             conn.socket.kick(close)
 
+    def limit_sends(self, deadline: float) -> None:
+        """No link send (now or on a link made later) lasts past `deadline`."""
+        self._send_deadline = deadline
+        for link in self.routers.values():
+            link.limit_sends(deadline)
+
 
 def prepare_socket_dir(path: Path) -> None:
     """Create the socket directory private to this user, or refuse a shared one."""
@@ -323,6 +333,8 @@ async def serve_shard(
                     log.info("shard %d stopping: closing %d clients", index, len(shard.conns))
                     shard.close_all(closes.SHUTDOWN)
                     grace.deadline = trio.current_time() + config.shutdown_timeout_s
+                    # Link sends are shielded: bounded by the grace too.
+                    shard.limit_sends(grace.deadline)
                     # Links stay up while the clients close (their Ended
                     # reach the routers); then everything stops.
                     while shard.conns:

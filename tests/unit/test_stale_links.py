@@ -20,7 +20,7 @@ from garin import closes, wire
 from garin.config import load_config
 from garin.connection import Connection
 from garin.handoff import adopt_message, adopted_connection
-from garin.link import Link, receive_first
+from garin.link import Link, LinkClosed, receive_first
 from garin.router.router import Router
 from garin.routing import HASH_NAME
 from garin.shard.server import Shard
@@ -212,3 +212,40 @@ async def test_shard_move_without_any_router_closes_1013_after_the_hold(tmp_path
         assert HOLD_S <= trio.current_time() - started < HOLD_S + 1
         conn.socket.hang_up()
         client.close()
+
+
+async def test_a_stopping_process_cuts_a_send_its_peer_does_not_read() -> None:
+    ours, theirs = link_pair()  # `theirs` never reads
+    try:
+        # More than the socket buffers hold: the send waits for a reader,
+        # shielded (up to SEND_TIMEOUT_S) from the cancellation of a stop.
+        big = wire.Refuse("x" * (8 << 20))
+
+        async def stop_soon() -> None:
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()  # the process stops: its tasks are cancelled ...
+            ours.limit_sends(trio.current_time() + 0.3)  # ... and its link sends bounded
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_soon)
+            with pytest.raises(LinkClosed, match="stopping"):
+                await ours.send(big)
+        assert trio.current_time() - started < 2.0
+        assert ours.closed
+    finally:
+        ours.close()
+        theirs.close()
+
+
+async def test_a_link_made_while_stopping_has_its_sends_bounded_too() -> None:
+    ours, theirs = link_pair()
+    try:
+        ours.limit_sends(trio.current_time() + 0.3)
+        started = trio.current_time()
+        with pytest.raises(LinkClosed, match="stopping"):
+            await ours.send(wire.Refuse("x" * (8 << 20)))
+        assert trio.current_time() - started < 2.0
+    finally:
+        ours.close()
+        theirs.close()
