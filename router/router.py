@@ -63,8 +63,10 @@ class Router:
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules
         self.stopping = trio.Event()
-        # Members being passed on to another shard (`forward`), still ours.
+        # Members being passed on to another shard (`forward`), still ours;
+        # connections whose HTTP upgrade is not read yet.
         self.moving: set[ClientWebSocket] = set()
+        self.handshaking: set[ClientWebSocket] = set()
         self.bans = (
             RouterBans(config.ban_db, config.ban_policy, config.redis_url, config.redis_password_file)
             if config.ban_db else None
@@ -216,8 +218,9 @@ class Router:
         await ws.close(close)
 
     def close_all(self, close: Close) -> None:
-        """The router stops: every client it still holds gets `close`."""
+        """The router stops: every client it still holds gets `close` (or,
+        still in its handshake, HTTP 503)."""
         for conn in list(self.clients.values()):
             conn.socket.kick(close)
-        for ws in list(self.moving):
+        for ws in [*self.moving, *self.handshaking]:
             ws.kick(close)

@@ -366,6 +366,35 @@ def test_sigterm_closes_a_join_waiting_for_a_dead_shard_1001(socket_dir: str, tm
     assert "Traceback" not in "".join(outputs.values()), outputs
 
 
+def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tmp_path: Path) -> None:
+    """No WebSocket yet, so no close frame: an HTTP 503, at once."""
+    port = free_port()
+    settings = base_env(port, socket_dir, GARIN_SHARDS="1", GARIN_HANDSHAKE_TIMEOUT="60")
+    procs = {"shard 0": start_shard(0, settings, tmp_path)}
+    procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    try:
+        join(port, "calm", "calm-room").close()  # the router is up
+        request = upgrade_request("127.0.0.1", port, "/", ORIGIN)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        raw.sendall(request[: len(request) // 2])
+        time.sleep(0.3)  # the router has read it and waits for the rest
+        os.kill(procs["router"].pid, signal.SIGTERM)
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+        raw.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"HTTP/1.1 503 Service Unavailable", answer
+        assert b"connection: close" in [line.lower() for line in lines[1:]], answer
+        assert body == b"server shutting down\n", answer
+        assert procs["router"].wait(timeout=15) == 0
+        assert stop(procs["shard 0"]) == 0
+    finally:
+        outputs = {name: finish(proc) for name, proc in procs.items()}
+    assert "Traceback" not in "".join(outputs.values()), outputs
+
+
 def test_sigterm_closes_a_member_moving_to_a_dead_shard_1001(socket_dir: str, tmp_path: Path) -> None:
     """A member passed on through the router (a room of another shard) that
     waits there for its shard is the router's too: 1001 when it stops."""
