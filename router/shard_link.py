@@ -158,12 +158,12 @@ class ShardLink:
             delay = RETRY_MIN_S
             waiting_logged = False
             link = Link(sock)
-            link.limit_sends(self._send_deadline)
             try:
                 welcome = await self._hello(link)
                 unlinked_at = None
                 self._on_linked(self.index, frozenset(welcome.live))
                 self.link = link
+                link.limit_sends(self._send_deadline)  # stopping already?
                 self._answered_at = trio.current_time()
                 self._set_responsive(True)
                 log.info("linked to shard %d", self.index)
