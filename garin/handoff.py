@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -35,11 +36,18 @@ def adopt_message(conn: Connection, frames: tuple[Any, ...]) -> wire.Adopt:
     )
 
 
-async def hand_over(conn: Connection, link: Link, flush_timeout_s: float) -> Close | None:
-    """Send `conn` (its socket and its state, joining conn.room) over `link`
-    and close our copy of the socket: None once it has gone, else the close
-    to send it. Returns with no checkpoint after the send, so the caller can
-    record the hand-over before any answer to it is read."""
+# Waits for the link to send on until the hold deadline it was made with;
+# None once that has passed. Called again after a send that found the link
+# closed: it then gives a new link (relinked, or another router's).
+NextLink = Callable[[], Awaitable[Link | None]]
+
+
+async def hand_over(conn: Connection, next_link: NextLink, flush_timeout_s: float) -> Close | None:
+    """Send `conn` (its socket and its state, joining conn.room) over the
+    link `next_link` gives and close our copy of the socket: None once it
+    has gone, else the close to send it. Returns with no checkpoint after the
+    send, so the caller can record the hand-over before any answer to it is
+    read."""
     sock = conn.socket
     # A hand-over takes an empty outbox (the kernel holds what we wrote).
     with trio.move_on_after(flush_timeout_s):
@@ -47,12 +55,43 @@ async def hand_over(conn: Connection, link: Link, flush_timeout_s: float) -> Clo
     frames = sock.handing_over()
     if frames is None:
         return sock.kicked or closes.TOO_SLOW
-    try:
-        await link.send(adopt_message(conn, frames), sock.socket.fileno())
-    except LinkClosed:
-        return closes.SHARD_UNAVAILABLE
-    sock.hang_up()  # the other process has its own copy now
-    return None
+    # Nothing reads or writes the socket from here on, so `frames` stays true
+    # however long the link takes (`sent_at` makes the wait count).
+    return await send_socket(sock, adopt_message(conn, frames), next_link)
+
+
+async def send_socket(sock: ClientWebSocket, message: wire.Adopt, next_link: NextLink) -> Close | None:
+    """Send `message` with `sock`'s descriptor over the link `next_link`
+    gives, again over the next one if that link closed under the send, and
+    close our copy: None once sent, else the close to send the client
+    (1013 `room unavailable` when no link came in time, or the kick that
+    stopped the wait). No checkpoint between the send and the return."""
+    while True:
+        link = None
+        # The client waits here, not reading: a kick (the process stopping)
+        # must still reach it with its own close.
+        with trio.CancelScope() as waiting:
+            sock.receive_scope = waiting
+            if sock.kicked is None:
+                link = await next_link()
+        sock.receive_scope = None
+        if sock.kicked is not None:
+            return sock.kicked
+        if link is None:
+            return closes.SHARD_UNAVAILABLE
+        try:
+            await link.send(message, sock.socket.fileno())
+        except LinkClosed:
+            # Safe to send again: the peer cannot have taken the client. A
+            # failed sendmsg sends nothing; a send cut short left the peer
+            # the first part of the message, with the descriptor, and then
+            # the end of the stream, and a receiver hands a descriptor out
+            # only with its whole `Adopt`: `Link.close` closes those left
+            # (test_link.py: ..._of_an_adopt_not_fully_received). A dead
+            # peer's are closed by the kernel. Our copy is intact.
+            continue
+        sock.hang_up()  # the other process has its own copy now
+        return None
 
 
 def _no_second_auth(token: str) -> Close | None:

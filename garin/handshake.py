@@ -136,3 +136,13 @@ def refusal(status: int, body: str) -> bytes:
         b"HTTP/1.1 %d \r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n\r\n"
         % (status, len(data))
     ) + data
+
+
+def unavailable(body: str) -> bytes:
+    """503 to a client still in its handshake when the server stops: there
+    is no WebSocket to close yet. The connection closes after it."""
+    data = body.encode() + b"\n"
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n"
+        b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n\r\n" % len(data)
+    ) + data

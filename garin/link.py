@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import logging
+import math
 import os
 import socket
 from collections import deque
@@ -37,6 +38,7 @@ MAX_READS_PER_CALL = 64
 # shard announcing a burst of joins into a huge room can be busy for many
 # seconds (each join is written to every member), so this is generous; a
 # stopped shard is found sooner by its unanswered pings (router/shard_link.py).
+# A stopping process gives up sooner: at its shutdown deadline (`limit_sends`).
 SEND_TIMEOUT_S = 30.0
 
 
@@ -57,6 +59,10 @@ class Link:
         self._lock = trio.StrictFIFOLock()
         self._posted: list[bytes] = []
         self._wake = trio.Event()
+        # No send lasts past this (trio time): the shutdown deadline once the
+        # process stops, which a shielded send would otherwise outlive.
+        self._send_deadline = math.inf
+        self._send_timer: trio.CancelScope | None = None
         self.closed = False
 
     # -- sending --------------------------------------------------------------
@@ -125,19 +131,34 @@ class Link:
         view = memoryview(data)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(SEND_TIMEOUT_S) as timer:
-                while view:
-                    try:
-                        sent = await self._sock.sendmsg([view], ancillary)
-                    except (OSError, trio.ClosedResourceError) as exc:
-                        self.close()
-                        raise LinkClosed(f"link write failed: {exc!r}") from None
-                    # The descriptor went with the first bytes.
-                    ancillary = []
-                    view = view[sent:]
+            deadline = min(trio.current_time() + SEND_TIMEOUT_S, self._send_deadline)
+            with trio.move_on_at(deadline) as timer:
+                self._send_timer = timer
+                try:
+                    while view:
+                        try:
+                            sent = await self._sock.sendmsg([view], ancillary)
+                        except (OSError, trio.ClosedResourceError) as exc:
+                            self.close()
+                            raise LinkClosed(f"link write failed: {exc!r}") from None
+                        # The descriptor went with the first bytes.
+                        ancillary = []
+                        view = view[sent:]
+                finally:
+                    self._send_timer = None
         if timer.cancelled_caught:
             self.close()
+            if timer.deadline >= self._send_deadline:
+                raise LinkClosed("stopping: gave up a send the peer is not reading")
             raise LinkClosed(f"peer has not read its link for {SEND_TIMEOUT_S:g} s")
+
+    def limit_sends(self, deadline: float) -> None:
+        """No send, under way or to come, lasts past `deadline` (trio time):
+        a stopping process must exit within its grace, and a send is shielded
+        from the cancellation that ends it. One cut short closes the link."""
+        self._send_deadline = min(self._send_deadline, deadline)
+        if self._send_timer is not None:
+            self._send_timer.deadline = min(self._send_timer.deadline, deadline)
 
     # -- receiving ------------------------------------------------------------
 

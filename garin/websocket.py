@@ -40,6 +40,7 @@ from garin.handshake import (
     accept_response,
     parse_upgrade,
     refusal,
+    unavailable,
 )
 
 log = logging.getLogger("garin.router")
@@ -175,6 +176,12 @@ class ClientWebSocket:
 
     async def reject(self, status: int, body: str) -> None:
         self.send_bytes(refusal(status, body))
+        await self.flush()
+
+    async def reject_unavailable(self, body: str) -> None:
+        """Answer 503 to a client whose upgrade was not accepted (or not
+        even read whole): the server is stopping."""
+        self.send_bytes(unavailable(body))
         await self.flush()
 
     # -- receiving ----------------------------------------------------------

@@ -26,10 +26,9 @@ from garin.closes import Close
 from garin.config import Config
 from garin.connection import Connection, count_close
 from garin.frames_in import FrameParser
-from garin.handoff import hand_over
+from garin.handoff import hand_over, send_socket
 from garin.limits import ConnectionLimits
 from garin.proxies import address_of
-from garin.link import LinkClosed
 from garin.routing import shard_for
 from garin.websocket import ClientWebSocket
 from garin.router.bans import RouterBans
@@ -64,6 +63,10 @@ class Router:
         # Built once: every connection's session and token check read it.
         self.session_rules = config.session_rules
         self.stopping = trio.Event()
+        # Members being passed on to another shard (`forward`), still ours;
+        # connections whose HTTP upgrade is not read yet.
+        self.moving: set[ClientWebSocket] = set()
+        self.handshaking: set[ClientWebSocket] = set()
         self.bans = (
             RouterBans(config.ban_db, config.ban_policy, config.redis_url, config.redis_password_file)
             if config.ban_db else None
@@ -105,20 +108,12 @@ class Router:
         """Hand `conn` (joining conn.room) to its room's shard."""
         assert conn.room is not None
         index = shard_for(conn.room, self.config.shards)
-        # While its shard is down the client waits here, not reading: a kick
-        # (the router stopping) must still reach it with its own close.
-        link = None
-        with trio.CancelScope() as waiting:
-            conn.socket.receive_scope = waiting
-            if conn.socket.kicked is None:
-                link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
-        conn.socket.receive_scope = None
-        if conn.socket.kicked is not None:
-            return conn.socket.kicked
-        if link is None:
-            return closes.SHARD_UNAVAILABLE
+        # While its shard is down the client waits (in hand_over), up to the
+        # hold from now, however many times the link drops meanwhile.
+        shard = self.links[index]
+        deadline = trio.current_time() + self.config.shard_hold_timeout_s
         address = conn.address or address_of(conn.peer)
-        close = await hand_over(conn, link, self.config.shard_hold_timeout_s)
+        close = await hand_over(conn, functools.partial(shard.wait_up, deadline), self.config.shard_hold_timeout_s)
         if close is None:
             # Sent, and no checkpoint since: the shard's `Ended` cannot have
             # been read yet. The count moves from this task to `handed`.
@@ -165,19 +160,21 @@ class Router:
 
     async def forward(self, message: wire.Adopt, fd: int) -> None:
         """A member moves to a room of another shard: pass it on, or close
-        it 1013 if that shard stays unreachable. Owns `fd` (closes it
-        whatever happens)."""
-        owned = [fd]  # -1 once it is closed or handed on
+        it 1013 if that shard stays unreachable (1001 if we stop first).
+        Owns `fd` (closes it whatever happens)."""
         try:
-            await self._forward(message, owned)
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            await self._forward(message, sock)
         except Exception:
             log.exception("conn %d (%s): passing it on failed", message.conn, message.peer)
         finally:
-            if owned[0] >= 0:
-                os.close(owned[0])
+            sock.close()  # closed already, unless something failed
 
-    async def _forward(self, message: wire.Adopt, owned: list[int]) -> None:
-        fd = owned[0]
+    async def _forward(self, message: wire.Adopt, sock: trio.socket.SocketType) -> None:
         index = shard_for(message.room, self.config.shards)
         address = address_of(message.peer)
         # Our own connection keeps its id and count; another router's (it
@@ -187,42 +184,43 @@ class Router:
         conn_id = message.conn if handed is not None else self.new_id()
         if handed is None and self.limits.admit(address) is None:
             handed = Handed(address, message.subject, index)
-        link = await self.links[index].wait_up(self.config.shard_hold_timeout_s)
-        if link is not None:
-            try:
-                await link.send(replace(message, owner=self.instance, conn=conn_id), fd)
-            except LinkClosed:
-                pass
-            else:
-                owned[0] = -1
-                os.close(fd)  # the shard has its own copy now
-                if handed is not None:
-                    handed.shard = index
-                    self.handed[conn_id] = handed
-                return
-        if handed is not None:
-            self._release(handed.address)
-        owned[0] = -1
-        await self._refuse_moved(message, fd)
-
-    async def _refuse_moved(self, message: wire.Adopt, fd: int) -> None:
-        """Close a moving member whose shard is unreachable, properly: a close
-        frame with 1013, as to any client whose room is unavailable. Owns `fd`."""
-        try:
-            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-        except BaseException:
-            os.close(fd)
-            raise
         try:
             frames = FrameParser.restore(self.config.max_message_bytes, message.frames)
         except ValueError:
-            sock.close()
+            log.warning("conn %d (%s): moved with a bad parser state; dropped", message.conn, message.peer)
+            if handed is not None:
+                self._release(handed.address)
             return
+        # A client socket while it waits here, so that a stop can close it
+        # (`moving`). Nothing reads it, so `message.frames` stays true.
         ws = ClientWebSocket.adopted(sock, frames, self.background, self.config.max_outbox_bytes)
-        close = closes.SHARD_UNAVAILABLE
+        shard = self.links[index]
+        deadline = trio.current_time() + self.config.shard_hold_timeout_s
+        self.moving.add(ws)
+        try:
+            if self.stopping.is_set():
+                ws.kick(closes.SHUTDOWN)
+            passed = replace(message, owner=self.instance, conn=conn_id)
+            close = await send_socket(ws, passed, functools.partial(shard.wait_up, deadline))
+        finally:
+            self.moving.discard(ws)
+        if close is None:
+            # Sent, and no checkpoint since (as in `move`).
+            if handed is not None:
+                handed.shard = index
+                self.handed[conn_id] = handed
+            return
+        if handed is not None:
+            self._release(handed.address)
+        # A close frame, as to any client whose room is unavailable.
         log.info("conn %d (%s): closing %d %s", message.conn, message.peer, close.code, close.reason)
         count_close(close)
-        try:
-            await ws.close(close)
-        finally:
-            ws.hang_up()
+        await ws.close(close)
+
+    def close_all(self, close: Close) -> None:
+        """The router stops: every client it still holds gets `close` (or,
+        still in its handshake, HTTP 503)."""
+        for conn in list(self.clients.values()):
+            conn.socket.kick(close)
+        for ws in [*self.moving, *self.handshaking]:
+            ws.kick(close)

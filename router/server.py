@@ -124,8 +124,21 @@ async def _serve(
 ) -> Close | Moved | None:
     peer = client.peer
     config = router.config
-    with trio.move_on_after(config.handshake_timeout_s):
-        request = await sock.handshake()
+    request = None
+    # Until its upgrade is read, a stop answers it in HTTP (`close_all`).
+    router.handshaking.add(sock)
+    if router.stopping.is_set():
+        sock.kick(closes.SHUTDOWN)  # accepted just before the stop
+    with trio.move_on_after(config.handshake_timeout_s), trio.CancelScope() as waiting:
+        sock.receive_scope = waiting
+        if sock.kicked is None:
+            request = await sock.handshake()
+    sock.receive_scope = None
+    router.handshaking.discard(sock)
+    if sock.kicked is not None:
+        log.info("conn %d (%s): router stopping, answered 503", conn_id, peer)
+        await sock.reject_unavailable("server shutting down")
+        return None
     if request is None:
         return None
     if request.target.split("?", 1)[0] != "/":
@@ -263,9 +276,13 @@ async def serve_router(
                 for listener in listeners:
                     await listener.aclose()
                 log.info("router %s stopping: closing %d clients", router_id, len(router.clients))
-                for conn in list(router.clients.values()):
-                    conn.socket.kick(closes.SHUTDOWN)
+                router.close_all(closes.SHUTDOWN)
                 grace.deadline = trio.current_time() + config.shutdown_timeout_s
+                # A link send is shielded (half a message would corrupt the
+                # link): bounded by the grace too, or a shard that stopped
+                # reading would hold us up to SEND_TIMEOUT_S.
+                for link in router.links:
+                    link.limit_sends(grace.deadline)
         links.cancel_scope.cancel()
 
 

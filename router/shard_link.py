@@ -1,8 +1,9 @@
 """One router's link to one shard: connect, hello, then hand connections over.
 
 The link is up (`link`) once the shard welcomed this router. Hand-offs wait
-for it (`wait_up`) at most GARIN_SHARD_HOLD_TIMEOUT, then the router closes
-the client 1013 "room unavailable". What the shard sends back (a connection
+for it (`wait_up`) at most GARIN_SHARD_HOLD_TIMEOUT (and again, within that
+time, for a link that closed under their send), then the router closes the
+client 1013 "room unavailable". What the shard sends back (a connection
 ended, a member moving to another shard's room) goes to the router's
 callbacks. A lost link is retried every RETRY_MAX_S at most, forever; once
 relinked, the shard's `Welcome` says which of the router's connections it
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +77,8 @@ class ShardLink:
         self._answered_at = 0.0
         # The shard's last Pong said its Redis link was up (GARIN_REDIS_URL).
         self.redis_up = False
+        # Set by `limit_sends` when the router stops.
+        self._send_deadline = math.inf
 
     @property
     def connected(self) -> bool:
@@ -84,15 +88,28 @@ class ShardLink:
         link = self.link
         return link if link is not None and not link.closed and self.responsive else None
 
-    async def wait_up(self, timeout_s: float) -> Link | None:
-        """The live link, waiting for it up to `timeout_s`; None if it stays down."""
+    async def wait_up(self, deadline: float) -> Link | None:
+        """The live link, waiting for it until `deadline` (trio time); None if
+        it stays down."""
         serving = self._serving()
         if serving is not None:
             return serving  # the usual case, without a cancel scope
-        with trio.move_on_after(timeout_s):
+        with trio.move_on_at(deadline):
             while self._serving() is None:
-                await self._up.wait()
+                if self._up.is_set():
+                    # Up, but its link closed (a send failed a moment ago):
+                    # `run` has not dropped it yet. Soon it has, and relinks.
+                    await trio.sleep(RETRY_MIN_S)
+                else:
+                    await self._up.wait()
         return self._serving()
+
+    def limit_sends(self, deadline: float) -> None:
+        """The process stops: no send on this link (or a later one) may last
+        past `deadline` (garin/link.py `Link.limit_sends`)."""
+        self._send_deadline = min(self._send_deadline, deadline)
+        if self.link is not None:
+            self.link.limit_sends(deadline)
 
     def _set_responsive(self, responsive: bool) -> None:
         if responsive and not self.responsive:
@@ -146,6 +163,7 @@ class ShardLink:
                 unlinked_at = None
                 self._on_linked(self.index, frozenset(welcome.live))
                 self.link = link
+                link.limit_sends(self._send_deadline)  # stopping already?
                 self._answered_at = trio.current_time()
                 self._set_responsive(True)
                 log.info("linked to shard %d", self.index)

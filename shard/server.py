@@ -13,8 +13,10 @@ its owning router hears `Ended`, to release what it counted.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -61,6 +63,10 @@ class Shard:
             self.cluster = cluster.RedisRooms(config, index)
         # Router instance -> its link, for `Ended` and for moves.
         self.routers: dict[str, Link] = {}
+        # Set (and replaced) whenever a router links: moves waiting for one.
+        self._router_linked = trio.Event()
+        # The shutdown deadline, once stopping: no link send lasts past it.
+        self._send_deadline = math.inf
         self.conns: dict[int, Connection] = {}
         # Shard-local member keys (connection ids are per router) and the
         # room each member is in here.
@@ -99,6 +105,9 @@ class Shard:
             live = tuple(conn.id for conn in self.conns.values() if conn.owner == router)
             await link.send(wire.Welcome(wire.PROTOCOL_VERSION, self.index, live))
             self.routers[router] = link
+            link.limit_sends(self._send_deadline)  # stopping already?
+            self._router_linked.set()
+            self._router_linked = trio.Event()
             log.info("shard %d: router %s linked", self.index, router)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.run_posted)
@@ -234,19 +243,38 @@ class Shard:
 
     async def move(self, conn: Connection) -> Close | None:
         """Pass `conn` (joining conn.room, of another shard) to a router, which
-        passes it on: its owner if still linked, else any."""
-        link = self.routers.get(conn.owner)
-        if link is None and self.routers:
-            link = next(iter(self.routers.values()))
-        if link is None:
-            return closes.SHARD_UNAVAILABLE
-        return await hand_over(conn, link, self.config.shard_hold_timeout_s)
+        passes it on: its owner if still linked, else any; if none is, the
+        first to link within GARIN_SHARD_HOLD_TIMEOUT."""
+        deadline = trio.current_time() + self.config.shard_hold_timeout_s
+        next_link = functools.partial(self._router_link, conn.owner, deadline)
+        return await hand_over(conn, next_link, self.config.shard_hold_timeout_s)
+
+    async def _router_link(self, owner: str, deadline: float) -> Link | None:
+        """A router's open link (`owner`'s if it has one), waiting for one
+        to link until `deadline`; None if none did. A link closed by a send
+        that failed is skipped: its task has not dropped it yet."""
+        while True:
+            link = self.routers.get(owner)
+            if link is None or link.closed:
+                link = next((other for other in self.routers.values() if not other.closed), None)
+            if link is not None:
+                return link
+            with trio.move_on_at(deadline):
+                await self._router_linked.wait()
+            if trio.current_time() >= deadline:
+                return None
 
     # -- stopping -------------------------------------------------------------------
 
     def close_all(self, close: Close) -> None:
         for conn in list(self.conns.values()):
             conn.socket.kick(close)
+
+    def limit_sends(self, deadline: float) -> None:
+        """No link send (now or on a link made later) lasts past `deadline`."""
+        self._send_deadline = deadline
+        for link in self.routers.values():
+            link.limit_sends(deadline)
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -305,6 +333,8 @@ async def serve_shard(
                     log.info("shard %d stopping: closing %d clients", index, len(shard.conns))
                     shard.close_all(closes.SHUTDOWN)
                     grace.deadline = trio.current_time() + config.shutdown_timeout_s
+                    # Link sends are shielded: bounded by the grace too.
+                    shard.limit_sends(grace.deadline)
                     # Links stay up while the clients close (their Ended
                     # reach the routers); then everything stops.
                     while shard.conns:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from garin.auth import make_token
 
 # tests/e2e is on sys.path (pytest's default "prepend" import mode).
 from conftest import (
+    USERLEAVE,
     Clients,
     GarinServer,
     ServerFactory,
@@ -49,6 +51,7 @@ from conftest import (
     room_on,
 )
 from test_metrics import get
+from garin_bench.wsframe import OP_TEXT, client_frame, upgrade_request
 from test_processes import (
     ORIGIN,
     SECRET,
@@ -359,6 +362,116 @@ def test_sigterm_closes_a_join_waiting_for_a_dead_shard_1001(socket_dir: str, tm
         calm.close()
         assert stop(procs["shard 0"]) == 0
     finally:
+        outputs = {name: finish(proc) for name, proc in procs.items()}
+    assert "Traceback" not in "".join(outputs.values()), outputs
+
+
+def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tmp_path: Path) -> None:
+    """No WebSocket yet, so no close frame: an HTTP 503, at once."""
+    port = free_port()
+    settings = base_env(port, socket_dir, GARIN_SHARDS="1", GARIN_HANDSHAKE_TIMEOUT="60")
+    procs = {"shard 0": start_shard(0, settings, tmp_path)}
+    procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    try:
+        join(port, "calm", "calm-room").close()  # the router is up
+        request = upgrade_request("127.0.0.1", port, "/", ORIGIN)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        raw.sendall(request[: len(request) // 2])
+        time.sleep(0.3)  # the router has read it and waits for the rest
+        os.kill(procs["router"].pid, signal.SIGTERM)
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+        raw.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"HTTP/1.1 503 Service Unavailable", answer
+        assert b"connection: close" in [line.lower() for line in lines[1:]], answer
+        assert body == b"server shutting down\n", answer
+        assert procs["router"].wait(timeout=15) == 0
+        assert stop(procs["shard 0"]) == 0
+    finally:
+        outputs = {name: finish(proc) for name, proc in procs.items()}
+    assert "Traceback" not in "".join(outputs.values()), outputs
+
+
+def test_sigterm_closes_a_member_moving_to_a_dead_shard_1001(socket_dir: str, tmp_path: Path) -> None:
+    """A member passed on through the router (a room of another shard) that
+    waits there for its shard is the router's too: 1001 when it stops."""
+    port = free_port()
+    settings = base_env(port, socket_dir, GARIN_SHARDS="2", GARIN_SHARD_HOLD_TIMEOUT="60")
+    procs = {"shard 0": start_shard(0, settings, tmp_path)}  # shard 1 never starts
+    procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    try:
+        mover = join(port, "mover", room_on(0, "here", shards=2))
+        mover.send(USERLEAVE)
+        mover.send(join_frame("mover", room_on(1, "there", shards=2)))
+        time.sleep(0.5)  # shard 0 has passed it to the router, which waits for shard 1
+        os.kill(procs["router"].pid, signal.SIGTERM)
+        assert expect_close(mover, 1001, "server shutting down", timeout=5) < 5
+        assert procs["router"].wait(timeout=15) == 0
+        assert stop(procs["shard 0"]) == 0
+    finally:
+        outputs = {name: finish(proc) for name, proc in procs.items()}
+    assert "Traceback" not in "".join(outputs.values()), outputs
+
+
+def joiner_with_a_big_message_begun(port: int, name: str, room: str) -> socket.socket:
+    """A raw client that authenticates, joins `room` and, in the same write,
+    begins a 60 KB message: what the router read of it travels with the
+    hand-off, so a few such hand-offs fill a link nobody reads."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(upgrade_request("127.0.0.1", port, "/", ORIGIN))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    big = client_frame(OP_TEXT, b"x" * 60_000)
+    sock.sendall(
+        client_frame(OP_TEXT, auth_frame(make_token(SECRET, name, time.time(), 60)).encode())
+        + client_frame(OP_TEXT, join_frame(name, room).encode())
+        + big[: len(big) - 100]
+    )
+    return sock
+
+
+def test_a_router_stops_within_its_grace_though_a_hand_off_waits_on_a_stopped_shard(
+    socket_dir: str, tmp_path: Path,
+) -> None:
+    """A link send is shielded (half a message would corrupt the link) for up
+    to 30 s; a stopping router bounds it by GARIN_SHUTDOWN_TIMEOUT."""
+    port = free_port()
+    grace = 1.0
+    settings = base_env(port, socket_dir, GARIN_SHARDS="2", GARIN_SHUTDOWN_TIMEOUT=str(grace))
+    procs = {"shard 0": start_shard(0, settings, tmp_path), "shard 1": start_shard(1, settings, tmp_path)}
+    procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    raw: list[socket.socket] = []
+    try:
+        room = room_on(1, "stuck", shards=2)
+        join(port, "first", room).close()  # both up and linked
+        os.kill(procs["shard 1"].pid, signal.SIGSTOP)
+        try:
+            # Within the 10 s before the router takes it for down: hand-offs
+            # go on into the link until it is full, and the next one waits.
+            raw = [joiner_with_a_big_message_begun(port, f"joiner-{n}", room) for n in range(10)]
+            time.sleep(1.0)
+            started = time.monotonic()
+            os.kill(procs["router"].pid, signal.SIGTERM)
+            try:
+                code = procs["router"].wait(timeout=grace + 5)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the router still runs {grace + 5} s after SIGTERM") from None
+            assert code == 0
+            assert time.monotonic() - started < grace + 5
+        finally:
+            os.kill(procs["shard 1"].pid, signal.SIGCONT)
+        for name in ("shard 0", "shard 1"):
+            assert stop(procs[name]) == 0, name
+    finally:
+        for sock in raw:
+            sock.close()
         outputs = {name: finish(proc) for name, proc in procs.items()}
     assert "Traceback" not in "".join(outputs.values()), outputs
 

@@ -13,6 +13,7 @@ from garin.handshake import (
     accept_response,
     parse_upgrade,
     refusal,
+    unavailable,
 )
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -99,6 +100,13 @@ def test_a_refusal_carries_a_plain_text_body() -> None:
     assert refusal(403, "origin not allowed") == (
         b"HTTP/1.1 403 \r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 19\r\n\r\n"
         b"origin not allowed\n"
+    )
+
+
+def test_a_stopping_router_answers_503_and_says_it_closes() -> None:
+    assert unavailable("server shutting down") == (
+        b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n"
+        b"content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\n\r\nserver shutting down\n"
     )
 
 
