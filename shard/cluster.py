@@ -1,12 +1,12 @@
 """A shard process's link to Redis (GARIN_REDIS_URL): the trio shell around
 garin/shard/cluster_rooms.py.
 
-Per shard process (coredis, which runs on trio through anyio): the
-writer's connection, one for the heartbeats, and one for pub/sub. One task writes: it takes what
-the members' sessions queued, subscribes to the channels of rooms that got
-local members (before their joins go out, so that the joins come back),
-sends the batch on its own connection without waiting for the last
-batch's replies (order kept: one connection, in order; replies checked as
+Per shard process (coredis, which runs on trio through anyio): one
+connection that subscribes and writes (garin/shard/subscription.py), and
+one for the heartbeats. One task writes: it takes what the members'
+sessions queued, subscribes to the channels of rooms that got local
+members (before their joins go out, so that the joins come back), sends
+the batch without waiting for the last batch's replies (order kept: one connection, in order; replies checked as
 they come, at most MAX_IN_FLIGHT batches unanswered),
 and unsubscribes from rooms left empty. One task beats the heartbeat and
 reaps dead instances once a second. One task reads the channels and fans
@@ -223,7 +223,7 @@ class RedisRooms:
                         ("reap", lua.REAP), ("register", lua.REGISTER), ("farewell", lua.FAREWELL),
                     )
                 }
-            # The subscription's own connection, never given back to the pool.
+            # The subscription's and the writer's connection, never given back to the pool.
             with trio.fail_after(CONNECT_TIMEOUT_S):
                 connection = await client.connection_pool.get_connection()
             try:
@@ -241,7 +241,7 @@ class RedisRooms:
                     metrics.REDIS_CONNECTS.inc()
                     log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                     nursery.start_soon(self._heartbeats, client, shas)
-                    await self._write(client, subscription, shas, subscribed)
+                    await self._write(connection, subscription, shas, subscribed)
                     nursery.cancel_scope.cancel()
             finally:
                 connection.invalidate()
@@ -311,21 +311,20 @@ class RedisRooms:
     def _dead_after_ms(self) -> int:
         return int(self.config.redis_dead_after_s * 1000)
 
-    async def _write(self, client: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
-        # The writer's own connection (coredis connections multiplex; the
-        # pool's would be shared with the heartbeats): commands go out in
-        # the order taken, and the next batch goes out without waiting for
-        # the replies of the last one (a reply wait per message cost more
-        # CPU than the PUBLISH itself). Replies are checked as they come
-        # (`_reap`); at most MAX_IN_FLIGHT batches wait for theirs.
-        connection = await client.connection_pool.get_connection()
+    async def _write(self, connection: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
+        # The subscription's connection (RESP3 takes any command on a
+        # subscribed connection; the pool's would be shared with the
+        # heartbeats): commands go out in the order taken, and a PUBLISH's
+        # reply and its echo to this process come back in one read. The
+        # next batch goes out without waiting for the replies of the last
+        # one (a reply wait per message cost more CPU than the PUBLISH
+        # itself). Replies are checked as they come (`_reap`); at most
+        # MAX_IN_FLIGHT batches wait for theirs.
         try:
             await self._write_on(connection, subscription, shas, subscribed)
         except BaseException:
             await self._count_lost()
             raise
-        finally:
-            client.connection_pool.release(connection)
 
     async def _write_on(self, connection: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
         core = self.core
