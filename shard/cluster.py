@@ -1,12 +1,12 @@
 """A shard process's link to Redis (GARIN_REDIS_URL): the trio shell around
 garin/shard/cluster_rooms.py.
 
-Per shard process (coredis, which runs on trio through anyio): the
-writer's connection, one for the heartbeats, and one for pub/sub. One task writes: it takes what
-the members' sessions queued, subscribes to the channels of rooms that got
-local members (before their joins go out, so that the joins come back),
-sends the batch on its own connection without waiting for the last
-batch's replies (order kept: one connection, in order; replies checked as
+Per shard process (coredis, which runs on trio through anyio): one
+connection that subscribes and writes (garin/shard/subscription.py), and
+one for the heartbeats. One task writes: it takes what the members'
+sessions queued, subscribes to the channels of rooms that got local
+members (before their joins go out, so that the joins come back), sends
+the batch without waiting for the last batch's replies (order kept: one connection, in order; replies checked as
 they come, at most MAX_IN_FLIGHT batches unanswered),
 and unsubscribes from rooms left empty. One task beats the heartbeat and
 reaps dead instances once a second. One task reads the channels and fans
@@ -45,6 +45,7 @@ from garin.config import Config
 from garin.frames import text_frame
 from garin.shard import redis_lua as lua
 from garin.shard.cluster_rooms import ClusterRooms, JoinCommand, LeaveCommand, MessageCommand, channel, room_of
+from garin.shard.subscription import Subscription
 from garin.websocket import ClientWebSocket, fan_out
 
 log = logging.getLogger("garin.shard")
@@ -72,7 +73,6 @@ MAX_BACKLOG = 50_000
 # Redis answers a SUBSCRIBE after the events already on their way to this
 # process: behind a backlog (at most MAX_BACKLOG) that takes a while.
 SUBSCRIBE_TIMEOUT_S = 10.0
-BACKLOG_CHECK_EVERY = 256
 # While the link is up, a join or message is still given up after this long
 # even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
 # that is down).
@@ -129,6 +129,9 @@ class RedisRooms:
         self._warned_eviction = False
         # Batches sent on the writer's connection, replies not checked yet.
         self._in_flight: deque[InFlight] = deque()
+        # The writer's connection and scripts while its task runs: `publish`
+        # sends on it directly when nothing else waits.
+        self._direct: tuple[Any, dict[str, Any]] | None = None
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -137,7 +140,21 @@ class RedisRooms:
         self._wake.set()
 
     def publish(self, key: int, username: str, body: str) -> bool:
-        queued = self.core.publish(key, protocol.message_text(username, body), trio.current_time())
+        core = self.core
+        queued = core.publish(key, protocol.message_text(username, body), trio.current_time())
+        direct = self._direct
+        if (
+            direct is not None and len(core.queue) == 1 and not core.rooms_changed and not self._stopping
+            and len(self._in_flight) < MAX_IN_FLIGHT and direct[0].usable
+        ):
+            # Nothing else waits and no subscription is due: send it now,
+            # in order on the writer's connection, rather than wake the
+            # writer for it (a scheduler pass and more per message). The
+            # writer still checks the replies.
+            self._send(direct[0], direct[1], core.take(1))
+            if len(self._in_flight) == 1:
+                self._wake.set()
+            return queued
         self._wake.set()
         return queued
 
@@ -223,24 +240,28 @@ class RedisRooms:
                         ("reap", lua.REAP), ("register", lua.REGISTER), ("farewell", lua.FAREWELL),
                     )
                 }
-            async with client.pubsub(
-                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=HEARTBEAT_S * 2,
-                subscription_timeout=SUBSCRIBE_TIMEOUT_S,
-            ) as pubsub:
+            # The subscription's and the writer's connection, never given back to the pool.
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                connection = await client.connection_pool.get_connection()
+            try:
+                subscription = Subscription(connection)
                 subscribed: set[str] = set()
-                with trio.fail_after(REPLY_TIMEOUT_S):
-                    await self._subscribe(pubsub, subscribed)
-                    await self._register(client, shas)
-                self.up = True
-                self._up_since = trio.current_time()
-                metrics.REDIS_UP.labels(shard=self.label).set(1)
-                metrics.REDIS_CONNECTS.inc()
-                log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, pubsub)
+                    nursery.start_soon(self._read, subscription)
+                    nursery.start_soon(self._keep_alive, connection)
+                    with trio.fail_after(REPLY_TIMEOUT_S):
+                        await self._subscribe(subscription, subscribed)
+                        await self._register(client, shas)
+                    self.up = True
+                    self._up_since = trio.current_time()
+                    metrics.REDIS_UP.labels(shard=self.label).set(1)
+                    metrics.REDIS_CONNECTS.inc()
+                    log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                     nursery.start_soon(self._heartbeats, client, shas)
-                    await self._write(client, pubsub, shas, subscribed)
+                    await self._write(connection, subscription, shas, subscribed)
                     nursery.cancel_scope.cancel()
+            finally:
+                connection.invalidate()
 
     async def _check_server(self, client: Any) -> None:
         """Refuse a Redis Cluster node; warn of a Redis that may evict keys."""
@@ -261,18 +282,18 @@ class RedisRooms:
                 "room's roster (garin needs noeviction)", self.index, policy,
             )
 
-    async def _subscribe(self, pubsub: Any, subscribed: set[str]) -> None:
+    async def _subscribe(self, subscription: Subscription, subscribed: set[str]) -> None:
         wanted = self.core.wanted_rooms()
         new = [channel(room) for room in wanted - subscribed]
         if new:
-            await pubsub.subscribe(*new)
+            await subscription.subscribe(new)
             subscribed.update(wanted)
 
-    async def _unsubscribe(self, pubsub: Any, subscribed: set[str]) -> None:
+    def _unsubscribe(self, subscription: Subscription, subscribed: set[str]) -> None:
         stale = subscribed - set(self.core.local)
         if stale:
             subscribed.difference_update(stale)
-            await pubsub.unsubscribe(*[channel(room) for room in stale])
+            subscription.unsubscribe([channel(room) for room in stale])
 
     async def _register(self, client: Any, shas: dict[str, Any]) -> None:
         args: list[str | int] = [self.core.instance, self._dead_after_ms, self._epoch, secrets.token_hex(8)]
@@ -307,23 +328,26 @@ class RedisRooms:
     def _dead_after_ms(self) -> int:
         return int(self.config.redis_dead_after_s * 1000)
 
-    async def _write(self, client: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
-        # The writer's own connection (coredis connections multiplex; the
-        # pool's would be shared with the heartbeats): commands go out in
-        # the order taken, and the next batch goes out without waiting for
-        # the replies of the last one (a reply wait per message cost more
-        # CPU than the PUBLISH itself). Replies are checked as they come
-        # (`_reap`); at most MAX_IN_FLIGHT batches wait for theirs.
-        connection = await client.connection_pool.get_connection()
+    async def _write(self, connection: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
+        # The subscription's connection (RESP3 takes any command on a
+        # subscribed connection; the pool's would be shared with the
+        # heartbeats): commands go out in the order taken, and a PUBLISH's
+        # reply and its echo to this process come back in one read. The
+        # next batch goes out without waiting for the replies of the last
+        # one (a reply wait per message cost more CPU than the PUBLISH
+        # itself). Replies are checked as they come (`_reap`); at most
+        # MAX_IN_FLIGHT batches wait for theirs.
+        self._direct = connection, shas
         try:
-            await self._write_on(connection, pubsub, shas, subscribed)
+            await self._write_on(connection, subscription, shas, subscribed)
         except BaseException:
+            self._direct = None
             await self._count_lost()
             raise
         finally:
-            client.connection_pool.release(connection)
+            self._direct = None
 
-    async def _write_on(self, connection: Any, pubsub: Any, shas: dict[str, Any], subscribed: set[str]) -> None:
+    async def _write_on(self, connection: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
         core = self.core
         while True:
             await self._reap(wait=len(self._in_flight) >= MAX_IN_FLIGHT)
@@ -344,20 +368,20 @@ class RedisRooms:
             while core.rooms_changed:
                 rooms_changed, core.rooms_changed = True, False
                 with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
-                    await self._subscribe(pubsub, subscribed)
+                    await self._subscribe(subscription, subscribed)
             batch = core.take(BATCH)
             metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
             if batch:
                 self._send(connection, shas, batch)
-            with trio.fail_after(REPLY_TIMEOUT_S):
-                if rooms_changed:
-                    await self._unsubscribe(pubsub, subscribed)
-                if self._stopping and not core.queue:
+            if rooms_changed:
+                self._unsubscribe(subscription, subscribed)
+            if self._stopping and not core.queue:
+                with trio.fail_after(REPLY_TIMEOUT_S):
                     # The leaves first: the farewell removes what is left.
                     await self._reap(wait=True)
                     await connection.create_request(b"EVALSHA", shas["farewell"], 0, core.instance)
-                    self._farewell_said.set()
-                    return
+                self._farewell_said.set()
+                return
 
     async def _heartbeats(self, client: Any, shas: dict[str, Any]) -> None:
         """Its own task: a slow step of `_write` (a subscription answered
@@ -445,32 +469,38 @@ class RedisRooms:
         if lost:
             metrics.REDIS_LOST_MESSAGES.inc(lost)
 
-    async def _read(self, pubsub: Any) -> None:
+    async def _read(self, subscription: Subscription) -> None:
+        await subscription.read(self._apply, self._check_backlog)
+
+    def _apply(self, channel_name: bytes, event: bytes) -> None:
+        """One event from a room's channel: apply it, fan it out to the local members."""
+        room = room_of(channel_name)
+        if room is None:
+            return
         core = self.core
-        until_check = BACKLOG_CHECK_EVERY
+        delivery = core.apply(room, event)
+        if delivery is not None:
+            fan_out(delivery.to.items(), text_frame(delivery.text), delivery.exclude)
+            metrics.DELIVERIES.inc(len(delivery.to) - (delivery.exclude in delivery.to))
+        if core.evicted:
+            for sock in core.evicted:
+                sock.kick(closes.SHARD_UNAVAILABLE)
+            log.warning("shard %d: Redis removed %d of its members (taken for dead); closed them (1013)",
+                        self.index, len(core.evicted))
+            core.evicted.clear()
+
+    @staticmethod
+    def _check_backlog(backlog: int) -> None:
+        if backlog > MAX_BACKLOG:
+            raise LinkDown(f"{backlog} events from Redis waiting, fan-out cannot keep up")
+
+    async def _keep_alive(self, connection: Any) -> None:
+        """A PING now and then on the subscription's connection, which
+        otherwise only listens: a connection gone silent is a link down."""
         while True:
-            message = await pubsub.get_message()
-            until_check -= 1
-            if not until_check:
-                until_check = BACKLOG_CHECK_EVERY
-                backlog = _backlog(pubsub)
-                if backlog > MAX_BACKLOG:
-                    raise LinkDown(f"{backlog} events from Redis waiting, fan-out cannot keep up")
-            if message is None or message["type"] != "message":
-                continue
-            room = room_of(message["channel"])
-            if room is None:
-                continue
-            delivery = core.apply(room, message["data"])
-            if delivery is not None:
-                fan_out(delivery.to.items(), text_frame(delivery.text), delivery.exclude)
-                metrics.DELIVERIES.inc(len(delivery.to) - (delivery.exclude in delivery.to))
-            if core.evicted:
-                for sock in core.evicted:
-                    sock.kick(closes.SHARD_UNAVAILABLE)
-                log.warning("shard %d: Redis removed %d of its members (taken for dead); closed them (1013)",
-                            self.index, len(core.evicted))
-                core.evicted.clear()
+            await trio.sleep(HEARTBEAT_S * 2)
+            with trio.fail_after(REPLY_TIMEOUT_S):
+                await connection.create_request(b"PING")
 
     async def _enforce_hold(self) -> None:
         hold = self.config.shard_hold_timeout_s
@@ -482,15 +512,3 @@ class RedisRooms:
                 sock.kick(closes.SHARD_UNAVAILABLE)
             if late:
                 log.info("shard %d: closed %d members held past %g s without Redis (1013)", self.index, len(late), hold)
-
-
-
-
-def _backlog(pubsub: Any) -> int:
-    """Events coredis has read from the subscription and not handed over yet:
-    in its connection's push buffer, then in its PubSub's (coredis 6)."""
-    streams = (
-        getattr(getattr(pubsub, "_connection", None), "_push_message_buffer_in", None),
-        getattr(pubsub, "_receive_stream", None),
-    )
-    return sum(int(stream.statistics().current_buffer_used) for stream in streams if stream is not None)
