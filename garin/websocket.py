@@ -168,6 +168,11 @@ class ClientWebSocket:
         return self._frames.snapshot()
 
     @property
+    def queued(self) -> bool:
+        """Something waits to be written (`flush` would wait)."""
+        return bool(self._outbox)
+
+    @property
     def socket(self) -> trio.socket.SocketType:
         return self._sock
 

@@ -113,7 +113,9 @@ class Router:
         shard = self.links[index]
         deadline = trio.current_time() + self.config.shard_hold_timeout_s
         address = conn.address or address_of(conn.peer)
-        close = await hand_over(conn, functools.partial(shard.wait_up, deadline), self.config.shard_hold_timeout_s)
+        close = await hand_over(
+            conn, functools.partial(shard.wait_up, deadline), self.config.shard_hold_timeout_s, shard.serving
+        )
         if close is None:
             # Sent, and no checkpoint since: the shard's `Ended` cannot have
             # been read yet. The count moves from this task to `handed`.

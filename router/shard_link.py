@@ -84,25 +84,25 @@ class ShardLink:
     def connected(self) -> bool:
         return self.link is not None and self.responsive
 
-    def _serving(self) -> Link | None:
+    def serving(self) -> Link | None:
         link = self.link
         return link if link is not None and not link.closed and self.responsive else None
 
     async def wait_up(self, deadline: float) -> Link | None:
         """The live link, waiting for it until `deadline` (trio time); None if
         it stays down."""
-        serving = self._serving()
+        serving = self.serving()
         if serving is not None:
             return serving  # the usual case, without a cancel scope
         with trio.move_on_at(deadline):
-            while self._serving() is None:
+            while self.serving() is None:
                 if self._up.is_set():
                     # Up, but its link closed (a send failed a moment ago):
                     # `run` has not dropped it yet. Soon it has, and relinks.
                     await trio.sleep(RETRY_MIN_S)
                 else:
                     await self._up.wait()
-        return self._serving()
+        return self.serving()
 
     def limit_sends(self, deadline: float) -> None:
         """The process stops: no send on this link (or a later one) may last
