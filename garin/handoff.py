@@ -54,8 +54,11 @@ async def hand_over(
     sock = conn.socket
     # A hand-over takes an empty outbox (the kernel holds what we wrote).
     if sock.queued:
-        with trio.move_on_after(flush_timeout_s):
+        # A kick (the process stopping) must reach a client waiting here too.
+        with trio.move_on_after(flush_timeout_s) as flushing:
+            sock.receive_scope = flushing
             await sock.flush()
+        sock.receive_scope = None
     frames = sock.handing_over()
     if frames is None:
         return sock.kicked or closes.TOO_SLOW
@@ -87,7 +90,22 @@ async def send_socket(
         if link is None:
             return closes.SHARD_UNAVAILABLE
         try:
-            await link.send(message, sock.socket.fileno())
+            if link.busy:
+                # Behind another send: waiting for its turn, the client must
+                # still hear a kick. Cancelled, the send sent nothing (once
+                # it begins it is shielded and ends without a checkpoint).
+                sent = False
+                with trio.CancelScope() as waiting:
+                    sock.receive_scope = waiting
+                    if sock.kicked is None:
+                        await link.send(message, sock.socket.fileno())
+                        sent = True
+                sock.receive_scope = None
+                if not sent:
+                    assert sock.kicked is not None
+                    return sock.kicked
+            else:
+                await link.send(message, sock.socket.fileno())
         except LinkClosed:
             # Safe to send again: the peer cannot have taken the client. A
             # failed sendmsg sends nothing; a send cut short left the peer
@@ -96,6 +114,7 @@ async def send_socket(
             # only with its whole `Adopt`: `Link.close` closes those left
             # (test_link.py: ..._of_an_adopt_not_fully_received). A dead
             # peer's are closed by the kernel. Our copy is intact.
+            sock.receive_scope = None
             link = None
             continue
         sock.hang_up()  # the other process has its own copy now

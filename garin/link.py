@@ -101,6 +101,11 @@ class Link:
         async with self._lock:
             await self._send_locked(data, fd)
 
+    @property
+    def busy(self) -> bool:
+        """Another send is under way: `send` would wait for it first."""
+        return self._lock.locked()
+
     def post(self, message: wire.WireMessage) -> None:
         """Queue `message` for `run_posted` to send; never blocks (for code
         that must not wait: a connection's last words in a `finally`)."""

@@ -204,6 +204,10 @@ class Router:
                 ws.kick(closes.SHUTDOWN)
             passed = replace(message, owner=self.instance, conn=conn_id)
             close = await send_socket(ws, passed, functools.partial(shard.wait_up, deadline))
+        except BaseException:
+            if handed is not None:  # not handed on: its count must not stay taken
+                self._release(handed.address)
+            raise
         finally:
             self.moving.discard(ws)
         if close is None:

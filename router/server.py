@@ -127,14 +127,16 @@ async def _serve(
     request = None
     # Until its upgrade is read, a stop answers it in HTTP (`close_all`).
     router.handshaking.add(sock)
-    if router.stopping.is_set():
-        sock.kick(closes.SHUTDOWN)  # accepted just before the stop
-    with trio.move_on_after(config.handshake_timeout_s), trio.CancelScope() as waiting:
-        sock.receive_scope = waiting
-        if sock.kicked is None:
-            request = await sock.handshake()
-    sock.receive_scope = None
-    router.handshaking.discard(sock)
+    try:
+        if router.stopping.is_set():
+            sock.kick(closes.SHUTDOWN)  # accepted just before the stop
+        with trio.move_on_after(config.handshake_timeout_s), trio.CancelScope() as waiting:
+            sock.receive_scope = waiting
+            if sock.kicked is None:
+                request = await sock.handshake()
+        sock.receive_scope = None
+    finally:
+        router.handshaking.discard(sock)
     if sock.kicked is not None:
         log.info("conn %d (%s): router stopping, answered 503", conn_id, peer)
         await sock.reject_unavailable("server shutting down")

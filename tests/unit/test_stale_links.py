@@ -19,7 +19,7 @@ import trio
 from garin import closes, wire
 from garin.config import load_config
 from garin.connection import Connection
-from garin.handoff import adopt_message, adopted_connection
+from garin.handoff import adopt_message, adopted_connection, hand_over
 from garin.link import Link, LinkClosed, receive_first
 from garin.router.router import Router
 from garin.routing import HASH_NAME
@@ -249,3 +249,66 @@ async def test_a_link_made_while_stopping_has_its_sends_bounded_too() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+async def test_a_hand_off_behind_a_stuck_send_still_hears_the_kick() -> None:
+    """At SIGTERM every client waiting to be handed over gets its 1001, also
+    one queued behind another send on a link whose peer stopped reading."""
+    ours, theirs = link_pair()  # `theirs` never reads
+    try:
+        async with trio.open_nursery() as nursery:
+            conn, client = await joined(nursery, b"")
+            with client:
+
+                async def stuck() -> None:
+                    with pytest.raises(LinkClosed):  # cut by limit_sends below
+                        await ours.send(wire.Refuse("x" * (8 << 20)))  # holds the link
+
+                nursery.start_soon(stuck)
+                await trio.sleep(0.1)
+                assert ours.busy
+
+                async def kick_soon() -> None:
+                    await trio.sleep(0.2)
+                    conn.socket.kick(closes.SHUTDOWN)
+
+                nursery.start_soon(kick_soon)
+                started = trio.current_time()
+
+                async def link_now() -> Link:
+                    return ours
+
+                close = await hand_over(conn, link_now, HOLD_S, lambda: ours)
+                conn.socket.hang_up()  # the caller's part
+                assert close == closes.SHUTDOWN
+                assert trio.current_time() - started < 1.0
+                ours.limit_sends(trio.current_time())
+                nursery.cancel_scope.cancel()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+async def test_a_hand_off_flushing_to_a_client_that_does_not_read_hears_the_kick() -> None:
+    async with trio.open_nursery() as nursery:
+        conn, client = await joined(nursery, b"")
+        with client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            while not conn.socket.queued:
+                conn.socket.send_bytes(b"\x81\x7e\x10\x00" + b"x" * 4096)  # the client reads nothing
+
+            async def kick_soon() -> None:
+                await trio.sleep(0.2)
+                conn.socket.kick(closes.SHUTDOWN)
+
+            nursery.start_soon(kick_soon)
+            started = trio.current_time()
+
+            async def no_link() -> Link | None:
+                raise AssertionError("a kicked client is never sent")
+
+            close = await hand_over(conn, no_link, 30.0)
+            conn.socket.hang_up()  # the caller's part
+            assert close == closes.SHUTDOWN
+            assert trio.current_time() - started < 1.0
+            nursery.cancel_scope.cancel()
