@@ -54,11 +54,8 @@ async def hand_over(
     sock = conn.socket
     # A hand-over takes an empty outbox (the kernel holds what we wrote).
     if sock.queued:
-        # A kick (the process stopping) must reach a client waiting here too.
-        with trio.move_on_after(flush_timeout_s) as flushing:
-            sock.receive_scope = flushing
+        with sock.kickable(trio.current_time() + flush_timeout_s):
             await sock.flush()
-        sock.receive_scope = None
     frames = sock.handing_over()
     if frames is None:
         return sock.kicked or closes.TOO_SLOW
@@ -80,11 +77,8 @@ async def send_socket(
         if link is None:
             # The client waits here, not reading: a kick (the process
             # stopping) must still reach it with its own close.
-            with trio.CancelScope() as waiting:
-                sock.receive_scope = waiting
-                if sock.kicked is None:
-                    link = await next_link()
-            sock.receive_scope = None
+            with sock.kickable():
+                link = await next_link()
         if sock.kicked is not None:
             return sock.kicked
         if link is None:
@@ -95,12 +89,9 @@ async def send_socket(
                 # still hear a kick. Cancelled, the send sent nothing (once
                 # it begins it is shielded and ends without a checkpoint).
                 sent = False
-                with trio.CancelScope() as waiting:
-                    sock.receive_scope = waiting
-                    if sock.kicked is None:
-                        await link.send(message, sock.socket.fileno())
-                        sent = True
-                sock.receive_scope = None
+                with sock.kickable():
+                    await link.send(message, sock.socket.fileno())
+                    sent = True
                 if not sent:
                     assert sock.kicked is not None
                     return sock.kicked
@@ -114,7 +105,6 @@ async def send_socket(
             # only with its whole `Adopt`: `Link.close` closes those left
             # (test_link.py: ..._of_an_adopt_not_fully_received). A dead
             # peer's are closed by the kernel. Our copy is intact.
-            sock.receive_scope = None
             link = None
             continue
         sock.hang_up()  # the other process has its own copy now

@@ -19,9 +19,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import math
 import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -385,6 +387,21 @@ class ClientWebSocket:
         self._fanout = False
         if self.receive_scope is not None:
             self.receive_scope.cancel()
+
+    @contextmanager
+    def kickable(self, deadline: float = math.inf) -> Iterator[trio.CancelScope]:
+        """A scope (until `deadline`) for a wait of the connection's own task
+        outside its receive loop (a handshake, a hand-off): a kick (the
+        process stopping) ends the wait, one that came before it at its
+        first checkpoint. The caller then looks at `kicked`."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            if self.kicked is not None:
+                scope.cancel()
+            self.receive_scope = scope
+            try:
+                yield scope
+            finally:
+                self.receive_scope = None
 
     @property
     def outbox_bytes(self) -> int:

@@ -130,11 +130,9 @@ async def _serve(
     try:
         if router.stopping.is_set():
             sock.kick(closes.SHUTDOWN)  # accepted just before the stop
-        with trio.move_on_after(config.handshake_timeout_s), trio.CancelScope() as waiting:
-            sock.receive_scope = waiting
-            if sock.kicked is None:
+        with sock.kickable(trio.current_time() + config.handshake_timeout_s):
+            if sock.kicked is None:  # kicked: not even a request already read is answered
                 request = await sock.handshake()
-        sock.receive_scope = None
     finally:
         router.handshaking.discard(sock)
     if sock.kicked is not None:
