@@ -269,6 +269,19 @@ SHARED_ENV = {
 
 
 @contextlib.contextmanager
+def paused(*pids: int) -> Iterator[None]:
+    """The processes `pids` stopped meanwhile (SIGSTOP: alive, their sockets
+    open, silent), then continued whatever happens."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
 def running_server(minter: Callable[[str, float | None], str] | None = None, **env: str) -> Iterator[GarinServer]:
     server = GarinServer(env_overrides=dict(env), minter=minter)
     server.start()

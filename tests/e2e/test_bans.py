@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from conftest import (
     join_frame,
     message_frame,
     new_room,
+    paused,
     running_server,
 )
 from websockets.exceptions import ConnectionClosed
@@ -275,14 +274,8 @@ def only_router(chosen: int, routers: list[int]):
     """New connections reach only `chosen`: the other routers are stopped
     (SIGSTOP) meanwhile, since a shared listening socket gives each
     connection to whichever router accepts first."""
-    others = [pid for pid in routers if pid != chosen]
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with paused(*[pid for pid in routers if pid != chosen]):
         yield
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
 
 
 def stored(path, strikes: int) -> bool:

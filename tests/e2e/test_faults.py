@@ -47,6 +47,7 @@ from conftest import (
     join_frame,
     message_frame,
     new_user,
+    paused,
     recv_json,
     room_on,
 )
@@ -451,8 +452,7 @@ def test_a_router_stops_within_its_grace_though_a_hand_off_waits_on_a_stopped_sh
     try:
         room = room_on(1, "stuck", shards=2)
         join(port, "first", room).close()  # both up and linked
-        os.kill(procs["shard 1"].pid, signal.SIGSTOP)
-        try:
+        with paused(procs["shard 1"].pid):
             # Within the 10 s before the router takes it for down: hand-offs
             # go on into the link until it is full, and the next one waits.
             raw = [joiner_with_a_big_message_begun(port, f"joiner-{n}", room) for n in range(10)]
@@ -465,8 +465,6 @@ def test_a_router_stops_within_its_grace_though_a_hand_off_waits_on_a_stopped_sh
                 raise AssertionError(f"the router still runs {grace + 5} s after SIGTERM") from None
             assert code == 0
             assert time.monotonic() - started < grace + 5
-        finally:
-            os.kill(procs["shard 1"].pid, signal.SIGCONT)
         for name in ("shard 0", "shard 1"):
             assert stop(procs[name]) == 0, name
     finally:
@@ -488,8 +486,7 @@ def test_a_stopped_shard_is_reported_and_gets_no_new_clients_until_it_runs_again
         clients = Clients(stack, server)
         room = room_on(2, "stopped")
         alice = clients.join("alice", room, total=1)
-        os.kill(pids["shard 2"], signal.SIGSTOP)
-        try:
+        with paused(pids["shard 2"]):
             # Stopped, its sockets stay open: only its silence on the link shows.
             wait_until(lambda: get(health)[0] == 503, "/health to report the stopped shard", timeout=25)
             assert json.loads(get(health)[1])["shards"]["2"] is False
@@ -498,8 +495,6 @@ def test_a_stopped_shard_is_reported_and_gets_no_new_clients_until_it_runs_again
             expect_close(carol, *UNAVAILABLE)
             # Other shards serve on.
             clients.join(new_user(), room_on(1, "fine"), total=1)
-        finally:
-            os.kill(pids["shard 2"], signal.SIGCONT)
         wait_until(lambda: get(health)[0] == 200, "/health to recover")
         clients.join("bobby", room, total=2)
         expect_join(alice, "bobby", 2)

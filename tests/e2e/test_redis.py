@@ -38,6 +38,7 @@ from conftest import (
     message_frame,
     new_room,
     new_user,
+    paused,
     recv_json,
     room_on,
 )
@@ -443,8 +444,7 @@ def test_a_join_to_a_new_room_waits_for_its_subscription_behind_a_backlog(
     room = new_room("busy")
     wa = people.join(new_user("alice"), room, total=1, server=a)
     frozen = shard_pid(a)
-    os.kill(frozen, signal.SIGSTOP)
-    try:
+    with paused(frozen):
         publish_burst(redis, room, 48_000)
         # Handed to the frozen shard: it subscribes to the new room when it
         # wakes, its SUBSCRIBE answered after the 48,000 events.
@@ -452,8 +452,6 @@ def test_a_join_to_a_new_room_waits_for_its_subscription_behind_a_backlog(
         wb = people.authed(bob, server=a)
         wb.send(json.dumps({"type": "join", "username": bob, "room": new_room("quiet")}))
         time.sleep(0.5)
-    finally:
-        os.kill(frozen, signal.SIGCONT)
     expect_join(wb, bob, 1)
     expect_quiet([wa], settle=0.1)
     assert "Redis link down" not in a.log_path.read_text()
@@ -495,11 +493,8 @@ def test_a_shard_far_behind_its_subscription_drops_the_link_instead_of_growing(
     alice, bob = new_user("alice"), new_user("bob")
     wa, wb = join_all(people, room, [(alice, a), (bob, b)])
     frozen = shard_pid(a)
-    os.kill(frozen, signal.SIGSTOP)
-    try:
+    with paused(frozen):
         publish_burst(redis, room, 120_000)
-    finally:
-        os.kill(frozen, signal.SIGCONT)
     wait_for(lambda: "events from Redis waiting, fan-out cannot keep up" in a.log_path.read_text(), "the link dropped")
     wait_for(lambda: a.log_path.read_text().count("Redis link up") >= 2, "the link made again")
     chat_resumes(wb, bob, wa)
@@ -616,13 +611,10 @@ def test_sigterm_with_redis_unreachable_still_exits_0_within_the_shutdown_timeou
     a = hosts.start(shards=2, GARIN_SHUTDOWN_TIMEOUT="2")
     ws = people.join(new_user("alice"), new_room("frozen"), total=1, server=a)
     assert redis.process is not None
-    os.kill(redis.process.pid, signal.SIGSTOP)  # connected, never answering: the worst case
-    try:
+    with paused(redis.process.pid):  # connected, never answering: the worst case
         started = time.monotonic()
         a.stop()  # exit 0, socket directory removed
         took = time.monotonic() - started
-    finally:
-        os.kill(redis.process.pid, signal.SIGCONT)
     expect_close(ws, 1001, "server shutting down")
     assert took < 2 + 1.5, f"stopping took {took:.1f} s"
 
@@ -971,11 +963,8 @@ def test_a_shard_paused_past_the_bound_closes_its_members_instead_of_splitting(h
     alice, bob = new_user("alice"), new_user("bob")
     wa, wb = join_all(people, room, [(alice, a), (bob, b)])
     shard = shard_pid(b)
-    os.kill(shard, signal.SIGSTOP)
-    try:
+    with paused(shard):
         expect_userleave(wa, bob, 1)  # alice hears bob reaped
-    finally:
-        os.kill(shard, signal.SIGCONT)
     # Back, the paused shard learns it was taken for dead: bob must reconnect.
     expect_close(wb, 1013, "room unavailable", timeout=10)
     bob2 = new_user("bob")

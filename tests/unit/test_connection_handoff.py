@@ -79,12 +79,17 @@ async def joined(nursery: trio.Nursery, after_join: bytes) -> tuple[Connection, 
     return conn, client
 
 
+def adopt_now(conn: Connection) -> wire.Adopt:
+    """The `Adopt` that hands `conn` over now (it can be: open, nothing queued)."""
+    frames = conn.socket.handing_over()
+    assert frames is not None
+    return adopt_message(conn, frames)
+
+
 async def hand_over(conn: Connection, links: tuple[Link, Link], nursery: trio.Nursery) -> Connection:
     """What the router does, then what the shard does."""
     router, shard = links
-    frames = conn.socket.handing_over()
-    assert frames is not None
-    await router.send(adopt_message(conn, frames), conn.socket.socket.fileno())
+    await router.send(adopt_now(conn), conn.socket.socket.fileno())
     conn.socket.hang_up()  # the other side has its own copy now
     with trio.fail_after(5):
         ((message, fd),) = await shard.receive()
@@ -175,9 +180,7 @@ async def test_an_invalid_adopt_closes_the_socket_it_came_with(links: tuple[Link
     router, shard = links
     async with trio.open_nursery() as nursery:
         conn, client = await joined(nursery, after_join=b"")
-        frames = conn.socket.handing_over()
-        assert frames is not None
-        good = adopt_message(conn, frames)
+        good = adopt_now(conn)
         bad = wire.Adopt(
             good.conn, good.owner, good.peer, good.subject, good.claimed_name, good.room, good.username,
             good.session, ("not", "a", "parser"), good.sent_at,
@@ -198,9 +201,7 @@ async def test_a_closed_session_cannot_be_adopted(links: tuple[Link, Link]) -> N
     router, shard = links
     async with trio.open_nursery() as nursery:
         conn, client = await joined(nursery, after_join=b"")
-        frames = conn.socket.handing_over()
-        assert frames is not None
-        message = adopt_message(conn, frames)
+        message = adopt_now(conn)
         conn.session.end(closes.SHUTDOWN)
         closed = wire.Adopt(
             message.conn, message.owner, message.peer, message.subject, message.claimed_name, message.room,
@@ -222,9 +223,7 @@ async def test_time_in_transit_counts(links: tuple[Link, Link]) -> None:
     router, shard = links
     async with trio.open_nursery() as nursery:
         conn, client = await joined(nursery, after_join=b"")
-        frames = conn.socket.handing_over()
-        assert frames is not None
-        fresh = adopt_message(conn, frames)
+        fresh = adopt_now(conn)
         old_deadline = conn.session.deadline
         assert old_deadline is not None
         late = wire.Adopt(

@@ -19,12 +19,12 @@ import trio
 from garin import closes, wire
 from garin.config import load_config
 from garin.connection import Connection
-from garin.handoff import adopt_message, adopted_connection, hand_over
+from garin.handoff import adopted_connection, hand_over
 from garin.link import Link, LinkClosed, receive_first
 from garin.router.router import Router
 from garin.routing import HASH_NAME
 from garin.shard.server import Shard
-from .test_connection_handoff import MAX_CHARS, MAX_OUTBOX, ONE, ONE_FRAME, RULES, joined
+from .test_connection_handoff import MAX_CHARS, MAX_OUTBOX, ONE, ONE_FRAME, RULES, adopt_now, joined
 
 HOLD_S = 2.0
 
@@ -121,10 +121,8 @@ async def test_router_forward_sends_again_on_the_relinked_shard(router_and_shard
     router, shard = router_and_shard
     async with trio.open_nursery() as nursery:
         conn, client = await joined(nursery, after_join=b"")
-        frames = conn.socket.handing_over()
-        assert frames is not None
         # A member another shard passes on, from a router that is gone.
-        moving = replace(adopt_message(conn, frames), owner="gone:1")
+        moving = replace(adopt_now(conn), owner="gone:1")
         fd = socket.dup(conn.socket.socket.fileno())
         conn.socket.hang_up()
         shard.links[0].close()
