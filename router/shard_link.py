@@ -93,7 +93,9 @@ class ShardLink:
         it stays down."""
         serving = self.serving()
         if serving is not None:
-            return serving  # the usual case, without a cancel scope
+            # The usual case, without a cancel scope. Checked here too: a
+            # retry after a send that took long must not outlast the hold.
+            return serving if trio.current_time() < deadline else None
         with trio.move_on_at(deadline):
             while self.serving() is None:
                 if self._up.is_set():

@@ -258,7 +258,8 @@ class Shard:
             if link is None or link.closed:
                 link = next((other for other in self.routers.values() if not other.closed), None)
             if link is not None:
-                return link
+                # A retry after a send that took long must not outlast the hold.
+                return link if trio.current_time() < deadline else None
             with trio.move_on_at(deadline):
                 await self._router_linked.wait()
             if trio.current_time() >= deadline:

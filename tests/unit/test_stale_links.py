@@ -310,3 +310,22 @@ async def test_a_hand_off_flushing_to_a_client_that_does_not_read_hears_the_kick
             assert close == closes.SHUTDOWN
             assert trio.current_time() - started < 1.0
             nursery.cancel_scope.cancel()
+
+
+async def test_no_link_is_given_for_a_retry_after_the_hold(router_and_shard: tuple[Router, FakeShard], tmp_path: Path) -> None:
+    """A hand-off sent again after a link send that took long (up to the
+    send timeout) gets no link once its hold has passed, even with a link
+    up: the client is closed 1013, not handed over late."""
+    router, _ = router_and_shard
+    now = trio.current_time()
+    assert await router.links[0].wait_up(now + HOLD_S) is router.links[0].serving()
+    assert await router.links[0].wait_up(now) is None
+    shard = Shard(load_config({}, env(tmp_path / "s")), 0)
+    ours, theirs = link_pair()
+    shard.routers = {"owner:1": ours}
+    try:
+        assert await shard._router_link("owner:1", now + HOLD_S) is ours
+        assert await shard._router_link("owner:1", now) is None
+    finally:
+        ours.close()
+        theirs.close()
