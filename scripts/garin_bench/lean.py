@@ -10,10 +10,12 @@ message, so the server can be measured at the rates it is meant for.
 It is NOT a general WebSocket client: no extensions, no fragmented sends, and
 it trusts the server (a garin router or any RFC 6455 server) to send
 well-formed unmasked frames. It speaks exactly the client side of RFC 6455
-that a GarinChat member needs: an upgrade request, masked text frames out,
+that a GarinChat member needs once joined: masked text frames out,
 text/close/ping frames in (the bytes framed by wsframe.py), and a closing
-handshake. It raises trio-websocket's exception types so the worker's error
-reporting is the same for both clients.
+handshake. The connection is opened and joined by storm.py, which hands the
+socket over with whatever it read after the join (`leftover`). It raises
+trio-websocket's exception types so the worker's error reporting is the same
+for both clients.
 """
 
 from __future__ import annotations
@@ -21,18 +23,15 @@ from __future__ import annotations
 import os
 import select
 import time
-import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError
+from trio_websocket import CloseReason, ConnectionClosed, HandshakeError
 
-from garin_bench.wsframe import MaskedFrameError, accept_for, client_frame, frame_at, new_key, upgrade_request
+from garin_bench.wsframe import MaskedFrameError, client_frame, frame_at
 
 RECEIVE_BYTES = 64 * 1024
-MAX_HEADER_BYTES = 16 * 1024
 
 
 class LeanWebSocket:
@@ -148,63 +147,6 @@ class LeanWebSocket:
                     break
                 self._parse(data)
         await self._stream.aclose()
-
-
-async def _handshake(url: str, origin: str) -> LeanWebSocket:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "ws" or not parts.hostname:
-        raise HandshakeError(f"the lean client speaks ws:// only, not {url!r}")
-    port = parts.port or 80
-    try:
-        stream = await trio.open_tcp_stream(parts.hostname, port)
-    except OSError as exc:
-        raise HandshakeError() from exc
-    try:
-        key = new_key()
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        await stream.send_all(upgrade_request(parts.hostname, port, path, origin, key))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(RECEIVE_BYTES)
-            if not chunk:
-                raise HandshakeError() from ConnectionError("server closed during the upgrade")
-            data += chunk
-            if len(data) > MAX_HEADER_BYTES:
-                raise HandshakeError() from ConnectionError("upgrade response too large")
-        head, rest = data.split(b"\r\n\r\n", 1)
-        lines = head.split(b"\r\n")
-        status = lines[0].split(b" ", 2)
-        code = int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
-        headers = tuple(
-            (name.strip().lower(), value.strip())
-            for name, _, value in (line.partition(b":") for line in lines[1:])
-        )
-        if code != 101:
-            raise ConnectionRejected(code, headers, rest)
-        if dict(headers).get(b"sec-websocket-accept") != accept_for(key):
-            raise HandshakeError() from ConnectionError("bad Sec-WebSocket-Accept")
-        return LeanWebSocket(stream, rest)
-    except BaseException:
-        await stream.aclose()
-        raise
-
-
-@asynccontextmanager
-async def open_lean_websocket(
-    url: str, origin: str, connect_timeout: float, disconnect_timeout: float
-) -> AsyncIterator[LeanWebSocket]:
-    try:
-        with trio.fail_after(connect_timeout):
-            ws = await _handshake(url, origin)
-    except trio.TooSlowError:
-        raise ConnectionTimeout() from None
-    try:
-        yield ws
-    finally:
-        with trio.CancelScope(shield=True):
-            await ws.aclose(disconnect_timeout)
 
 
 class Pump:

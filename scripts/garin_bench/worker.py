@@ -12,13 +12,16 @@ a receive time in another. trio's own clock has a random offset; `_Clock`
 converts.
 
 Every member is one trio-websocket client connection with one task reading
-it. A member that is a sender also runs a send loop on a fixed schedule
-(open loop: the next send is due at start + k * interval whatever the server
-does; if the worker itself falls more than one interval behind, the missed
-slots are skipped and counted, so an overloaded client shows up in the report
-instead of as a burst). A message body is "SENDER:SEQ:SEND_US[:padding]", so
-every receiver can compute the latency and spot duplicates without any state
-shared between processes.
+it; or, with `--client lean`, a connection that storm.py opens and joins in
+one epoll loop (with all the worker's others) and then hands to a
+LeanWebSocket, read by the one Pump task. A member that is a sender also
+runs a send loop on a fixed schedule (open loop: the next send is due at
+start + k * interval whatever the server does; if the worker itself falls
+more than one interval behind, the missed slots are skipped and counted, so
+an overloaded client shows up in the report instead of as a burst). A
+message body is "SENDER:SEQ:SEND_US[:padding]", so every receiver can
+compute the latency and spot duplicates without any state shared between
+processes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,7 +44,8 @@ import trio_websocket
 # Latency buckets: the same function as stats.bucket_of, inlined in the hot loop.
 from garin_bench.options import raise_fd_limit
 from garin_bench.stats import BUCKETS_PER_E
-from garin_bench.lean import Pump, open_lean_websocket
+from garin_bench.lean import LeanWebSocket, Pump
+from garin_bench.storm import Job, Storm
 
 RECEIVE_BUFFER_BYTES = 64 * 1024
 # trio-websocket's default queue of 1 message makes its reader task hand over
@@ -238,7 +243,32 @@ class Worker:
         if self.settled == len(self.plan.members):
             self.all_settled.set()
 
+    def _member_done(self) -> None:
+        self.done += 1
+        if self.done == len(self.plan.members):
+            self.all_done.set()
+
+    def _record_join(self, spec: MemberSpec, t0: float, t1: float, t2: float) -> bool:
+        """Counts a member's join; False for a late one (after the connect
+        phase), which the caller closes at once."""
+        s = self.stats
+        if self.connect_over:
+            s.late_joins += 1
+            return False
+        s.joined += 1
+        s.joined_by_room[spec.room] = s.joined_by_room.get(spec.room, 0) + 1
+        s.connect_ms.append((t1 - t0) * 1000)
+        s.join_ms.append((t2 - t1) * 1000)
+        s.last_joined = max(s.last_joined or t2, t2)
+        self._settle()
+        return True
+
+    def _record_connect_error(self, exc: BaseException) -> None:
+        self.stats.count(self.stats.connect_errors, _error_kind(exc))
+        self._settle()
+
     async def member(self, spec: MemberSpec) -> None:
+        """A trio-websocket member, from its connect to its close."""
         s = self.stats
         joined = False
         holding = False
@@ -248,7 +278,14 @@ class Worker:
             t0 = time.monotonic()
             if s.first_start is None:
                 s.first_start = t0
-            async with self._open(spec.url or self.plan.url) as ws:
+            async with trio_websocket.open_websocket_url(
+                spec.url or self.plan.url,
+                extra_headers=self.headers,  # type: ignore[arg-type]  # str pairs work too
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                receive_buffer_size=RECEIVE_BUFFER_BYTES,
+                connect_timeout=self.plan.connect_timeout_s,
+                disconnect_timeout=DISCONNECT_TIMEOUT_S,
+            ) as ws:
                 t1 = time.monotonic()
                 await ws.send_message(json.dumps({"type": "auth", "body": spec.token}))
                 await ws.send_message(
@@ -260,52 +297,99 @@ class Worker:
                 self.connect_limit.release()
                 holding = False
                 joined = True
-                if self.connect_over:
-                    s.late_joins += 1
-                    return
-                s.joined += 1
-                s.joined_by_room[spec.room] = s.joined_by_room.get(spec.room, 0) + 1
-                s.connect_ms.append((t1 - t0) * 1000)
-                s.join_ms.append((t2 - t1) * 1000)
-                s.last_joined = max(s.last_joined or t2, t2)
-                self._settle()
-                async with trio.open_nursery() as inner:
-                    if self.pump is not None:
-                        self.pump.add(ws, self._text_handler(spec), self._closed_handler(inner.cancel_scope))
-                    else:
-                        inner.start_soon(self._receive, ws, spec, inner.cancel_scope)
-                    try:
-                        if spec.sender >= 0:
-                            inner.start_soon(self._send, ws, spec)
-                        await self.closing.wait()
-                        inner.cancel_scope.cancel()
-                    finally:
-                        if self.pump is not None:
-                            self.pump.remove(ws)
+                if self._record_join(spec, t0, t1, t2):
+                    await self._joined(ws, spec)
         except Exception as exc:
             if holding:
                 self.connect_limit.release()
             if not joined:
-                s.count(s.connect_errors, _error_kind(exc))
-                self._settle()
+                self._record_connect_error(exc)
             elif not self.closing.is_set():
                 s.count(s.disconnects, _error_kind(exc))
         finally:
-            self.done += 1
-            if self.done == len(self.plan.members):
-                self.all_done.set()
+            self._member_done()
 
-    def _open(self, url: str) -> Any:
-        if self.plan.client == "lean":
-            return open_lean_websocket(url, self.plan.origin, self.plan.connect_timeout_s, DISCONNECT_TIMEOUT_S)
-        return trio_websocket.open_websocket_url(
-            url,
-            extra_headers=self.headers,  # type: ignore[arg-type]  # str pairs work too
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            receive_buffer_size=RECEIVE_BUFFER_BYTES,
-            connect_timeout=self.plan.connect_timeout_s,
-            disconnect_timeout=DISCONNECT_TIMEOUT_S,
+    async def _joined(self, ws: Any, spec: MemberSpec) -> None:
+        """A joined member's life: it receives (through the pump, or a task
+        of its own) and, if a sender, sends, until the worker closes."""
+        async with trio.open_nursery() as inner:
+            if self.pump is not None:
+                self.pump.add(ws, self._text_handler(spec), self._closed_handler(inner.cancel_scope))
+            else:
+                inner.start_soon(self._receive, ws, spec, inner.cancel_scope)
+            try:
+                if spec.sender >= 0:
+                    inner.start_soon(self._send, ws, spec)
+                await self.closing.wait()
+                inner.cancel_scope.cancel()
+            finally:
+                if self.pump is not None:
+                    self.pump.remove(ws)
+
+    # -- --client lean: the connect phase in one epoll loop (storm.py) -------
+
+    def storm(self) -> Storm:
+        """Every member's connect, upgrade, auth and join, in the plan's order."""
+        jobs = [
+            Job(spec.url or self.plan.url, spec.username, (
+                json.dumps({"type": "auth", "body": spec.token}),
+                json.dumps({"type": "join", "username": spec.username, "room": spec.room_name}),
+            ))
+            for spec in self.plan.members
+        ]
+        return Storm(
+            jobs, self.plan.origin, self.plan.connect_concurrency, self.plan.connect_timeout_s, JOIN_TIMEOUT_S
         )
+
+    def take_storm(self, storm: Storm, nursery: trio.Nursery) -> None:
+        """Records the members the storm settled; each joined one goes on as
+        a LeanWebSocket in a task of its own (a late one only closes)."""
+        s = self.stats
+        for kind, n in storm.events.items():
+            s.events[kind] = s.events.get(kind, 0) + n
+        storm.events.clear()
+        if s.first_start is None:
+            s.first_start = storm.first_start
+        for m in storm.take():
+            if m.sock is None:
+                assert m.error is not None
+                self._record_connect_error(m.error)
+                self._member_done()
+                continue
+            spec = self.plan.members[m.index]
+            late = not self._record_join(spec, m.t0, m.t1, m.t2)
+            nursery.start_soon(self._lean_member, spec, m.sock, m.leftover, late)
+
+    async def _lean_member(self, spec: MemberSpec, sock: socket.socket, leftover: bytes, late: bool) -> None:
+        try:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            try:
+                ws = LeanWebSocket(stream, leftover)
+            except BaseException:
+                await stream.aclose()
+                raise
+            try:
+                if not late:
+                    await self._joined(ws, spec)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await ws.aclose(DISCONNECT_TIMEOUT_S)
+        except Exception as exc:
+            if not self.closing.is_set():
+                self.stats.count(self.stats.disconnects, _error_kind(exc))
+        finally:
+            self._member_done()
+
+    async def finish_storm(self, storm: Storm, nursery: trio.Nursery) -> None:
+        """Members still connecting when the connect phase ended: in a thread
+        now (the worker's loop has other work), joins counted as late."""
+        try:
+            await trio.to_thread.run_sync(storm.run, self.plan.hard_deadline, abandon_on_cancel=True)
+        except BaseException:
+            storm.stop()  # the thread closes what it holds
+            raise
+        self.take_storm(storm, nursery)
+        storm.close()
 
     async def _await_own_join(self, ws: trio_websocket.WebSocketConnection, username: str) -> None:
         while True:
@@ -445,13 +529,25 @@ async def _run(plan: WorkerPlan, conn: Connection) -> None:
             t_connect = command[1]
             await trio.sleep_until(worker.clock.at(t_connect))
             cpu0 = time.process_time()
+            storm = None
             if worker.pump is not None:
                 nursery.start_soon(worker.pump.run)
-            for spec in plan.members:
-                nursery.start_soon(worker.member, spec)
+                # Blocks this loop, which has nothing else to do meanwhile:
+                # the coordinator waits for the report, the pump for members.
+                storm = worker.storm()
+                storm.run(t_connect + plan.connect_timeout_s)
+                worker.take_storm(storm, nursery)
+            else:
+                for spec in plan.members:
+                    nursery.start_soon(worker.member, spec)
             with trio.move_on_at(worker.clock.at(t_connect + plan.connect_timeout_s)):
                 await worker.all_settled.wait()
             worker.connect_over = True
+            if storm is not None:
+                if storm.pending:
+                    nursery.start_soon(worker.finish_storm, storm, nursery)
+                else:
+                    storm.close()
             s.connect_cpu_s = time.process_time() - cpu0
             s.connect_wall_s = time.monotonic() - t_connect
             await link.send(("joined", s.join_report()))
