@@ -13,12 +13,14 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,7 @@ from conftest import (
 )
 from test_metrics import get, sample
 
+from garin.shard.cluster import HEARTBEAT_S, REPLY_TIMEOUT_S
 from garin.shard.cluster_rooms import channel
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -111,7 +114,6 @@ class RedisServer:
         return self
 
     def ping(self) -> bool:
-        import socket
         import ssl
 
         try:
@@ -134,8 +136,6 @@ class RedisServer:
 
     def command(self, *args: str) -> bytes:
         """One command in RESP, its raw reply (enough for the checks here)."""
-        import socket
-
         payload = f"*{len(args)}\r\n".encode() + b"".join(
             f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args
         )
@@ -155,9 +155,120 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _port_free(port: int) -> bool:
-    import socket
+@dataclass(eq=False)
+class _ProxyLink:
+    client: socket.socket
+    upstream: socket.socket
+    subscriber: bool = False  # the client sent a SUBSCRIBE on it
+    silent: bool = False  # nothing forwarded any more, either way
+    closed: bool = False
 
+
+class SilencingProxy:
+    """A TCP proxy on loopback in front of a redis-server, one thread per
+    direction of each connection. `silence_subscribers()` makes the
+    connections that sent a SUBSCRIBE go silent: kept open, nothing
+    forwarded either way (what a peer gone without a word, or a NAT that
+    forgot the connection, does): no error and no close reach garin.
+    Connections made after it are forwarded as before. At most MAX_LINKS
+    connections; `stop()` closes everything and joins the threads."""
+
+    MAX_LINKS = 32
+    POLL_S = 0.1  # how often a thread waiting on a socket looks at `stop()`
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(self.POLL_S)
+        self.port: int = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.links: list[_ProxyLink] = []
+        self.threads = [threading.Thread(target=self._accept, name="proxy-accept")]
+        self.threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def subscribers(self) -> list[_ProxyLink]:
+        with self.lock:
+            return [link for link in self.links if link.subscriber]
+
+    def silence_subscribers(self) -> int:
+        """Silence the open connections that sent a SUBSCRIBE; how many."""
+        with self.lock:
+            chosen = [link for link in self.links if link.subscriber and not link.closed]
+            for link in chosen:
+                link.silent = True
+            return len(chosen)
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop()
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=2)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(self.POLL_S)
+            upstream.settimeout(self.POLL_S)
+            link = _ProxyLink(client, upstream)
+            with self.lock:
+                if len(self.links) >= self.MAX_LINKS:
+                    client.close()
+                    upstream.close()
+                    continue
+                self.links.append(link)
+                pumps = [
+                    threading.Thread(target=self._pump, args=(link, client, upstream, True), name="proxy-up"),
+                    threading.Thread(target=self._pump, args=(link, upstream, client, False), name="proxy-down"),
+                ]
+                self.threads += pumps
+            for pump in pumps:
+                pump.start()
+
+    def _pump(self, link: _ProxyLink, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        tail = b""  # a command's name may be split across two reads
+        try:
+            while not self.stopping.is_set():
+                try:
+                    data = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                if from_client and not link.subscriber:
+                    link.subscriber = b"SUBSCRIBE" in tail + data
+                    tail = data[-8:]
+                if not link.silent:
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            # One side closed or failed: close the other, as a proxy does.
+            link.closed = True
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+        for thread in list(self.threads):
+            thread.join(timeout=5)
+        with self.lock:
+            for link in self.links:
+                link.client.close()
+                link.upstream.close()
+
+
+def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -404,6 +515,43 @@ def test_redis_dropping_a_subscriber_connection_is_a_link_down_and_back(
         assert "Traceback" not in log and "Redis link failed" not in log, log
 
 
+@pytest.mark.cap(60)
+def test_a_subscription_gone_silent_is_found_by_the_keepalive_ping(
+    redis: RedisServer, hosts: Hosts, people: Clients
+) -> None:
+    """Only the subscription's connection goes silent (open, nothing comes
+    back): no error, no close, and the heartbeats on the other connection go
+    on. Only the PING the shard sends on it now and then (`_keep_alive`)
+    finds it; then the shard connects again (through the proxy) and chat
+    through Redis works again."""
+    proxy = SilencingProxy(redis.port)
+    hosts.stack.callback(proxy.stop)  # after the hosts stop (they say farewell through it)
+    a = hosts.start(shards=1, GARIN_REDIS_URL=proxy.url)
+    b = hosts.start(shards=1)
+    room = new_room("silent")
+    alice, bob = new_user("alice"), new_user("bob")
+    wa, wb = join_all(people, room, [(alice, a), (bob, b)])
+    assert "Redis link down" not in a.log_path.read_text()
+    assert proxy.silence_subscribers() == 1  # one shard process, one subscription
+    silenced_at = time.monotonic()
+    # Nothing sent meanwhile: a PUBLISH left unanswered would find it too.
+    # The next PING within HEARTBEAT_S * 2, its answer overdue after REPLY_TIMEOUT_S.
+    bound = HEARTBEAT_S * 2 + REPLY_TIMEOUT_S + 2
+    wait_for(lambda: "Redis link down" in a.log_path.read_text(), "the silent link found", timeout=bound)
+    assert time.monotonic() - silenced_at > REPLY_TIMEOUT_S  # found by an overdue answer, not an error
+    wait_for(lambda: a.log_path.read_text().count("Redis link up") >= 2, "the link made again")
+    # Made again through the proxy: a new subscription, forwarded.
+    subscribers = proxy.subscribers()
+    assert len(subscribers) == 2 and not subscribers[-1].silent and not subscribers[-1].closed
+    chat_resumes(wb, bob, wa)
+    wa.send(message_frame("back"))
+    expect_message(wb, alice, "back")
+    log = a.log_path.read_text()
+    assert "Redis link down (TooSlowError); reconnecting" in log, log
+    assert "Traceback" not in log and "took instance" not in log, log
+    expect_quiet([wa, wb], settle=0.1)  # nobody closed or announced gone meanwhile
+
+
 def chat_resumes(sender: ClientConnection, name: str, receiver: ClientConnection) -> None:
     """`sender`'s messages reach `receiver` again (soon: the link is being made again)."""
 
@@ -422,8 +570,6 @@ def chat_resumes(sender: ClientConnection, name: str, receiver: ClientConnection
 def publish_burst(redis: RedisServer, room: str, events: int) -> None:
     """`events` events on `room`'s channel that no shard applies ("x"), each
     still one step of its fan-out loop, as fast as Redis takes them."""
-    import socket
-
     name = ("garin:room:" + room).encode()
     command = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$1\r\nx\r\n" % (len(name), name)
     with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as sock:
