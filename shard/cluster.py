@@ -1,9 +1,9 @@
 """A shard process's link to Redis (GARIN_REDIS_URL): the trio shell around
 garin/shard/cluster_rooms.py.
 
-Per shard process (coredis, which runs on trio through anyio): one
-connection that subscribes and writes (garin/shard/subscription.py), and
-one for the heartbeats. One task writes: it takes what the members'
+Per shard process: one connection that subscribes and writes, driven on
+trio with coredis's packer and parser (garin/shard/redis_link.py), and
+coredis's client (on trio through anyio) for the heartbeats and scripts. One task writes: it takes what the members'
 sessions queued, subscribes to the channels of rooms that got local
 members (before their joins go out, so that the joins come back), sends
 the batch without waiting for the last batch's replies (order kept: one connection, in order; replies checked as
@@ -45,7 +45,7 @@ from garin.config import Config
 from garin.frames import text_frame
 from garin.shard import redis_lua as lua
 from garin.shard.cluster_rooms import ClusterRooms, JoinCommand, LeaveCommand, MessageCommand, channel, room_of
-from garin.shard.subscription import Subscription
+from garin.shard.redis_link import RedisLink, Reply, open_link
 from garin.websocket import ClientWebSocket, fan_out
 
 log = logging.getLogger("garin.shard")
@@ -64,14 +64,9 @@ BATCH = 1000
 # checks their replies while nothing new comes.
 MAX_IN_FLIGHT = 64
 REAP_EVERY_S = 0.05
-# coredis reads a subscription as fast as Redis sends and queues what it
-# read without a bound (anyio memory streams of size inf), so Redis's own
-# guard (client-output-buffer-limit pubsub) never sees a slow subscriber:
-# past this many events waiting here, the link is dropped and made again,
-# as Redis would (the events are lost, as there), rather than memory grow.
-MAX_BACKLOG = 50_000
 # Redis answers a SUBSCRIBE after the events already on their way to this
-# process: behind a backlog (at most MAX_BACKLOG) that takes a while.
+# process: behind a backlog (bounded by Redis's client-output-buffer-limit
+# pubsub) that takes a while.
 SUBSCRIBE_TIMEOUT_S = 10.0
 # While the link is up, a join or message is still given up after this long
 # even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
@@ -94,12 +89,12 @@ class LinkDown(Exception):
 class InFlight:
     """One batch sent to Redis, its replies not checked yet."""
 
-    requests: list[Any]  # coredis requests, in the order sent
+    replies: list[Reply]  # in the order sent
     is_message: list[bool]
     sent_at: float
 
     def answered(self) -> bool:
-        return self.requests[-1].complete if self.requests else True
+        return self.replies[-1].done if self.replies else True
 
 
 class ClusterNotSupported(RuntimeError):
@@ -131,7 +126,7 @@ class RedisRooms:
         self._in_flight: deque[InFlight] = deque()
         # The writer's connection and scripts while its task runs: `publish`
         # sends on it directly when nothing else waits.
-        self._direct: tuple[Any, dict[str, Any]] | None = None
+        self._direct: tuple[RedisLink, dict[str, Any]] | None = None
 
     # -- what the shard's sessions do (never block) --------------------------------
 
@@ -145,7 +140,7 @@ class RedisRooms:
         direct = self._direct
         if (
             direct is not None and len(core.queue) == 1 and not core.rooms_changed and not self._stopping
-            and len(self._in_flight) < MAX_IN_FLIGHT and direct[0].usable
+            and len(self._in_flight) < MAX_IN_FLIGHT
         ):
             # Nothing else waits and no subscription is due: send it now,
             # in order on the writer's connection, rather than wake the
@@ -207,7 +202,10 @@ class RedisRooms:
         while isinstance(exc, BaseExceptionGroup):  # coredis's own task groups
             exc = exc.exceptions[0]
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if isinstance(exc, (coredis.exceptions.RedisError, OSError, trio.TooSlowError, LinkDown, TimeoutError)):
+        if isinstance(exc, (
+            coredis.exceptions.RedisError, OSError, trio.TooSlowError, LinkDown, TimeoutError,
+            trio.BrokenResourceError, trio.ClosedResourceError,
+        )):
             if self.up:
                 log.warning("shard %d: Redis link down (%s); reconnecting", self.index, reason)
             else:
@@ -240,17 +238,17 @@ class RedisRooms:
                         ("reap", lua.REAP), ("register", lua.REGISTER), ("farewell", lua.FAREWELL),
                     )
                 }
-            # The subscription's and the writer's connection, never given back to the pool.
-            with trio.fail_after(CONNECT_TIMEOUT_S):
-                connection = await client.connection_pool.get_connection()
+            # The subscription's and the writer's connection, our own.
+            with trio.fail_after(CONNECT_TIMEOUT_S + REPLY_TIMEOUT_S):
+                link = await open_link(client.connection_pool)
             try:
-                subscription = Subscription(connection)
                 subscribed: set[str] = set()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, subscription)
-                    nursery.start_soon(self._keep_alive, connection)
+                    nursery.start_soon(link.read, self._apply)
+                    nursery.start_soon(link.write)
+                    nursery.start_soon(self._keep_alive, link)
                     with trio.fail_after(REPLY_TIMEOUT_S):
-                        await self._subscribe(subscription, subscribed)
+                        await self._subscribe(link, subscribed)
                         await self._register(client, shas)
                     self.up = True
                     self._up_since = trio.current_time()
@@ -258,10 +256,10 @@ class RedisRooms:
                     metrics.REDIS_CONNECTS.inc()
                     log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                     nursery.start_soon(self._heartbeats, client, shas)
-                    await self._write(connection, subscription, shas, subscribed)
+                    await self._write(link, shas, subscribed)
                     nursery.cancel_scope.cancel()
             finally:
-                connection.invalidate()
+                await trio.aclose_forcefully(link.stream)
 
     async def _check_server(self, client: Any) -> None:
         """Refuse a Redis Cluster node; warn of a Redis that may evict keys."""
@@ -282,18 +280,18 @@ class RedisRooms:
                 "room's roster (garin needs noeviction)", self.index, policy,
             )
 
-    async def _subscribe(self, subscription: Subscription, subscribed: set[str]) -> None:
+    async def _subscribe(self, link: RedisLink, subscribed: set[str]) -> None:
         wanted = self.core.wanted_rooms()
         new = [channel(room) for room in wanted - subscribed]
         if new:
-            await subscription.subscribe(new)
+            await link.subscribe(new)
             subscribed.update(wanted)
 
-    def _unsubscribe(self, subscription: Subscription, subscribed: set[str]) -> None:
+    def _unsubscribe(self, link: RedisLink, subscribed: set[str]) -> None:
         stale = subscribed - set(self.core.local)
         if stale:
             subscribed.difference_update(stale)
-            subscription.unsubscribe([channel(room) for room in stale])
+            link.unsubscribe([channel(room) for room in stale])
 
     async def _register(self, client: Any, shas: dict[str, Any]) -> None:
         args: list[str | int] = [self.core.instance, self._dead_after_ms, self._epoch, secrets.token_hex(8)]
@@ -328,7 +326,7 @@ class RedisRooms:
     def _dead_after_ms(self) -> int:
         return int(self.config.redis_dead_after_s * 1000)
 
-    async def _write(self, connection: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
+    async def _write(self, link: RedisLink, shas: dict[str, Any], subscribed: set[str]) -> None:
         # The subscription's connection (RESP3 takes any command on a
         # subscribed connection; the pool's would be shared with the
         # heartbeats): commands go out in the order taken, and a PUBLISH's
@@ -337,17 +335,17 @@ class RedisRooms:
         # one (a reply wait per message cost more CPU than the PUBLISH
         # itself). Replies are checked as they come (`_reap`); at most
         # MAX_IN_FLIGHT batches wait for theirs.
-        self._direct = connection, shas
+        self._direct = link, shas
         try:
-            await self._write_on(connection, subscription, shas, subscribed)
+            await self._write_on(link, shas, subscribed)
         except BaseException:
             self._direct = None
-            await self._count_lost()
+            self._count_lost()
             raise
         finally:
             self._direct = None
 
-    async def _write_on(self, connection: Any, subscription: Subscription, shas: dict[str, Any], subscribed: set[str]) -> None:
+    async def _write_on(self, link: RedisLink, shas: dict[str, Any], subscribed: set[str]) -> None:
         core = self.core
         while True:
             await self._reap(wait=len(self._in_flight) >= MAX_IN_FLIGHT)
@@ -368,18 +366,18 @@ class RedisRooms:
             while core.rooms_changed:
                 rooms_changed, core.rooms_changed = True, False
                 with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
-                    await self._subscribe(subscription, subscribed)
+                    await self._subscribe(link, subscribed)
             batch = core.take(BATCH)
             metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
             if batch:
-                self._send(connection, shas, batch)
+                self._send(link, shas, batch)
             if rooms_changed:
-                self._unsubscribe(subscription, subscribed)
+                self._unsubscribe(link, subscribed)
             if self._stopping and not core.queue:
                 with trio.fail_after(REPLY_TIMEOUT_S):
                     # The leaves first: the farewell removes what is left.
                     await self._reap(wait=True)
-                    await connection.create_request(b"EVALSHA", shas["farewell"], 0, core.instance)
+                    await link.request(b"EVALSHA", shas["farewell"], 0, core.instance)
                 self._farewell_said.set()
                 return
 
@@ -409,17 +407,17 @@ class RedisRooms:
             log.info("shard %d: removed the members of %d dead instance(s)", self.index, reaped)
         return True
 
-    def _send(self, connection: Any, shas: dict[str, Any], batch: list[Any]) -> None:
+    def _send(self, link: RedisLink, shas: dict[str, Any], batch: list[Any]) -> None:
         """Queue `batch` on the writer's own connection without waiting for
         its replies (they are checked by `_reap`): one connection, so Redis
         runs the commands in the order sent."""
         instance = self.core.instance
-        requests = []
+        commands: list[tuple[Any, ...]] = []
         is_message = []
         for command in batch:
             is_message.append(isinstance(command, MessageCommand))
             if is_message[-1]:
-                requests.append(connection.create_request(b"PUBLISH", channel(command.room), command.payload))
+                commands.append((b"PUBLISH", channel(command.room), command.payload))
             else:
                 keys = (lua.roster(command.room), lua.owned(instance))
                 args: tuple[int | str, ...]
@@ -427,10 +425,8 @@ class RedisRooms:
                     sha, args = shas["join"], (command.key, command.room, command.username)
                 else:
                     sha, args = shas["leave"], (command.key, command.username)
-                requests.append(connection.create_request(
-                    b"EVALSHA", sha, 2, *keys, channel(command.room), instance, *args,
-                ))
-        self._in_flight.append(InFlight(requests, is_message, trio.current_time()))
+                commands.append((b"EVALSHA", sha, 2, *keys, channel(command.room), instance, *args))
+        self._in_flight.append(InFlight(link.send(commands), is_message, trio.current_time()))
 
     async def _reap(self, wait: bool) -> None:
         """Check the replies of the batches sent, oldest first: an error, or
@@ -443,34 +439,23 @@ class RedisRooms:
                 if trio.current_time() - oldest.sent_at > REPLY_TIMEOUT_S:
                     raise LinkDown(f"no reply from Redis in {REPLY_TIMEOUT_S:g} s")
                 return
-            for request in oldest.requests:
-                await request  # answered (or failed): raises at once, no wait
+            for reply in oldest.replies:
+                await reply.wait()  # raises what Redis answered with
             in_flight.popleft()
             metrics.REDIS_ROUND_TRIP.observe(trio.current_time() - oldest.sent_at)
 
-    async def _count_lost(self) -> None:
-        """The link broke: the messages not answered are lost (maybe
-        delivered, never resent). Every request here is answered or failed
-        already (the connection fails what it has not answered when it
-        closes) or never will be: awaiting them does not wait."""
-        lost = 0
-        for batch in self._in_flight:
-            for request, is_message in zip(batch.requests, batch.is_message):
-                if not is_message:
-                    continue
-                if not request.complete:
-                    lost += 1
-                    continue
-                try:
-                    await request
-                except Exception:
-                    lost += 1
+    def _count_lost(self) -> None:
+        """The link broke: the messages not answered, or answered with an
+        error, are lost (maybe delivered, never resent)."""
+        lost = sum(
+            1
+            for batch in self._in_flight
+            for reply, is_message in zip(batch.replies, batch.is_message)
+            if is_message and (not reply.done or reply.error is not None)
+        )
         self._in_flight.clear()
         if lost:
             metrics.REDIS_LOST_MESSAGES.inc(lost)
-
-    async def _read(self, subscription: Subscription) -> None:
-        await subscription.read(self._apply, self._check_backlog)
 
     def _apply(self, channel_name: bytes, event: bytes) -> None:
         """One event from a room's channel: apply it, fan it out to the local members."""
@@ -489,18 +474,13 @@ class RedisRooms:
                         self.index, len(core.evicted))
             core.evicted.clear()
 
-    @staticmethod
-    def _check_backlog(backlog: int) -> None:
-        if backlog > MAX_BACKLOG:
-            raise LinkDown(f"{backlog} events from Redis waiting, fan-out cannot keep up")
-
-    async def _keep_alive(self, connection: Any) -> None:
+    async def _keep_alive(self, link: RedisLink) -> None:
         """A PING now and then on the subscription's connection, which
         otherwise only listens: a connection gone silent is a link down."""
         while True:
             await trio.sleep(HEARTBEAT_S * 2)
             with trio.fail_after(REPLY_TIMEOUT_S):
-                await connection.create_request(b"PING")
+                await link.request(b"PING")
 
     async def _enforce_hold(self) -> None:
         hold = self.config.shard_hold_timeout_s
