@@ -9,8 +9,12 @@ the fan-out to 25 members (docs/performance.md). Here one task reads the
 socket and handles everything a read brought: pushes (the channels'
 events, SUBSCRIBE's acknowledgements) go to the caller at once, replies
 complete the oldest command that waits for one (Redis answers in order).
-One task writes what the callers queued since its last write, in one
-`send_all`. The wire format stays coredis's (its Packer and its compiled
+On a plain socket (TCP or Unix, not TLS) a command is written by the
+caller itself when nothing else waits to go out, and reads wait for the
+socket to be readable before reading, as the members' WebSockets do
+(garin/websocket.py): trio's socket stream tries a read first (at chat
+rates nearly always EAGAIN) and adds a scheduler pass per call. What does
+not go out at once is written by one writer task, in order. The wire format stays coredis's (its Packer and its compiled
 Parser); what is here is the I/O around them, the connect (TCP, Unix
 socket, TLS) and the HELLO/AUTH/SELECT handshake, from the settings
 coredis parsed from GARIN_REDIS_URL. The heartbeats and script loading
@@ -26,6 +30,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
+
+import os
 
 import trio
 from coredis._packer import Packer
@@ -81,6 +87,8 @@ class RedisLink:
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
+        # The socket's descriptor, read and written directly; None for TLS.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._pack = Packer("utf-8").pack_command
         self._parser = Parser()
         self._out: list[bytes] = []
@@ -94,12 +102,13 @@ class RedisLink:
     def send(self, commands: list[tuple[Any, ...]]) -> list[Reply]:
         """Queue `commands` (each a tuple: name, *args) in order; their replies."""
         replies = []
+        chunks: list[bytes] = []
         for command in commands:
-            self._out.extend(self._pack(*command))
+            chunks.extend(self._pack(*command))
             reply = Reply()
             self._replies.append(reply)
             replies.append(reply)
-        self._wake_writer()
+        self._queue(chunks)
         return replies
 
     async def request(self, *command: Any) -> Any:
@@ -111,20 +120,34 @@ class RedisLink:
         reader must be running): from then on, what is published there
         comes here. Bounded by the caller."""
         events = [self._subscribing.setdefault(name.encode(), trio.Event()) for name in channels]
-        self._out.extend(self._pack(b"SUBSCRIBE", *channels))  # answered by pushes
-        self._wake_writer()
+        self._queue(self._pack(b"SUBSCRIBE", *channels))  # answered by pushes
         for event in events:
             await event.wait()
 
     def unsubscribe(self, channels: list[str]) -> None:
         """Stop hearing `channels` (events already on their way still come:
         the caller ignores what no local member hears)."""
-        self._out.extend(self._pack(b"UNSUBSCRIBE", *channels))
-        self._wake_writer()
+        self._queue(self._pack(b"UNSUBSCRIBE", *channels))
 
-    def _wake_writer(self) -> None:
-        if self._writer_idle is not None:
-            self._writer_idle.set()
+    def _queue(self, chunks: list[bytes]) -> None:
+        """Write `chunks` after everything queued before them: now, if the
+        writer waits with nothing queued and the socket takes them all; else
+        through the writer."""
+        idle = self._writer_idle
+        if idle is None or idle.is_set():
+            self._out.extend(chunks)  # the writer runs or is about to: it takes them
+            return
+        data = b"".join(chunks)
+        if self._fd is not None:
+            try:
+                written = os.write(self._fd, data)
+            except OSError:  # would block, or broken: the writer tries (and raises)
+                written = 0
+            if written == len(data):
+                return
+            data = data[written:]
+        self._out.append(data)
+        idle.set()
 
     # -- the tasks ----------------------------------------------------------------------
 
@@ -137,18 +160,28 @@ class RedisLink:
                 self._writer_idle = None
             data = b"".join(self._out)
             self._out.clear()
-            await self.stream.send_all(data)
+            if self._fd is None:
+                await self.stream.send_all(data)
+                continue
+            while True:
+                try:
+                    data = data[os.write(self._fd, data):]
+                except BlockingIOError:
+                    pass
+                if not data:
+                    break
+                await trio.lowlevel.wait_writable(self._fd)
 
     async def read(self, on_event: Callable[[bytes, bytes], None]) -> None:
         """Call `on_event(channel, data)` for each published event, in the
         order Redis sent them, and complete the replies. Raises coredis's
         ConnectionError when Redis closes the connection."""
         parser = self._parser
-        receive = self.stream.receive_some
+        receive = self._receive
         replies = self._replies
         subscribing = self._subscribing
         while True:
-            data = await receive(READ_SIZE)
+            data = await receive()
             if not data:
                 raise RedisConnectionError("Redis closed the connection")
             parser.feed(cast(bytes, data))  # a bytearray from TLS: BytesIO takes it
@@ -175,6 +208,16 @@ class RedisLink:
                 if handled == DRAIN:
                     handled = 0
                     await trio.lowlevel.checkpoint()
+
+    async def _receive(self) -> bytes | bytearray:
+        if self._fd is None:
+            return await self.stream.receive_some(READ_SIZE)
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                return os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                continue
 
     # -- connecting -------------------------------------------------------------------------
 
