@@ -211,7 +211,10 @@ class RedisLink:
 
     async def _receive(self) -> bytes | bytearray:
         if self._fd is None:
-            return await self.stream.receive_some(READ_SIZE)
+            try:
+                return await self.stream.receive_some(READ_SIZE)
+            except trio.BrokenResourceError as exc:  # TLS: Redis gone without a close_notify
+                raise RedisConnectionError("Redis closed the connection") from exc
         while True:
             await trio.lowlevel.wait_readable(self._fd)
             try:

@@ -256,17 +256,9 @@ async def test_a_round_trip_over_tls_and_a_unix_socket(kind: str) -> None:
 
 # -- Redis closing the connection -----------------------------------------------------
 
-TLS_EOF = (
-    "shard/redis_link.py: over TLS, a Redis that dies (no TLS close_notify) makes read() raise "
-    "trio.BrokenResourceError from SSLStream.receive_some, not coredis's ConnectionError as its "
-    "docstring says (cluster.py catches both, so the shard only logs another name)"
-)
-
-
 @pytest.mark.parametrize("kind, how", [
     ("tcp", "client kill"), ("tcp", "redis stopped"), ("unix", "client kill"), ("unix", "redis stopped"),
-    ("tls", "client kill"),
-    pytest.param("tls", "redis stopped", marks=pytest.mark.xfail(strict=True, reason=TLS_EOF)),
+    ("tls", "client kill"), ("tls", "redis stopped"),
 ])
 async def test_redis_closing_the_connection_makes_read_raise(kind: str, how: str) -> None:
     raised: list[BaseException] = []
