@@ -67,10 +67,15 @@ class LeanWebSocket:
                 continue
             self._parse(data)
             if self._pongs:
-                pongs, self._pongs = self._pongs, []
-                for payload in pongs:
-                    await self._send_frame(0xA, payload)
+                await self.send_pongs()
         return messages.popleft()
+
+    async def send_pongs(self) -> None:
+        """Answer the pings parsed so far (a server closes a member that
+        does not: garin after GARIN_PING_INTERVAL + GARIN_PING_TIMEOUT)."""
+        pongs, self._pongs = self._pongs, []
+        for payload in pongs:
+            await self._send_frame(0xA, payload)
 
     def _parse(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -157,7 +162,9 @@ class Pump:
     each is read with one non-blocking `os.read` of up to RECEIVE_BYTES. The
     epoll set's own fd is what trio waits on. Members are handed over after
     their join (`add`) and taken back before their closing handshake
-    (`remove`); sending stays with the member's own task.
+    (`remove`); sending stays with the member's own task, but for pongs: a
+    task each (pings are rare: one per member per GARIN_PING_INTERVAL of
+    silence), so that the Pump never waits on one member's socket.
     """
 
     def __init__(self) -> None:
@@ -183,34 +190,47 @@ class Pump:
             self._epoll.unregister(fd)
 
     async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as pongs:
+                await self._pump(pongs)
+        finally:
+            self._epoll.close()
+
+    async def _pump(self, pongs: trio.Nursery) -> None:
         epoll = self._epoll
         members = self._members
         read = os.read
         now_ns = time.monotonic_ns
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _ in epoll.poll(0):
-                    entry = members.get(fd)
-                    if entry is None:
-                        continue
-                    ws, on_text, on_closed = entry
-                    try:
-                        data = read(fd, RECEIVE_BYTES)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        data = b""
-                    if data:
-                        ws._parse(data)
-                    else:
-                        ws.closed = CloseReason(1006, None)
-                    now_us = now_ns() // 1000
-                    messages = ws._messages
-                    while messages:
-                        on_text(messages.popleft(), now_us)
-                    if ws.closed is not None:
-                        self.remove(ws)
-                        on_closed(ws.closed)
-        finally:
-            epoll.close()
+        while True:
+            await trio.lowlevel.wait_readable(epoll.fileno())
+            for fd, _ in epoll.poll(0):
+                entry = members.get(fd)
+                if entry is None:
+                    continue
+                ws, on_text, on_closed = entry
+                try:
+                    data = read(fd, RECEIVE_BYTES)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    ws._parse(data)
+                    if ws._pongs:
+                        pongs.start_soon(_answer_pings, ws)
+                else:
+                    ws.closed = CloseReason(1006, None)
+                now_us = now_ns() // 1000
+                messages = ws._messages
+                while messages:
+                    on_text(messages.popleft(), now_us)
+                if ws.closed is not None:
+                    self.remove(ws)
+                    on_closed(ws.closed)
+
+
+async def _answer_pings(ws: LeanWebSocket) -> None:
+    try:
+        await ws.send_pongs()
+    except ConnectionClosed:
+        pass  # the Pump hears the close or EOF and reports it

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from conftest import ALLOWED_ORIGIN, ServerFactory
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -57,6 +59,22 @@ def test_bench_spawns_garin_loads_it_and_reports(tmp_path: Path, client: str) ->
     assert floor["server_ratio"] == round(server["cpu_us_per_delivery"] / floor["us_per_write"], 2)
     table = ok(run("bench_summary.py", f"smoke={out}"))
     assert "| smoke | 1.00 |" in table
+
+
+def test_lean_members_answer_the_servers_keepalive_pings(tmp_path: Path, garin_factory: ServerFactory) -> None:
+    # Listeners send nothing, so garin pings them after GARIN_PING_INTERVAL
+    # and closes them 1011 if no frame comes within GARIN_PING_TIMEOUT: the
+    # lean client's Pump must answer for them (a long run lost its listeners).
+    server = garin_factory(GARIN_PING_INTERVAL="0.3", GARIN_PING_TIMEOUT="0.5")
+    out = tmp_path / "bench.json"
+    ok(run(
+        "bench.py", "--url", server.url, "--secret", server.secret, "--origin", ALLOWED_ORIGIN, "--client", "lean",
+        "--rooms", "2", "--members", "3", "--interval", "0.01", "--warmup", "0.5", "--duration", "2.5",
+        "--drain", "0.5", "--no-plot", "--out", str(out),
+    ))
+    traffic = json.loads(out.read_text())["traffic"]
+    assert traffic["disconnects"] == {} and traffic["lost"] == 0, traffic
+    assert "keepalive ping timeout" not in server.log_path.read_text()
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None,
