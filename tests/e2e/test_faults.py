@@ -368,14 +368,23 @@ def test_sigterm_closes_a_join_waiting_for_a_dead_shard_1001(socket_dir: str, tm
     assert "Traceback" not in "".join(outputs.values()), outputs
 
 
-def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tmp_path: Path) -> None:
-    """No WebSocket yet, so no close frame: an HTTP 503, at once."""
+@pytest.mark.parametrize("over_limit", [False, True], ids=["admitted", "over-the-limit"])
+def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tmp_path: Path, over_limit: bool) -> None:
+    """No WebSocket yet, so no close frame: an HTTP 503, at once. Also to a
+    connection over a limit (answered with a close frame once its upgrade is
+    in), not nothing after the refusal's 2 s."""
     port = free_port()
-    settings = base_env(port, socket_dir, GARIN_SHARDS="1", GARIN_HANDSHAKE_TIMEOUT="60")
+    limit = {"GARIN_MAX_CONNECTIONS": "1"} if over_limit else {}
+    settings = base_env(port, socket_dir, GARIN_SHARDS="1", GARIN_HANDSHAKE_TIMEOUT="60", **limit)
     procs = {"shard 0": start_shard(0, settings, tmp_path)}
     procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    holder = None
     try:
         join(port, "calm", "calm-room").close()  # the router is up
+        if over_limit:
+            time.sleep(0.3)  # and has heard from the shard that "calm" ended
+            holder = socket.create_connection(("127.0.0.1", port), timeout=5)  # the one connection allowed
+            time.sleep(0.3)  # accepted and counted: the next is over the limit
         request = upgrade_request("127.0.0.1", port, "/", ORIGIN)
         raw = socket.create_connection(("127.0.0.1", port), timeout=5)
         raw.sendall(request[: len(request) // 2])
@@ -393,8 +402,13 @@ def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tm
         assert procs["router"].wait(timeout=15) == 0
         assert stop(procs["shard 0"]) == 0
     finally:
+        if holder is not None:
+            holder.close()
         outputs = {name: finish(proc) for name, proc in procs.items()}
     assert "Traceback" not in "".join(outputs.values()), outputs
+    # The stop answered the handshake of the connection meant (a refusal's is "conn -").
+    conn = "-" if over_limit else r"\d+"
+    assert re.search(rf"conn {conn} \(127\.0\.0\.1:\d+\): router stopping, answered 503", outputs["router"]), outputs
 
 
 def test_sigterm_closes_a_member_moving_to_a_dead_shard_1001(socket_dir: str, tmp_path: Path) -> None:
