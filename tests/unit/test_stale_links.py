@@ -21,7 +21,7 @@ from garin.config import load_config
 from garin.connection import Connection
 from garin.frames import close_frame
 from garin.handoff import adopted_connection, hand_over
-from garin.link import Link, LinkClosed, receive_first
+from garin.link import SEND_TIMEOUT_S, Link, LinkClosed, receive_first
 from garin.router.router import Router
 from garin.routing import HASH_NAME
 from garin.shard.server import Shard
@@ -377,3 +377,33 @@ async def test_a_hand_off_cut_at_the_shutdown_deadline_still_closes_its_client_1
             client.close()
         ours.close()
         theirs.close()
+
+
+async def test_a_retry_after_a_send_that_timed_out_past_the_hold_closes_1013(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The owner router stopped reading: the member's move waits out the
+    send timeout (30 s), far past its hold. Another router's link is up, but
+    the retry is not sent on it: 1013, not a hand-over long after the hold."""
+    shard = Shard(load_config({}, env(tmp_path)), 0)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stuck, stuck_peer = Link(trio.socket.from_stdlib_socket(a)), Link(trio.socket.from_stdlib_socket(b))  # never reads
+    other, other_peer = link_pair()
+    shard.routers = {"owner:1": stuck, "other:2": other}
+    try:
+        async with trio.open_nursery() as nursery:
+            # A message begun travels with the hand-off: more than `stuck` takes.
+            conn, client = await joined(nursery, masked(1, b"x" * 60_000)[:-100])
+            with client:
+                started = trio.current_time()
+                assert await shard.move(moving_conn(conn, "owner:1")) == closes.SHARD_UNAVAILABLE
+                assert trio.current_time() - started >= SEND_TIMEOUT_S > HOLD_S
+                assert stuck.closed
+                with trio.move_on_after(1) as waited:
+                    await other_peer.receive()
+                assert waited.cancelled_caught  # nothing went to the other router
+                conn.socket.hang_up()
+    finally:
+        for link in (stuck, stuck_peer, other, other_peer):
+            link.close()
