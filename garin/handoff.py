@@ -11,6 +11,7 @@ the same in every process of the host), so the time spent in transit counts.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from garin.link import Link, LinkClosed
 from garin.session import Session, SessionRules
 from garin.websocket import ClientWebSocket
 
+log = logging.getLogger("garin.handoff")
 
 def adopt_message(conn: Connection, frames: tuple[Any, ...]) -> wire.Adopt:
     """The `Adopt` for `conn` (whose room is the one it is joining)."""
@@ -97,7 +99,7 @@ async def send_socket(
                     return sock.kicked
             else:
                 await link.send(message, sock.socket.fileno())
-        except LinkClosed:
+        except LinkClosed as exc:
             # Safe to send again: the peer cannot have taken the client. A
             # failed sendmsg sends nothing; a send cut short left the peer
             # the first part of the message, with the descriptor, and then
@@ -105,6 +107,14 @@ async def send_socket(
             # only with its whole `Adopt`: `Link.close` closes those left
             # (test_link.py: ..._of_an_adopt_not_fully_received). A dead
             # peer's are closed by the kernel. Our copy is intact.
+            if sock.kicked is not None:
+                # Stopping: a send cut at the shutdown deadline (`limit_sends`)
+                # ends here at that deadline, when the process's own scope is
+                # cancelled too. Return the kick with no checkpoint, so that
+                # the caller's close frame is written before any (a wait for
+                # the next link would end in that cancellation instead).
+                log.info("conn %d (%s): hand-off not sent (%s)", message.conn, message.peer, exc)
+                return sock.kicked
             link = None
             continue
         sock.hang_up()  # the other process has its own copy now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import socket as stdlib_socket
@@ -105,7 +106,7 @@ async def _refuse(router: Router, host: str, port: int, tcp: trio.socket.SocketT
     by the caller, and uncounted."""
     sock = ClientWebSocket(tcp, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
     try:
-        request = await sock.handshake()
+        request = await _read_upgrade(router, sock, math.inf, "-", f"{host}:{port}")
         if request is None:
             return
         if request.target.split("?", 1)[0] != "/" or not origin_allowed(request, router.config.allowed_origins):
@@ -119,26 +120,35 @@ async def _refuse(router: Router, host: str, port: int, tcp: trio.socket.SocketT
         sock.hang_up()
 
 
-async def _serve(
-    router: Router, verifier: TokenVerifier, conn_id: int, client: Client, port: int, sock: ClientWebSocket
-) -> Close | Moved | None:
-    peer = client.peer
-    config = router.config
+async def _read_upgrade(
+    router: Router, sock: ClientWebSocket, deadline: float, conn_id: int | str, peer: str
+) -> Upgrade | None:
+    """The client's HTTP upgrade, read by `deadline` (trio time); None if it
+    left, sent garbage (answered 400), took too long, or the router stopped
+    first: until its upgrade is read, a stop answers it 503 (`close_all`)."""
     request = None
-    # Until its upgrade is read, a stop answers it in HTTP (`close_all`).
     router.handshaking.add(sock)
     try:
         if router.stopping.is_set():
             sock.kick(closes.SHUTDOWN)  # accepted just before the stop
-        with sock.kickable(trio.current_time() + config.handshake_timeout_s):
+        with sock.kickable(deadline):
             if sock.kicked is None:  # kicked: not even a request already read is answered
                 request = await sock.handshake()
     finally:
         router.handshaking.discard(sock)
     if sock.kicked is not None:
-        log.info("conn %d (%s): router stopping, answered 503", conn_id, peer)
+        log.info("conn %s (%s): router stopping, answered 503", conn_id, peer)
         await sock.reject_unavailable("server shutting down")
         return None
+    return request
+
+
+async def _serve(
+    router: Router, verifier: TokenVerifier, conn_id: int, client: Client, port: int, sock: ClientWebSocket
+) -> Close | Moved | None:
+    peer = client.peer
+    config = router.config
+    request = await _read_upgrade(router, sock, trio.current_time() + config.handshake_timeout_s, conn_id, peer)
     if request is None:
         return None
     if request.target.split("?", 1)[0] != "/":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,7 +53,7 @@ from conftest import (
     room_on,
 )
 from test_metrics import get
-from garin_bench.wsframe import OP_TEXT, client_frame, upgrade_request
+from garin_bench.wsframe import OP_CLOSE, OP_TEXT, client_frame, frame_at, upgrade_request
 from test_processes import (
     ORIGIN,
     SECRET,
@@ -367,14 +368,23 @@ def test_sigterm_closes_a_join_waiting_for_a_dead_shard_1001(socket_dir: str, tm
     assert "Traceback" not in "".join(outputs.values()), outputs
 
 
-def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tmp_path: Path) -> None:
-    """No WebSocket yet, so no close frame: an HTTP 503, at once."""
+@pytest.mark.parametrize("over_limit", [False, True], ids=["admitted", "over-the-limit"])
+def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tmp_path: Path, over_limit: bool) -> None:
+    """No WebSocket yet, so no close frame: an HTTP 503, at once. Also to a
+    connection over a limit (answered with a close frame once its upgrade is
+    in), not nothing after the refusal's 2 s."""
     port = free_port()
-    settings = base_env(port, socket_dir, GARIN_SHARDS="1", GARIN_HANDSHAKE_TIMEOUT="60")
+    limit = {"GARIN_MAX_CONNECTIONS": "1"} if over_limit else {}
+    settings = base_env(port, socket_dir, GARIN_SHARDS="1", GARIN_HANDSHAKE_TIMEOUT="60", **limit)
     procs = {"shard 0": start_shard(0, settings, tmp_path)}
     procs["router"] = start([*GARIN, "router"], settings, tmp_path)
+    holder = None
     try:
         join(port, "calm", "calm-room").close()  # the router is up
+        if over_limit:
+            time.sleep(0.3)  # and has heard from the shard that "calm" ended
+            holder = socket.create_connection(("127.0.0.1", port), timeout=5)  # the one connection allowed
+            time.sleep(0.3)  # accepted and counted: the next is over the limit
         request = upgrade_request("127.0.0.1", port, "/", ORIGIN)
         raw = socket.create_connection(("127.0.0.1", port), timeout=5)
         raw.sendall(request[: len(request) // 2])
@@ -392,8 +402,13 @@ def test_sigterm_answers_a_client_still_in_its_handshake_503(socket_dir: str, tm
         assert procs["router"].wait(timeout=15) == 0
         assert stop(procs["shard 0"]) == 0
     finally:
+        if holder is not None:
+            holder.close()
         outputs = {name: finish(proc) for name, proc in procs.items()}
     assert "Traceback" not in "".join(outputs.values()), outputs
+    # The stop answered the handshake of the connection meant (a refusal's is "conn -").
+    conn = "-" if over_limit else r"\d+"
+    assert re.search(rf"conn {conn} \(127\.0\.0\.1:\d+\): router stopping, answered 503", outputs["router"]), outputs
 
 
 def test_sigterm_closes_a_member_moving_to_a_dead_shard_1001(socket_dir: str, tmp_path: Path) -> None:
@@ -438,17 +453,36 @@ def joiner_with_a_big_message_begun(port: int, name: str, room: str) -> socket.s
     return sock
 
 
+def first_frame(sock: socket.socket, timeout: float) -> tuple[int, bytes] | None:
+    """The first frame `sock` receives as (opcode, payload); None if the
+    server hung up first. TimeoutError if none came within `timeout`."""
+    sock.settimeout(timeout)
+    buffer = b""
+    while (frame := frame_at(buffer)) is None:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return None
+        buffer += chunk
+    first, start, end = frame
+    return first & 0x0F, buffer[start:end]
+
+
 def test_a_router_stops_within_its_grace_though_a_hand_off_waits_on_a_stopped_shard(
     socket_dir: str, tmp_path: Path,
 ) -> None:
     """A link send is shielded (half a message would corrupt the link) for up
-    to 30 s; a stopping router bounds it by GARIN_SHUTDOWN_TIMEOUT."""
+    to 30 s; a stopping router bounds it by GARIN_SHUTDOWN_TIMEOUT. The client
+    whose hand-off that cuts short is still the router's: it gets 1001 too."""
     port = free_port()
     grace = 1.0
     settings = base_env(port, socket_dir, GARIN_SHARDS="2", GARIN_SHUTDOWN_TIMEOUT=str(grace))
     procs = {"shard 0": start_shard(0, settings, tmp_path), "shard 1": start_shard(1, settings, tmp_path)}
     procs["router"] = start([*GARIN, "router"], settings, tmp_path)
     raw: list[socket.socket] = []
+    closed = 0
     try:
         room = room_on(1, "stuck", shards=2)
         join(port, "first", room).close()  # both up and linked
@@ -465,6 +499,16 @@ def test_a_router_stops_within_its_grace_though_a_hand_off_waits_on_a_stopped_sh
                 raise AssertionError(f"the router still runs {grace + 5} s after SIGTERM") from None
             assert code == 0
             assert time.monotonic() - started < grace + 5
+            # Each client the router still held gets 1001; the others went
+            # whole into the link (the stopped shard holds them: nothing yet).
+            closed = 0
+            for n, sock in enumerate(raw):
+                try:
+                    frame = first_frame(sock, 0.5)
+                except TimeoutError:
+                    continue
+                assert frame == (OP_CLOSE, (1001).to_bytes(2, "big") + b"server shutting down"), (n, frame)
+                closed += 1
         for name in ("shard 0", "shard 1"):
             assert stop(procs[name]) == 0, name
     finally:
@@ -472,6 +516,10 @@ def test_a_router_stops_within_its_grace_though_a_hand_off_waits_on_a_stopped_sh
             sock.close()
         outputs = {name: finish(proc) for name, proc in procs.items()}
     assert "Traceback" not in "".join(outputs.values()), outputs
+    held = re.search(r"stopping: closing (\d+) clients", outputs["router"])
+    assert held is not None and closed == int(held[1]), (closed, outputs["router"])
+    # The case this test is for happened: a send cut at the deadline.
+    assert "hand-off not sent (stopping:" in outputs["router"], outputs["router"]
 
 
 def test_a_stopped_shard_is_reported_and_gets_no_new_clients_until_it_runs_again(

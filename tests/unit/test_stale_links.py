@@ -19,12 +19,14 @@ import trio
 from garin import closes, wire
 from garin.config import load_config
 from garin.connection import Connection
+from garin.frames import close_frame
 from garin.handoff import adopted_connection, hand_over
-from garin.link import Link, LinkClosed, receive_first
+from garin.link import SEND_TIMEOUT_S, Link, LinkClosed, receive_first
 from garin.router.router import Router
 from garin.routing import HASH_NAME
 from garin.shard.server import Shard
-from .test_connection_handoff import MAX_CHARS, MAX_OUTBOX, ONE, ONE_FRAME, RULES, adopt_now, joined
+from .client_sockets import read_available
+from .test_connection_handoff import MAX_CHARS, MAX_OUTBOX, ONE, ONE_FRAME, RULES, adopt_now, joined, masked
 
 HOLD_S = 2.0
 
@@ -329,3 +331,79 @@ async def test_no_link_is_given_for_a_retry_after_the_hold(router_and_shard: tup
     finally:
         ours.close()
         theirs.close()
+
+
+async def test_a_hand_off_cut_at_the_shutdown_deadline_still_closes_its_client_1001() -> None:
+    """A send cut by `limit_sends` ends at the shutdown deadline, when the
+    process's own scope is cancelled too: the client, still ours (a cut send
+    gave it to nobody), gets its 1001 before that cancellation ends its task."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours, theirs = Link(trio.socket.from_stdlib_socket(a)), Link(trio.socket.from_stdlib_socket(b))  # `theirs` never reads
+    client: socket.socket | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            # A message begun in the join's write travels with the hand-off:
+            # more than the link takes, so its send waits for a reader.
+            conn, client = await joined(nursery, masked(1, b"x" * 60_000)[:-100])
+
+            async def next_link() -> Link | None:
+                await trio.sleep(HOLD_S)  # the hold, were it waited for
+                return None
+
+            async def hand_over_until_stopped(grace: trio.CancelScope) -> None:
+                # A connection task in the process's scope, as serve_connection runs it.
+                with grace:
+                    try:
+                        close = await hand_over(conn, next_link, HOLD_S, lambda: ours)
+                        assert close == closes.SHUTDOWN
+                        await conn.socket.close(close)
+                    finally:
+                        conn.socket.hang_up()
+
+            grace = trio.CancelScope()
+            nursery.start_soon(hand_over_until_stopped, grace)
+            await trio.sleep(0.1)
+            assert ours.busy  # the send is under way, shielded
+            # The process stops: close_all kicks; its grace and its sends end together.
+            conn.socket.kick(closes.SHUTDOWN)
+            grace.deadline = trio.current_time() + 0.3
+            ours.limit_sends(grace.deadline)
+        # `theirs` still holds the client's socket (it went with the first
+        # bytes), so the client sees only what was written to it.
+        assert b"".join(read_available(client)) == close_frame(1001, "server shutting down")
+    finally:
+        if client is not None:
+            client.close()
+        ours.close()
+        theirs.close()
+
+
+async def test_a_retry_after_a_send_that_timed_out_past_the_hold_closes_1013(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """The owner router stopped reading: the member's move waits out the
+    send timeout (30 s), far past its hold. Another router's link is up, but
+    the retry is not sent on it: 1013, not a hand-over long after the hold."""
+    shard = Shard(load_config({}, env(tmp_path)), 0)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stuck, stuck_peer = Link(trio.socket.from_stdlib_socket(a)), Link(trio.socket.from_stdlib_socket(b))  # never reads
+    other, other_peer = link_pair()
+    shard.routers = {"owner:1": stuck, "other:2": other}
+    try:
+        async with trio.open_nursery() as nursery:
+            # A message begun travels with the hand-off: more than `stuck` takes.
+            conn, client = await joined(nursery, masked(1, b"x" * 60_000)[:-100])
+            with client:
+                started = trio.current_time()
+                assert await shard.move(moving_conn(conn, "owner:1")) == closes.SHARD_UNAVAILABLE
+                assert trio.current_time() - started >= SEND_TIMEOUT_S > HOLD_S
+                assert stuck.closed
+                with trio.move_on_after(1) as waited:
+                    await other_peer.receive()
+                assert waited.cancelled_caught  # nothing went to the other router
+                conn.socket.hang_up()
+    finally:
+        for link in (stuck, stuck_peer, other, other_peer):
+            link.close()
