@@ -29,6 +29,7 @@ from garin.websocket import ClientWebSocket
 
 log = logging.getLogger("garin.handoff")
 
+
 def adopt_message(conn: Connection, frames: tuple[Any, ...]) -> wire.Adopt:
     """The `Adopt` for `conn` (whose room is the one it is joining)."""
     assert conn.room is not None and conn.username is not None
