@@ -10,6 +10,10 @@ them in arrival order and gives the next one to each `Adopt` it decodes.
 
 A descriptor received is ours until given to an `Adopt`'s handler; a link
 that closes closes those still waiting.
+
+A write that fails means the peer went (EPIPE): what it sent before it went
+is still ours to read, and may be clients it handed over, so the link then
+only stops sending (`can_send`) and is read to its end before it is closed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ MAX_READS_PER_CALL = 64
 # stopped shard is found sooner by its unanswered pings (router/shard_link.py).
 # A stopping process gives up sooner: at its shutdown deadline (`limit_sends`).
 SEND_TIMEOUT_S = 30.0
+# After a failed write, `run_posted` gives the reader this long to reach the
+# end of the stream (a peer that went has closed it) before it gives up.
+DRAIN_TIMEOUT_S = 5.0
 
 
 class LinkClosed(Exception):
@@ -63,6 +70,8 @@ class Link:
         # process stops, which a shielded send would otherwise outlive.
         self._send_deadline = math.inf
         self._send_timer: trio.CancelScope | None = None
+        # Why sends stopped (a write failed): the link is only read from now.
+        self._send_failure: str | None = None
         self.closed = False
 
     # -- sending --------------------------------------------------------------
@@ -77,6 +86,8 @@ class Link:
         that it was sent."""
         data = wire.encode(message)
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._send_failure is not None:
+            raise LinkClosed(self._send_failure)
         if not self._lock.locked() and not self.closed:
             # The usual case: the kernel takes it all at once, no waiting.
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
@@ -85,8 +96,7 @@ class Link:
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self.close()
-                raise LinkClosed(f"link write failed: {exc!r}") from None
+                raise LinkClosed(self._sends_failed(exc)) from None
             if sent == len(data):
                 return
             if sent:
@@ -101,6 +111,18 @@ class Link:
         async with self._lock:
             await self._send_locked(data, fd)
 
+    def _sends_failed(self, exc: OSError) -> str:
+        """A write failed: no more sends; the reader reads to the end."""
+        self._send_failure = f"link write failed: {exc!r}"
+        self._posted.clear()
+        self._wake.set()
+        return self._send_failure
+
+    @property
+    def can_send(self) -> bool:
+        """Open, and no write has failed: worth handing a client to."""
+        return not self.closed and self._send_failure is None
+
     @property
     def busy(self) -> bool:
         """Another send is under way: `send` would wait for it first."""
@@ -109,7 +131,7 @@ class Link:
     def post(self, message: wire.WireMessage) -> None:
         """Queue `message` for `run_posted` to send; never blocks (for code
         that must not wait: a connection's last words in a `finally`)."""
-        if not self.closed:
+        if self.can_send:
             self._posted.append(wire.encode(message))
             self._wake.set()
 
@@ -119,20 +141,32 @@ class Link:
         return bool(self._posted) or self._lock.locked()
 
     async def run_posted(self) -> None:
-        """Send what `post` queued, until the link closes (then LinkClosed)."""
+        """Send what `post` queued, until the link closes (then LinkClosed).
+        After a failed write it waits up to DRAIN_TIMEOUT_S first: the task
+        reading the link ends things at the end of the stream, once it has
+        taken what the peer sent before it went."""
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             if self.closed:
                 raise LinkClosed("link closed")
             batch, self._posted = b"".join(self._posted), []
-            if batch:
-                async with self._lock:
-                    await self._send_locked(batch, None)
+            if batch and self._send_failure is None:
+                try:
+                    async with self._lock:
+                        await self._send_locked(batch, None)
+                except LinkClosed:
+                    if self.closed:
+                        raise
+            if self._send_failure is not None:
+                await trio.sleep(DRAIN_TIMEOUT_S)
+                raise LinkClosed(self._send_failure)
 
     async def _send_locked(self, data: bytes, fd: int | None) -> None:
         if self.closed:
             raise LinkClosed("link closed")
+        if self._send_failure is not None:
+            raise LinkClosed(self._send_failure)
         view = memoryview(data)
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
         with trio.CancelScope(shield=True):
@@ -143,9 +177,10 @@ class Link:
                     while view:
                         try:
                             sent = await self._sock.sendmsg([view], ancillary)
-                        except (OSError, trio.ClosedResourceError) as exc:
-                            self.close()
-                            raise LinkClosed(f"link write failed: {exc!r}") from None
+                        except trio.ClosedResourceError:
+                            raise LinkClosed("link closed") from None
+                        except OSError as exc:
+                            raise LinkClosed(self._sends_failed(exc)) from None
                         # The descriptor went with the first bytes.
                         ancillary = []
                         view = view[sent:]

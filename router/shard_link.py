@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from garin import wire
-from garin.link import Link, LinkClosed, close_fds, receive_first
+from garin.link import DRAIN_TIMEOUT_S, Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME
 
 log = logging.getLogger("garin.router")
@@ -86,7 +86,7 @@ class ShardLink:
 
     def serving(self) -> Link | None:
         link = self.link
-        return link if link is not None and not link.closed and self.responsive else None
+        return link if link is not None and link.can_send and self.responsive else None
 
     async def wait_up(self, deadline: float) -> Link | None:
         """The live link, waiting for it until `deadline` (trio time); None if
@@ -123,7 +123,16 @@ class ShardLink:
     async def _keep_asking(self, link: Link) -> None:
         """Ping the shard; mark it unresponsive while its answers are overdue."""
         for no in itertools.count(1):
-            await link.send(wire.Ping(no))
+            try:
+                await link.send(wire.Ping(no))
+            except LinkClosed:
+                if link.closed:
+                    raise
+                # The shard went: `_pump` first reads what it sent before
+                # (its last Ended, members it passed on) to the end.
+                self._set_responsive(False)
+                await trio.sleep(DRAIN_TIMEOUT_S)
+                raise
             await trio.sleep(PING_EVERY_S)
             overdue = trio.current_time() - self._answered_at > UNRESPONSIVE_S
             if overdue and self.responsive:

@@ -252,11 +252,11 @@ class Shard:
     async def _router_link(self, owner: str, deadline: float) -> Link | None:
         """A router's open link (`owner`'s if it has one), waiting for one
         to link until `deadline`; None if none did. A link closed by a send
-        that failed is skipped: its task has not dropped it yet."""
+        that failed is skipped: its task reads it to its end, then drops it."""
         while True:
             link = self.routers.get(owner)
-            if link is None or link.closed:
-                link = next((other for other in self.routers.values() if not other.closed), None)
+            if link is None or not link.can_send:
+                link = next((other for other in self.routers.values() if other.can_send), None)
             if link is not None:
                 # A retry after a send that took long must not outlast the hold.
                 return link if trio.current_time() < deadline else None

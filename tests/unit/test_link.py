@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from garin import wire
-from garin.link import Link, LinkClosed, receive_first
+from garin.link import DRAIN_TIMEOUT_S, Link, LinkClosed, receive_first
 from garin.wire import Adopt, Ended, Hello, Ping, Pong, Refuse, Welcome, WireError, WireMessage
 
 
@@ -331,7 +331,52 @@ async def test_send_to_a_closed_peer_raises_link_closed(links: tuple[Link, Link]
     with trio.fail_after(5), pytest.raises(LinkClosed):
         for _ in range(100):
             await router.send(Ended(1, False))
-    assert router.closed
+    # Only sending stopped: what the peer sent before it went is still read.
+    assert not router.can_send and not router.closed
+    with pytest.raises(LinkClosed):
+        await router.send(Ended(2, False))
+    router.post(Ended(3, False))
+    assert not router.posting
+    with trio.fail_after(5), pytest.raises(LinkClosed):
+        await router.receive()
+
+
+async def test_what_a_peer_sent_before_it_went_is_read_after_a_failed_write(
+    links: tuple[Link, Link], client_pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    # A router hands a client over and exits; the shard, answering a ping
+    # before it reads on, finds the router gone: the client is still its
+    # own (the failed write closed the link and, with it, the descriptor
+    # not read yet: the client was dropped with no close frame).
+    router, shard = links
+    travelling, client_end = new_client(client_pairs)
+    await router.send(Ping(1))
+    await router.send(adopt(7), travelling.fileno())
+    travelling.close()
+    router.close()
+    with trio.fail_after(5), pytest.raises(LinkClosed, match="write failed"):
+        await shard.send(Pong(1, False))
+    messages = await receive_n(shard, 2)
+    assert messages[0] == (Ping(1), None)
+    message, fd = messages[1]
+    assert message == adopt(7) and fd is not None
+    works(fd, client_end, b"still here")
+    with trio.fail_after(5), pytest.raises(LinkClosed):
+        await shard.receive()
+
+
+async def test_run_posted_gives_the_reader_time_after_a_failed_write(
+    links: tuple[Link, Link], autojump_clock: trio.abc.Clock
+) -> None:
+    # It does not end the link at once (the reader ends it at the end of the
+    # stream), nor wait on forever for a peer that somehow did not go.
+    router, shard = links
+    router.close()
+    shard.post(Pong(1, False))
+    started = trio.current_time()
+    with trio.fail_after(DRAIN_TIMEOUT_S + 5), pytest.raises(LinkClosed, match="write failed"):
+        await shard.run_posted()
+    assert trio.current_time() - started >= DRAIN_TIMEOUT_S
 
 
 async def test_close_twice_is_harmless() -> None:
