@@ -60,7 +60,9 @@ class Link:
         # checkpoint; detached (not closed) in `close`.
         self._raw = socket.socket(fileno=sock.fileno())
         self._raw.setblocking(False)
-        self._eof = False
+        # Why the next `receive` raises LinkClosed: the stream ended (or a
+        # read failed) after messages that call returned first.
+        self._ended: str | None = None
         self._decoder = wire.Decoder()
         self._fds: deque[int] = deque()
         self._lock = trio.StrictFIFOLock()
@@ -205,14 +207,15 @@ class Link:
     async def receive(self) -> list[tuple[wire.WireMessage, int | None]]:
         """Wait for data, then read what is there; the complete messages, each
         `Adopt` with its descriptor (now the caller's to close). LinkClosed at
-        end of stream; WireError if the peer broke the protocol.
+        end of stream (or on a failed read), once what came before it is
+        returned; WireError if the peer broke the protocol.
 
         The kernel returns one send's descriptors per recvmsg at most, so a
         burst of hand-offs takes one read each: they are read here in a loop,
         without a trip through the scheduler per read (trio's awaitable
         recvmsg is one), up to MAX_READS_PER_CALL."""
-        if self._eof:
-            raise LinkClosed("peer closed the link")
+        if self._ended is not None:
+            raise LinkClosed(self._ended)
         out: list[tuple[wire.WireMessage, int | None]] = []
         reads = 0
         while True:
@@ -227,7 +230,11 @@ class Link:
                     raise LinkClosed("link closed") from None
                 continue
             except OSError as exc:
-                close_fds(out)
+                # ECONNRESET: the peer closed with our messages unread. What
+                # it sent before is still ours (clients it handed over).
+                if out:
+                    self._ended = f"link read failed: {exc}"
+                    return out
                 raise LinkClosed(f"link read failed: {exc}") from None
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -239,7 +246,7 @@ class Link:
                 raise wire.WireError("too many descriptors in one read")
             if not data:
                 if out:
-                    self._eof = True  # theirs first; the next call says so
+                    self._ended = "peer closed the link"  # theirs first; the next call says so
                     return out
                 raise LinkClosed("peer closed the link")
             try:

@@ -365,6 +365,29 @@ async def test_what_a_peer_sent_before_it_went_is_read_after_a_failed_write(
         await shard.receive()
 
 
+async def test_what_a_peer_sent_is_read_though_it_went_with_ours_unread(
+    links: tuple[Link, Link], client_pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    # A router exits with a Pong of ours unread: the kernel then reports
+    # ECONNRESET, once, after the data it left us. A receive that read the
+    # Adopt and then met that error closed the descriptor with the batch:
+    # the client was dropped with no close frame.
+    router, shard = links
+    travelling, client_end = new_client(client_pairs)
+    await shard.send(Pong(1, False))  # never read by the router
+    await router.send(Ping(1))
+    await router.send(adopt(7), travelling.fileno())
+    travelling.close()
+    router.close()
+    messages = await receive_n(shard, 2)
+    assert [message for message, _ in messages] == [Ping(1), adopt(7)]
+    fd = messages[1][1]
+    assert fd is not None
+    works(fd, client_end, b"still here")
+    with trio.fail_after(5), pytest.raises(LinkClosed):
+        await shard.receive()
+
+
 async def test_run_posted_gives_the_reader_time_after_a_failed_write(
     links: tuple[Link, Link], autojump_clock: trio.abc.Clock
 ) -> None:
