@@ -19,6 +19,7 @@ only stops sending (`can_send`) and is read to its end before it is closed.
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import math
 import os
@@ -114,10 +115,14 @@ class Link:
             await self._send_locked(data, fd)
 
     def _sends_failed(self, exc: OSError) -> str:
-        """A write failed: no more sends; the reader reads to the end."""
+        """A write failed. The peer went (EPIPE, ECONNRESET): no more sends,
+        the reader reads to the end. Anything else: the link is closed now."""
         self._send_failure = f"link write failed: {exc!r}"
-        self._posted.clear()
-        self._wake.set()
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            self._posted.clear()
+            self._wake.set()
+        else:
+            self.close()
         return self._send_failure
 
     @property

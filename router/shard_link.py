@@ -215,6 +215,8 @@ class ShardLink:
                 elif isinstance(message, wire.Pong):
                     self._answered_at = trio.current_time()
                     self.redis_up = message.redis_up
-                    self._set_responsive(True)
+                    # An old answer read after our ping found the shard gone
+                    # does not make it responsive again (`/health`).
+                    self._set_responsive(link.can_send)
                 elif isinstance(message, wire.Adopt) and fd is not None:
                     self._on_move(message, fd)  # owns fd from here

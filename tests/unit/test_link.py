@@ -341,6 +341,18 @@ async def test_send_to_a_closed_peer_raises_link_closed(links: tuple[Link, Link]
         await router.receive()
 
 
+async def test_a_write_failing_for_another_reason_closes_the_link_at_once(links: tuple[Link, Link]) -> None:
+    # Not the peer gone (EPIPE, ECONNRESET): nothing says the end of the
+    # stream is coming, so the link is not kept for reading.
+    router, shard = links
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)  # `w` is no descriptor now: sendmsg fails with EBADF
+    with pytest.raises(LinkClosed, match="EBADF|Bad file descriptor"):
+        await router.send(adopt(1), w)
+    assert router.closed
+
+
 async def test_what_a_peer_sent_before_it_went_is_read_after_a_failed_write(
     links: tuple[Link, Link], client_pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
