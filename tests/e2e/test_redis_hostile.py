@@ -58,7 +58,8 @@ from test_redis import (  # noqa: F401  (fixtures)
     wait_for,
 )
 
-from garin.shard.cluster import BACKOFF_MAX_S, HEARTBEAT_S
+from garin.protocol import message_text
+from garin.shard.cluster import BACKOFF_MAX_S, HEARTBEAT_S, MAX_MESSAGE_TEXT_BYTES
 
 pytestmark = [
     pytest.mark.e2e,
@@ -262,6 +263,56 @@ def test_names_and_bodies_reach_both_hosts_exactly_as_one_host_sends_them(
     assert json.loads(one_host[alice][0]) == {"type": "join", "username": alice, "totalUsers": 1}
     assert json.loads(one_host[alice][-1]) == {"type": "userleave", "username": carol, "totalUsers": 1}
     nothing_left(d.redis)  # alice left last (her socket closed)
+
+
+# -- the largest messages ---------------------------------------------------------------
+
+
+def join_unbounded(people: Clients, name: str, room: str, total: int, server: GarinServer) -> ClientConnection:
+    """A member whose client takes frames of any size."""
+    ws = people.open(server=server, max_size=None)
+    ws.send(auth_frame(server.token(name)))
+    ws.send(join_frame(name, room))
+    expect_join(ws, name, total)
+    return ws
+
+
+@pytest.mark.cap(90)
+def test_a_message_too_large_for_redis_closes_its_sender_1009_and_every_link_stays_up(
+    hosts: Hosts, people: Clients
+) -> None:
+    """Redis drops a subscriber past `client-output-buffer-limit pubsub`
+    (32 MiB at once by default): one message that large cut every host's
+    link for the room, and was lost (a 34 MB one did, on both hosts). With
+    the limits at their largest, a text up to 8 MiB of UTF-8 goes through;
+    past that its sender is closed 1009 `message too big` and everyone else
+    chats on."""
+    big = {"GARIN_MAX_MESSAGE_BYTES": "16777216", "GARIN_MAX_BODY_CHARS": "0", "GARIN_MAX_OUTBOX_BYTES": "67108864"}
+    a, b = hosts.start(shards=1, **big), hosts.start(shards=1, **big)
+    room = new_room("huge")
+    alice, bob, carol = new_user("alice"), new_user("bob"), new_user("carol")
+    wa = people.join(alice, room, total=1, server=a)
+    wb = join_unbounded(people, bob, room, 2, b)
+    expect_join(wa, bob, 2)
+    wc = join_unbounded(people, carol, room, 3, a)
+    expect_join(wa, carol, 3)
+    expect_join(wb, carol, 3)
+    # A text of exactly the bound (bytes of UTF-8, not characters), then one byte more.
+    fits = "🙂" * 1_000_000
+    fits += "x" * (MAX_MESSAGE_TEXT_BYTES - len(message_text(alice, fits)))
+    wa.send(json.dumps({"type": "message", "body": fits}, ensure_ascii=False))
+    for ws in (wb, wc):
+        assert json.loads(ws.recv(timeout=30)) == {"type": "message", "username": alice, "body": fits}
+    wa.send(json.dumps({"type": "message", "body": fits + "x"}, ensure_ascii=False))
+    expect_close(wa, 1009, "message too big", timeout=30)
+    expect_userleave(wb, alice, 2)
+    expect_userleave(wc, alice, 2)
+    wb.send(message_frame("still here"))
+    expect_message(wc, bob, "still here")
+    expect_quiet([wb, wc], settle=0.1)
+    for host in (a, b):
+        log = host.log_path.read_text()
+        assert "Redis link down" not in log and log.count("Redis link up") == 1, log
 
 
 # -- rooms named like garin's keys, on a host that dies ------------------------------------
