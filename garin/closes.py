@@ -100,7 +100,7 @@ ALL_CLOSES: tuple[tuple[Close, str], ...] = (
     (BODY_TOO_LONG, "a message body longer than GARIN_MAX_BODY_CHARS characters"),
     (IDLE_TIMEOUT, "a member sent no frame for GARIN_IDLE_TIMEOUT seconds (pings and pongs do not count)"),
     (PING_TIMEOUT, "no frame at all within GARIN_PING_TIMEOUT of a keepalive ping"),
-    (TOO_BIG_FRAME, "a message larger than GARIN_MAX_MESSAGE_BYTES"),
+    (TOO_BIG_FRAME, "a message larger than GARIN_MAX_MESSAGE_BYTES (with GARIN_REDIS_URL, also one over 8 MiB)"),
     (TOO_FRAGMENTED, "a message split into more than 256 frames"),
     (TOO_MANY_FRAMES, "pings, pongs and message fragments faster than the frame budget allows"),
     (TOO_SLOW, "the client stopped reading and its outgoing buffer filled up"),

@@ -41,6 +41,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from garin import closes, metrics, protocol
+from garin.closes import Close
 from garin.config import Config
 from garin.frames import text_frame
 from garin.shard import redis_lua as lua
@@ -72,6 +73,13 @@ SUBSCRIBE_TIMEOUT_S = 10.0
 # even with GARIN_SHARD_HOLD_TIMEOUT=0 (which means: do not wait for a link
 # that is down).
 UP_HOLD_FLOOR_S = 2.0
+# Redis drops a subscriber whose output buffer reaches its
+# client-output-buffer-limit pubsub (by default 32 MiB at once, or 8 MiB for
+# 60 s): one message past that would cut every host's link for the room's
+# shard processes, and be lost. A message whose text is larger than the
+# default soft limit closes its sender 1009 instead (one host takes up to
+# GARIN_MAX_MESSAGE_BYTES characters, up to 64 MiB of UTF-8).
+MAX_MESSAGE_TEXT_BYTES = 8 * 1024 * 1024
 
 
 def new_instance() -> str:
@@ -134,9 +142,13 @@ class RedisRooms:
         self.core.join(key, room, username, sock, trio.current_time())
         self._wake.set()
 
-    def publish(self, key: int, username: str, body: str) -> bool:
+    def publish(self, key: int, username: str, body: str) -> Close | None:
+        """Queue `key`'s message; the close it deserves if it cannot be."""
         core = self.core
-        queued = core.publish(key, protocol.message_text(username, body), trio.current_time())
+        text = protocol.message_text(username, body)
+        if len(text) > MAX_MESSAGE_TEXT_BYTES:
+            return closes.TOO_BIG_FRAME
+        queued = core.publish(key, text, trio.current_time())
         direct = self._direct
         if (
             direct is not None and len(core.queue) == 1 and not core.rooms_changed and not self._stopping
@@ -149,9 +161,9 @@ class RedisRooms:
             self._send(direct[0], direct[1], core.take(1))
             if len(self._in_flight) == 1:
                 self._wake.set()
-            return queued
-        self._wake.set()
-        return queued
+        else:
+            self._wake.set()
+        return None if queued else closes.SHARD_UNAVAILABLE
 
     def leave(self, key: int) -> None:
         self.core.leave(key, trio.current_time())

@@ -217,8 +217,9 @@ class Shard:
         assert conn.room is not None and conn.username is not None
         key, room = self._keys[id(conn)]
         if self.cluster is not None:
-            if not self.cluster.publish(key, conn.username, body):
-                conn.socket.kick(closes.SHARD_UNAVAILABLE)
+            refused = self.cluster.publish(key, conn.username, body)
+            if refused is not None:
+                conn.socket.kick(refused)
             return
         members = self.rooms.members(room)
         if len(members) > 1:
