@@ -32,10 +32,12 @@ from conftest import (
     close_of,
     expect_join,
     expect_message,
+    expect_userleave,
     join_frame,
     message_frame,
     new_room,
     new_user,
+    room_on,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("hard_cap")]
@@ -171,4 +173,33 @@ def test_messages_sent_in_the_same_packet_as_the_join_are_not_lost(garin_factory
         expect_join(listener, "burst", 2)
         for n in range(5):
             expect_message(listener, "burst", f"m{n}")
+        raw.close()
+
+
+def test_frames_sent_through_a_move_then_a_half_close_all_arrive_in_order(garin_factory: ServerFactory) -> None:
+    """A client that writes everything at once (a join, a message, a leave, a
+    join to another shard's room, two messages) and then shuts its sending
+    side: the bytes travel with the socket through both hand-overs, and the
+    end of its stream is read only after them."""
+    server = garin_factory()
+    first, second = room_on(0, "halfclose"), room_on(1, "halfclose")
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        watch_first = clients.join(new_user("wf"), first, total=1)
+        watch_second = clients.join(new_user("ws"), second, total=1)
+        name = new_user("hc")
+        raw = RawClient(server.port)
+        frames = [
+            auth_frame(server.token(name)), join_frame(name, first), message_frame("m1"), '{"type":"userleave"}',
+            join_frame(name, second), message_frame("m2"), message_frame("m3"),
+        ]
+        raw.sock.sendall(b"".join(client_frame(OP_TEXT, text.encode()) for text in frames))
+        raw.sock.shutdown(socket.SHUT_WR)
+        expect_join(watch_first, name, 2)
+        expect_message(watch_first, name, "m1")
+        expect_userleave(watch_first, name, 1)
+        expect_join(watch_second, name, 2)
+        expect_message(watch_second, name, "m2")
+        expect_message(watch_second, name, "m3")
+        expect_userleave(watch_second, name, 1)
         raw.close()
