@@ -4,7 +4,8 @@ Each case is one of the ways found to hurt garin (its issue tracker's
 "Hardening" issue), kept here so that it stays fixed: a flood of sockets
 from one address, a message in thousands of fragments, floods of empty
 control frames, a huge message with permissive limits, and bytes sent in
-the same packet as the join. Every case is bounded in time and in the
+the same packet as the join, frames cut at the hand-off of the socket to
+another process. Every case is bounded in time and in the
 connections it opens, and each ends by proving the server still serves
 everyone else.
 """
@@ -16,14 +17,18 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from garin_bench.wsframe import OP_CONTINUATION, client_frame
 
 from conftest import (
+    OP_CLOSE,
+    OP_PING,
     OP_PONG,
     OP_TEXT,
+    USERLEAVE,
     Clients,
     GarinServer,
     RawClient,
@@ -203,3 +208,125 @@ def test_frames_sent_through_a_move_then_a_half_close_all_arrive_in_order(garin_
         expect_message(watch_second, name, "m3")
         expect_userleave(watch_second, name, 1)
         raw.close()
+
+
+# -- hostile bytes at the hand-off boundary -------------------------------------------
+#
+# A client's socket changes process after its join: router -> shard, and on a
+# join to another shard's room, shard -> router -> shard. What the client
+# wrote around the join travels as the frame parser's snapshot. Each case
+# below cuts the stream where that snapshot holds an unfinished piece, and
+# runs both on the first hand-off ("join") and across a move ("move").
+
+
+def text(payload: str | bytes, opcode: int = OP_TEXT, fin: bool = True) -> bytes:
+    return client_frame(opcode, payload.encode() if isinstance(payload, str) else payload, fin=fin)
+
+
+class Arrival:
+    """A raw client's way into a room at the end of one or two hand-overs:
+    `prefix` (auth, join, and for a move a leave and a join to a room of
+    another shard) for `raw` to write first, and `watcher`, a member of
+    that room."""
+
+    def __init__(self, server: GarinServer, clients: Clients, move: bool) -> None:
+        self.server, self.clients, self.move = server, clients, move
+        self.name = new_user("edge")
+        last = room_on(1, "edge")
+        self.watcher = clients.join(new_user("w"), last, total=1)
+        frames = [auth_frame(server.token(self.name))]
+        if move:
+            first = room_on(0, "edge")
+            self.first_watcher = clients.join(new_user("w0"), first, total=1)
+            frames += [join_frame(self.name, first), USERLEAVE]
+        frames.append(join_frame(self.name, last))
+        self.prefix = b"".join(text(frame) for frame in frames)
+        self.raw = RawClient(server.port)
+
+    def expect_arrived(self) -> None:
+        """The client's join reached the last room: its socket is in that
+        room's shard, with whatever followed the join."""
+        if self.move:
+            expect_join(self.first_watcher, self.name, 2)
+            expect_userleave(self.first_watcher, self.name, 1)
+        expect_join(self.watcher, self.name, 2)
+
+
+@pytest.fixture(params=[False, True], ids=["join", "move"])
+def arrival(request: pytest.FixtureRequest, garin_factory: ServerFactory) -> Iterator[Arrival]:
+    server = garin_factory()
+    with contextlib.ExitStack() as stack:
+        arrival = Arrival(server, Clients(stack, server), request.param)
+        stack.callback(arrival.raw.close)
+        yield arrival
+
+
+@pytest.mark.parametrize("cut", ["in-join", "1-byte-header", "header-no-key", "mid-key", "mid-payload"])
+def test_a_frame_cut_at_the_hand_off_is_completed_by_the_next_write(arrival: Arrival, cut: str) -> None:
+    """The stream cut in the last join's frame, or in the frame after it
+    (after its first byte, after its header, inside its masking key, inside
+    its payload): the rest, written once the socket has moved, completes it."""
+    body = "x" * 200  # a 16-bit length: 4 header bytes, then the key
+    after = text(message_frame(body)) + text(message_frame("next"))
+    at = len(arrival.prefix) + {
+        "in-join": -3, "1-byte-header": 1, "header-no-key": 4, "mid-key": 6, "mid-payload": 100,
+    }[cut]
+    stream = arrival.prefix + after
+    raw = arrival.raw
+    raw.sock.sendall(stream[:at])
+    if cut == "in-join":
+        time.sleep(0.3)  # no join yet: the router waits for the rest
+    else:
+        arrival.expect_arrived()
+    raw.sock.sendall(stream[at:])
+    if cut == "in-join":
+        arrival.expect_arrived()
+    expect_message(arrival.watcher, arrival.name, body)
+    expect_message(arrival.watcher, arrival.name, "next")
+    raw.close()
+    expect_userleave(arrival.watcher, arrival.name, 1)
+
+
+def test_a_fragmented_message_begun_with_the_join_is_finished_after_the_hand_off(arrival: Arrival) -> None:
+    """A text message's first fragment (ending inside a UTF-8 character) and
+    a ping written with the join; its other fragments once the socket has
+    moved. The message arrives whole, the ping is answered."""
+    body = "caf\u00e9 \U0001f642 done"
+    utf8 = json.dumps({"type": "message", "body": body}, ensure_ascii=False).encode()
+    split = utf8.index("\u00e9".encode()) + 1  # inside the 2-byte character
+    emoji = utf8.index("\U0001f642".encode()) + 2  # inside the 4-byte one
+    raw = arrival.raw
+    raw.sock.sendall(arrival.prefix + text(utf8[:split], fin=False) + client_frame(OP_PING, b"mid"))
+    arrival.expect_arrived()
+    raw.sock.sendall(
+        text(utf8[split:emoji], OP_CONTINUATION, fin=False) + text(utf8[emoji:], OP_CONTINUATION)
+        + text(message_frame("after"))
+    )
+    expect_message(arrival.watcher, arrival.name, body)
+    expect_message(arrival.watcher, arrival.name, "after")
+    frames: list[tuple[int, bytes]] = []
+    while (frame := raw.recv_frame()) is not None and frame[0] != OP_PONG:
+        frames.append(frame)
+    assert frame == (OP_PONG, b"mid"), frames
+    assert all(opcode == OP_TEXT for opcode, _ in frames), frames
+    raw.close()
+    expect_userleave(arrival.watcher, arrival.name, 1)
+
+
+def test_a_ping_and_a_close_right_behind_the_join_are_answered_after_the_hand_off(arrival: Arrival) -> None:
+    """A ping and a close frame in the same write as the join: the client
+    hears its join, the pong, then a close with its own code and reason, and
+    the room hears that it left."""
+    raw = arrival.raw
+    closing = client_frame(OP_CLOSE, (4001).to_bytes(2, "big") + b"bye")
+    raw.sock.sendall(arrival.prefix + client_frame(OP_PING, b"p1") + closing)
+    arrival.expect_arrived()
+    expect_userleave(arrival.watcher, arrival.name, 1)
+    frames: list[tuple[int, bytes]] = []
+    while (frame := raw.recv_frame()) is not None:
+        frames.append(frame)
+    texts = [json.loads(payload) for opcode, payload in frames if opcode == OP_TEXT]
+    assert texts[-1] == {"type": "join", "username": arrival.name, "totalUsers": 2}, texts
+    assert frames[len(texts):] == [(OP_PONG, b"p1"), (OP_CLOSE, (4001).to_bytes(2, "big") + b"bye")], frames
+    raw.close()
+    still_serving(arrival.clients)
