@@ -25,6 +25,7 @@ import math
 import os
 import socket
 from collections import deque
+from typing import NoReturn
 
 import trio
 
@@ -166,8 +167,14 @@ class Link:
                     if self.closed:
                         raise
             if self._send_failure is not None:
-                await trio.sleep(DRAIN_TIMEOUT_S)
-                raise LinkClosed(self._send_failure)
+                await self.wait_read_out()
+
+    async def wait_read_out(self) -> NoReturn:
+        """After a failed write: the task reading the link has DRAIN_TIMEOUT_S
+        to reach the end of the stream (and end things); then LinkClosed."""
+        assert self._send_failure is not None
+        await trio.sleep(DRAIN_TIMEOUT_S)
+        raise LinkClosed(self._send_failure)
 
     async def _send_locked(self, data: bytes, fd: int | None) -> None:
         if self.closed:

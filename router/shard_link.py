@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from garin import wire
-from garin.link import DRAIN_TIMEOUT_S, Link, LinkClosed, close_fds, receive_first
+from garin.link import Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME
 
 log = logging.getLogger("garin.router")
@@ -131,8 +131,7 @@ class ShardLink:
                 # The shard went: `_pump` first reads what it sent before
                 # (its last Ended, members it passed on) to the end.
                 self._set_responsive(False)
-                await trio.sleep(DRAIN_TIMEOUT_S)
-                raise
+                await link.wait_read_out()
             await trio.sleep(PING_EVERY_S)
             overdue = trio.current_time() - self._answered_at > UNRESPONSIVE_S
             if overdue and self.responsive:

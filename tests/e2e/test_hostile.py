@@ -195,7 +195,7 @@ def test_frames_sent_through_a_move_then_a_half_close_all_arrive_in_order(garin_
         name = new_user("hc")
         raw = RawClient(server.port)
         frames = [
-            auth_frame(server.token(name)), join_frame(name, first), message_frame("m1"), '{"type":"userleave"}',
+            auth_frame(server.token(name)), join_frame(name, first), message_frame("m1"), USERLEAVE,
             join_frame(name, second), message_frame("m2"), message_frame("m3"),
         ]
         raw.sock.sendall(b"".join(client_frame(OP_TEXT, text.encode()) for text in frames))
