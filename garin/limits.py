@@ -19,6 +19,11 @@ that many descriptors, and cannot starve the others.
 The per-client limit is checked first: when both apply, "too many connections"
 is the one the client can do something about.
 
+With several routers (`--routers N`) the per-client limit is the host's:
+`admit` adds what the other routers hold of that client
+(garin/clientcounts.py, `elsewhere`), and every change to this router's
+counts is passed on (`add`). The total stays per router.
+
 Addresses are grouped by who controls them: an IPv4 address is one client; an
 IPv6 client is its /64, since one host is usually handed a whole /64 and could
 otherwise open each connection from a new address; an IPv4-mapped IPv6 address
@@ -30,9 +35,20 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from typing import Protocol
 
 from garin import closes
 from garin.closes import Close
+
+
+class OtherRouters(Protocol):
+    def elsewhere(self, key: str) -> int:
+        """Connections of client `key` the other routers hold."""
+        ...
+
+    def add(self, key: str, delta: int) -> None:
+        """This router holds `delta` more (or fewer) of `key`'s connections."""
+        ...
 
 
 @functools.lru_cache(maxsize=4096)  # asked at every accept and release; clients come back
@@ -56,8 +72,12 @@ MAX_REFUSING = 64
 
 
 class ConnectionLimits:
-    def __init__(self, max_total: int, max_per_client: int, max_refusing: int = MAX_REFUSING) -> None:
-        """0 turns a limit off (but for max_refusing: 0 answers no refusal)."""
+    def __init__(
+        self, max_total: int, max_per_client: int, max_refusing: int = MAX_REFUSING, others: OtherRouters | None = None
+    ) -> None:
+        """0 turns a limit off (but for max_refusing: 0 answers no refusal).
+        `others`: the other routers' counts, for the per-client limit."""
+        self.others = others
         self.max_total = max_total
         self.max_per_client = max_per_client
         self.max_refusing = max_refusing
@@ -93,24 +113,36 @@ class ConnectionLimits:
         many clients; only the total applies until `readdress` names the client."""
         key = client_key(address)
         held = self._held.get(key, 0)
-        if per_client and 0 < self.max_per_client <= held:
+        if per_client and 0 < self.max_per_client <= held + self._elsewhere(key):
             return closes.TOO_MANY_CONNECTIONS
         if 0 < self.max_total <= self.total:
             return closes.SERVER_FULL
-        self._held[key] = held + 1
+        self._count(key, held + 1)
         self.total += 1
         return None
+
+    def _elsewhere(self, key: str) -> int:
+        return 0 if self.others is None else self.others.elsewhere(key)
+
+    def _count(self, key: str, held: int) -> None:
+        """`key` now holds `held` connections here."""
+        if self.others is not None:
+            self.others.add(key, held - self._held.get(key, 0))
+        if held:
+            self._held[key] = held
+        else:
+            del self._held[key]
 
     def readdress(self, old: str, new: str) -> Close | None:
         """A connection counted under `old` (a proxy) is `new`'s (the client it
         forwards): count it there, or say why not (it stays under `old`)."""
         if client_key(old) == client_key(new):
             return None
-        if 0 < self.max_per_client <= self.held(new):
+        key = client_key(new)
+        if 0 < self.max_per_client <= self.held(new) + self._elsewhere(key):
             return closes.TOO_MANY_CONNECTIONS
         self.release(old)
-        key = client_key(new)
-        self._held[key] = self._held.get(key, 0) + 1
+        self._count(key, self._held.get(key, 0) + 1)
         self.total += 1
         return None
 
@@ -120,8 +152,5 @@ class ConnectionLimits:
         held = self._held.get(key, 0)
         if held == 0:
             raise ValueError(f"release({address!r}): no admitted connection is counted for it")
-        if held == 1:
-            del self._held[key]
-        else:
-            self._held[key] = held - 1
+        self._count(key, held - 1)
         self.total -= 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ import trio
 
 from garin import banstore
 from garin.config import Config
+from garin.socketdir import remove_socket_dir
 
 log = logging.getLogger("garin.supervisor")
 
@@ -124,7 +124,7 @@ class Supervisor:
             sock.close()
             os.close(lifeline_read)
             os.close(lifeline_write)
-            _remove_socket_dir(Path(self.config.socket_dir))
+            remove_socket_dir(Path(self.config.socket_dir))
         log.info("garin stopped")
         return self.exit_code
 
@@ -198,18 +198,6 @@ def _is_listening(path: Path) -> bool:
         except OSError:
             return False  # no file, not a socket, or nobody listening (stale)
         return True
-
-
-def _remove_socket_dir(path: Path) -> None:
-    if not path.is_dir():
-        return
-    shutil.rmtree(path / "metrics", ignore_errors=True)
-    for entry in path.glob("shard-*.sock"):
-        entry.unlink(missing_ok=True)
-    try:
-        path.rmdir()
-    except OSError:
-        pass  # not empty: something else lives there; leave it
 
 
 def run_supervisor(config: Config) -> int:

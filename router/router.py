@@ -27,6 +27,7 @@ from garin.config import Config
 from garin.connection import Connection, count_close
 from garin.frames_in import FrameParser
 from garin.handoff import hand_over, send_socket
+from garin.clientcounts import ClientCounts
 from garin.limits import ConnectionLimits
 from garin.proxies import address_of
 from garin.routing import shard_for
@@ -55,7 +56,14 @@ class Router:
         self.instance = f"{router_id}:{os.getpid()}"
         self.clients: dict[int, Connection] = {}
         self.handed: dict[int, Handed] = {}
-        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
+        # With several routers, one client's connections spread over them:
+        # its limit counts them all (garin/clientcounts.py).
+        self.client_counts = (
+            ClientCounts(config.socket_dir) if config.routers > 1 and config.max_connections_per_ip else None
+        )
+        self.limits = ConnectionLimits(
+            config.max_connections, config.max_connections_per_ip, others=self.client_counts
+        )
         # Whether a peer is a trusted proxy, asked at every accept: parsing
         # an address costs more than the look-up, and peers repeat.
         self.trusts_proxy = functools.lru_cache(maxsize=4096)(config.trusted_proxies.trusts)

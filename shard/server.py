@@ -36,6 +36,7 @@ from garin.lifeline import watch_lifeline
 from garin.profiling import tune_gc
 from garin.link import Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME, shard_for
+from garin.socketdir import prepare_socket_dir
 from garin.websocket import ClientWebSocket, fan_out
 from garin.shard.rooms import Announce, Rooms
 
@@ -277,16 +278,6 @@ class Shard:
         self._send_deadline = deadline
         for link in self.routers.values():
             link.limit_sends(deadline)
-
-
-def prepare_socket_dir(path: Path) -> None:
-    """Create the socket directory private to this user, or refuse a shared one."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        raise PermissionError(f"socket directory {path} belongs to another user (uid {info.st_uid})")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
 
 
 async def serve_shard(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -283,6 +284,39 @@ def test_connection_limits_per_address_and_per_router(garin_factory: ServerFacto
         first.close()
         admitted(clients, "127.0.0.4")
         expect_close(clients.open(source_address=("127.0.0.5", 0)), 1013, "server full")
+
+
+def test_the_per_address_limit_counts_every_router(garin_factory: ServerFactory) -> None:
+    # Two routers accept from one socket, so one address's connections
+    # spread over both: the limit is for the host, not per router. Clients
+    # keep connecting from one address until both routers have refused one
+    # (each then had the address's connections counted, its own and the
+    # other's); never more than the limit may have been admitted.
+    server = garin_factory(GARIN_ROUTERS="2", GARIN_MAX_CONNECTIONS_PER_IP="2")
+    refused_by: set[str] = set()
+    held = []
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        for _ in range(60):
+            ws = clients.open(source_address=("127.0.0.11", 0))
+            name = new_user()
+            try:
+                ws.send(auth_frame(server.token(name)))
+                ws.send(join_frame(name, new_room()))
+                assert json.loads(ws.recv(timeout=RECV_TIMEOUT_S)) == {"type": "join", "username": name, "totalUsers": 1}
+                held.append(ws)
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None and (exc.rcvd.code, exc.rcvd.reason) == (1013, "too many connections")
+                log = server.log_path.read_text(errors="replace")
+                refused_by = set(re.findall(r"(router\.\d)\[\d+\] INFO conn - \(127\.0\.0\.11:\d+\): closing 1013", log))
+            assert len(held) <= 2, f"{len(held)} connections admitted from one address, limit 2"
+            if len(refused_by) == 2:
+                break
+        assert refused_by == {"router.0", "router.1"}, "the kernel handed every connection to one router"
+        assert len(held) == 2
+        # A departure frees a slot on the host, whichever router held it.
+        held.pop().close()
+        admitted(clients, "127.0.0.11")
 
 
 def test_unfinished_handshakes_hold_a_slot_until_they_are_dropped(garin_factory: ServerFactory) -> None:

@@ -154,6 +154,94 @@ def test_limits_match_a_model(max_total: int, max_per_client: int, steps: list[t
     assert (limits.total, limits.clients) == (0, 0)
 
 
+class SharedTable:
+    """Several routers' counts per client key, as garin/clientcounts.py keeps
+    them (exactly here: the real table shares buckets)."""
+
+    def __init__(self, routers: int) -> None:
+        self.rows: list[dict[str, int]] = [{} for _ in range(routers)]
+
+    def of(self, me: int) -> RouterRow:
+        return RouterRow(self, me)
+
+
+class RouterRow:
+    def __init__(self, table: SharedTable, me: int) -> None:
+        self.table, self.me = table, me
+
+    def elsewhere(self, key: str) -> int:
+        return sum(row.get(key, 0) for i, row in enumerate(self.table.rows) if i != self.me)
+
+    def add(self, key: str, delta: int) -> None:
+        row = self.table.rows[self.me]
+        row[key] = row.get(key, 0) + delta
+        assert row[key] >= 0
+        if not row[key]:
+            del row[key]
+
+
+def test_the_per_client_limit_counts_the_other_routers() -> None:
+    table = SharedTable(2)
+    first = ConnectionLimits(0, 3, others=table.of(0))
+    second = ConnectionLimits(0, 3, others=table.of(1))
+    assert first.admit("10.0.0.1") is None
+    assert second.admit("10.0.0.1") is None
+    assert second.admit("::ffff:10.0.0.1") is None  # the same client
+    assert first.admit("10.0.0.1") == closes.TOO_MANY_CONNECTIONS
+    assert second.admit("10.0.0.1") == closes.TOO_MANY_CONNECTIONS
+    assert first.admit("10.0.0.2") is None  # another client is not affected
+    second.release("10.0.0.1")
+    assert first.admit("10.0.0.1") is None
+    assert table.rows == [{"10.0.0.1": 2, "10.0.0.2": 1}, {"10.0.0.1": 1}]
+
+
+def test_a_proxied_connection_is_readdressed_against_every_router() -> None:
+    table = SharedTable(2)
+    first = ConnectionLimits(0, 1, others=table.of(0))
+    second = ConnectionLimits(0, 1, others=table.of(1))
+    assert second.admit("10.0.0.9", per_client=False) is None
+    assert second.readdress("10.0.0.9", "203.0.113.5") is None
+    assert first.admit("10.0.0.8", per_client=False) is None  # the same proxy, via the other router
+    assert first.readdress("10.0.0.8", "203.0.113.5") == closes.TOO_MANY_CONNECTIONS
+    assert table.rows == [{"10.0.0.8": 1}, {"203.0.113.5": 1}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_total=st.integers(0, 4),
+    max_per_client=st.integers(0, 3),
+    steps=st.lists(st.tuples(st.integers(0, 2), st.booleans(), ADDRESSES), max_size=60),
+)
+def test_three_routers_match_a_model(
+    max_total: int, max_per_client: int, steps: list[tuple[int, bool, str]]
+) -> None:
+    table = SharedTable(3)
+    routers = [ConnectionLimits(max_total, max_per_client, others=table.of(i)) for i in range(3)]
+    open_: list[list[str]] = [[], [], []]  # per router, addresses of open connections
+    for router, connect, address in steps:
+        limits = routers[router]
+        if connect:
+            same_client = sum(client_key(a) == client_key(address) for held in open_ for a in held)
+            result = limits.admit(address)
+            if max_per_client and same_client >= max_per_client:
+                assert result == closes.TOO_MANY_CONNECTIONS
+            elif max_total and len(open_[router]) >= max_total:
+                assert result == closes.SERVER_FULL
+            else:
+                assert result is None
+                open_[router].append(address)
+        elif address in open_[router]:
+            open_[router].remove(address)
+            limits.release(address)
+        for i, held in enumerate(open_):
+            assert routers[i].total == len(held)
+            assert table.rows[i] == {client_key(a): sum(client_key(b) == client_key(a) for b in held) for a in held}
+    for i, held in enumerate(open_):
+        for address in held:
+            routers[i].release(address)
+    assert table.rows == [{}, {}, {}]
+
+
 # --- the open-files limit the router asks for -----------------------------------------------
 
 
