@@ -1,4 +1,5 @@
-"""Children of `garin run` stop when the supervisor is gone.
+"""What stops a router or a shard: SIGTERM or Ctrl-C, or (a child of `garin
+run`) the supervisor being gone.
 
 The supervisor keeps the write end of a pipe and gives each child the read
 end; nobody ever writes, so the read end turns readable (EOF) exactly when the
@@ -10,6 +11,7 @@ worker thread.)
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 
 import trio
@@ -21,3 +23,11 @@ async def watch_lifeline(fd: int, stop: Callable[[], None]) -> None:
     await trio.lowlevel.wait_readable(fd)
     log.warning("the supervisor is gone; stopping")
     stop()
+
+
+async def stop_on_signal(stopping: trio.Event) -> None:
+    """Set `stopping` at the first SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            stopping.set()
+            return

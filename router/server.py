@@ -6,7 +6,6 @@ import errno
 import logging
 import math
 import os
-import signal
 import socket as stdlib_socket
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from garin.fdlimit import raise_file_limit
 from garin.limits import MAX_REFUSING
 from garin.socketdir import prepare_socket_dir
 from garin.proxies import client_address, peer_name
-from garin.lifeline import watch_lifeline
+from garin.lifeline import stop_on_signal, watch_lifeline
 from garin.profiling import tune_gc
 from garin.connection import MOVED, Connection, Moved, count_close, serve_connection
 from garin.session import Session
@@ -272,7 +271,7 @@ async def _run_router(
         router.background = links
         for link in router.links:
             links.start_soon(link.run)
-        links.start_soon(_stop_on_signal, router)
+        links.start_soon(stop_on_signal, router.stopping)
         if jwks is not None:
             links.start_soon(keep_jwks_fresh, config.jwks_url, jwks, config.jwks_refresh_s)
         if router.bans is not None:
@@ -320,10 +319,3 @@ async def _sample_links(router: Router) -> None:
         for link in router.links:
             metrics.SHARD_LINKS_UP.labels(shard=str(link.index)).set(1 if link.connected else 0)
         await trio.sleep(METRICS_SAMPLE_S)
-
-
-async def _stop_on_signal(router: Router) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            router.stopping.set()
-            return

@@ -18,7 +18,6 @@ import itertools
 import logging
 import math
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +31,7 @@ from garin.connection import MOVED, Connection, Moved, serve_connection
 from garin.frames import text_frame
 from garin.handoff import adopted_connection, hand_over
 from garin.fdlimit import raise_file_limit
-from garin.lifeline import watch_lifeline
+from garin.lifeline import stop_on_signal, watch_lifeline
 from garin.profiling import tune_gc
 from garin.link import Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME, shard_for
@@ -303,7 +302,7 @@ async def serve_shard(
         sock.listen(128)
         listener = trio.SocketListener(sock)
         async with trio.open_nursery() as outer:
-            outer.start_soon(_stop_on_signal, shard)
+            outer.start_soon(stop_on_signal, shard.stopping)
             outer.start_soon(_sample_rooms, shard)
             if shard.cluster is not None:
                 outer.start_soon(shard.cluster.run)
@@ -368,10 +367,3 @@ async def _is_alive(path: Path) -> bool:
         return False
     await stream.aclose()
     return True
-
-
-async def _stop_on_signal(shard: Shard) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            shard.stopping.set()
-            return
