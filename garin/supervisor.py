@@ -64,7 +64,10 @@ class Supervisor:
         return sock
 
     def children(self, listen_fd: int, lifeline_fd: int) -> list[Child]:
-        base = [sys.executable, "-m", "garin"]
+        # -P: not the current directory first on sys.path. Run from a clone
+        # of the repository, `-m garin` would import the source folder
+        # ./garin (no router/ or shard/ inside) instead of the installed package.
+        base = [sys.executable, "-P", "-m", "garin"]
         watch = ["--lifeline-fd", str(lifeline_fd)]
         shards = [
             Child(f"shard {i}", [*base, "shard", "--index", str(i), *watch], (lifeline_fd,))

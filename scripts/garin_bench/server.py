@@ -123,7 +123,7 @@ class SpawnedServer:
         # router/ and shard/ import as garin.router and garin.shard only then.
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [self.python, "-m", "garin", "run"],
+                [self.python, "-P", "-m", "garin", "run"],
                 cwd=self.workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,

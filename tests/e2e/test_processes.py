@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -415,3 +416,40 @@ def test_children_stop_when_the_supervisor_is_killed(socket_dir, tmp_path):
             time.sleep(0.1)
     finally:
         finish(proc)
+
+
+def test_run_from_the_repository_root_with_garin_installed_as_a_package(socket_dir, tmp_path):
+    """The Quick start: `pip install .` (not -e), then `garin run` in the
+    clone. The supervisor's children must import the installed garin, not
+    the source folder ./garin of the current directory, which has no
+    router/ or shard/ inside (it is the package only once installed)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    # Its dependencies come from the test environment, as plain paths: the
+    # .pth files there (garin's editable finder among them) are not run.
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "deps.pth").write_text("".join(f"{p}\n" for p in deps))
+    # garin laid out as a regular install lays it out.
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "garin", site / "garin", ignore=skip)
+    shutil.copytree(REPO / "router", site / "garin" / "router", ignore=skip)
+    shutil.copytree(REPO / "shard", site / "garin" / "shard", ignore=skip)
+    # The console script pip would write (its own folder first on sys.path).
+    script = venv / "bin" / "garin"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom garin.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    port = free_port()
+    env = base_env(port, socket_dir)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    proc = start([str(script), "run", "--shards", "2"], env, REPO)
+    try:
+        rooms = {shard_for(f"room-{n}", 2): f"room-{n}" for n in range(20)}
+        clients = [join(port, f"user{shard}", room, timeout=20) for shard, room in sorted(rooms.items())]
+        assert len(clients) == 2
+        for ws in clients:
+            ws.close()
+        assert stop(proc) == 0
+    finally:
+        output = finish(proc)
+    assert "Traceback" not in output, output
