@@ -41,14 +41,21 @@ def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
                 continue
             default = "required" if setting.default is None else (setting.default or "none")
             if setting.secret:
-                default = "required, never printed"
+                default += ", never printed"
             env = "GARIN_PORT or PORT" if setting.name == "port" else setting.env
+            # A default the help text explains itself is not repeated as "none".
+            shown = f"; default {default}" if "(default " not in setting.help or setting.default else ""
+            flag: dict[str, Any] = {}
+            if setting.metavar == "BOOL":
+                # As `garin token --allow-weak-secret`: a flag, no value.
+                flag = {"is_flag": True, "flag_value": "true"}
             func = click.option(
                 setting.option,
                 setting.name,
                 default=None,
                 metavar=setting.metavar,
-                help=f"{setting.help} [env {env}; default {default}]",
+                help=f"{setting.help} [env {env}{shown}]",
+                **flag,
             )(func)
         return func
 

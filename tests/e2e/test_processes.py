@@ -273,10 +273,16 @@ def test_bad_config_refuses_to_start_with_one_line(socket_dir, tmp_path, env, ar
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
-def test_weak_secret_allowed_with_explicit_opt_out(socket_dir, tmp_path):
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_weak_secret_allowed_with_explicit_opt_out(socket_dir, tmp_path, how):
     port = free_port()
-    env = base_env(port, socket_dir, JWT_DECODE_SECRET="short", GARIN_ALLOW_WEAK_SECRET="1")
-    proc = start([sys.executable, "-m", "garin", "run", "--shards", "1"], env, tmp_path)
+    env = base_env(port, socket_dir, JWT_DECODE_SECRET="short")
+    args = ["--shards", "1"]
+    if how == "env":
+        env["GARIN_ALLOW_WEAK_SECRET"] = "1"
+    else:
+        args.append("--allow-weak-secret")  # a flag, as for `garin token`
+    proc = start([sys.executable, "-m", "garin", "run", *args], env, tmp_path)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -333,6 +339,12 @@ def test_help_explains_every_command(command):
             assert variable in result.stdout
     if command == ["shard"]:
         assert "JWT_DECODE_SECRET" not in result.stdout and "ALLOWED_ORIGINS" not in result.stdout
+    if command == ["run"]:
+        text = " ".join(result.stdout.split())
+        # Optional settings are not called required; defaults are not contradicted.
+        assert "GARIN_REDIS_URL; default none, never printed]" in text
+        assert "JWT_DECODE_SECRET; default required, never printed]" in text
+        assert "[env GARIN_SOCKET_DIR]" in text and "--allow-weak-secret Accept" in text
 
 
 def test_shard_refuses_a_router_with_another_shard_count(socket_dir, tmp_path):
