@@ -47,8 +47,9 @@ def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
             shown = f"; default {default}" if "(default " not in setting.help or setting.default else ""
             flag: dict[str, Any] = {}
             if setting.metavar == "BOOL":
-                # As `garin token --allow-weak-secret`: a flag, no value.
-                flag = {"is_flag": True, "flag_value": "true"}
+                # As `garin token --allow-weak-secret`: given alone it means
+                # true; a value (`false`, `=0`) still overrides the env.
+                flag = {"is_flag": False, "flag_value": "true"}
             func = click.option(
                 setting.option,
                 setting.name,

@@ -269,8 +269,8 @@ SETTINGS: tuple[Setting, ...] = (
     # behind one address (GarinChat has no such limit); one address still
     # cannot take more than a tenth of a router's default 10,000.
     Setting("max_connections_per_ip", "GARIN_MAX_CONNECTIONS_PER_IP", "--max-connections-per-ip", "1000",
-            "Connections per client address (IPv6: per /64), all routers together; more are "
-            "closed 1013 (too many connections). 0: no limit. Behind a proxy, set "
+            "Connections per client address (IPv6: per /64), all routers that `garin run` starts "
+            "together; more are closed 1013 (too many connections). 0: no limit. Behind a proxy, set "
             "GARIN_FORWARDED_ALLOW_IPS so that it applies to the real client.", _int(0)),
     Setting("forwarded_allow_ips", "GARIN_FORWARDED_ALLOW_IPS", "--forwarded-allow-ips", "127.0.0.1,::1",
             "Comma list of proxy addresses or networks (or *) whose X-Forwarded-For / Forwarded "

@@ -84,6 +84,8 @@ class ConnectionLimits:
         self.total = 0
         self.refusing = 0
         self._held: dict[str, int] = {}
+        # Of those, admitted with per_client=False (a trusted proxy's).
+        self._proxied: dict[str, int] = {}
 
     def start_refusal(self) -> bool:
         """May a refused connection be answered with a close frame? If True,
@@ -117,21 +119,30 @@ class ConnectionLimits:
             return closes.TOO_MANY_CONNECTIONS
         if 0 < self.max_total <= self.total:
             return closes.SERVER_FULL
-        self._count(key, held + 1)
+        self._change(key, 1, shared=per_client)
         self.total += 1
         return None
 
     def _elsewhere(self, key: str) -> int:
         return 0 if self.others is None else self.others.elsewhere(key)
 
-    def _count(self, key: str, held: int) -> None:
-        """`key` now holds `held` connections here."""
-        if self.others is not None:
-            self.others.add(key, held - self._held.get(key, 0))
+    def _change(self, key: str, delta: int, shared: bool) -> None:
+        """`key` holds `delta` more (or fewer) connections here. Not `shared`
+        with the other routers: a trusted proxy's, which carry many clients
+        and would count against whoever shares their bucket there."""
+        held = self._held.get(key, 0) + delta
         if held:
             self._held[key] = held
         else:
             del self._held[key]
+        if not shared:
+            proxied = self._proxied.get(key, 0) + delta
+            if proxied:
+                self._proxied[key] = proxied
+            else:
+                del self._proxied[key]
+        elif self.others is not None:
+            self.others.add(key, delta)
 
     def readdress(self, old: str, new: str) -> Close | None:
         """A connection counted under `old` (a proxy) is `new`'s (the client it
@@ -142,7 +153,7 @@ class ConnectionLimits:
         if 0 < self.max_per_client <= self.held(new) + self._elsewhere(key):
             return closes.TOO_MANY_CONNECTIONS
         self.release(old)
-        self._count(key, self._held.get(key, 0) + 1)
+        self._change(key, 1, shared=True)
         self.total += 1
         return None
 
@@ -152,5 +163,7 @@ class ConnectionLimits:
         held = self._held.get(key, 0)
         if held == 0:
             raise ValueError(f"release({address!r}): no admitted connection is counted for it")
-        self._count(key, held - 1)
+        # A key with proxied connections releases those first (a proxy and
+        # its clients share a key only within one IPv6 /64).
+        self._change(key, -1, shared=key not in self._proxied)
         self.total -= 1

@@ -293,11 +293,17 @@ def test_the_per_address_limit_counts_every_router(garin_factory: ServerFactory)
     # (each then had the address's connections counted, its own and the
     # other's); never more than the limit may have been admitted.
     server = garin_factory(GARIN_ROUTERS="2", GARIN_MAX_CONNECTIONS_PER_IP="2")
+    # Ready means one router answered: wait until both accept.
+    deadline = time.monotonic() + 10
+    while len(re.findall(r"router \d listening on", server.log_path.read_text(errors="replace"))) < 2:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
     refused_by: set[str] = set()
     held = []
     with contextlib.ExitStack() as stack:
         clients = Clients(stack, server)
-        for _ in range(60):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
             ws = clients.open(source_address=("127.0.0.11", 0))
             name = new_user()
             try:

@@ -273,15 +273,15 @@ def test_bad_config_refuses_to_start_with_one_line(socket_dir, tmp_path, env, ar
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("how", ["env", "flag"])
+@pytest.mark.parametrize("how", ["env", "flag", "value"])
 def test_weak_secret_allowed_with_explicit_opt_out(socket_dir, tmp_path, how):
     port = free_port()
     env = base_env(port, socket_dir, JWT_DECODE_SECRET="short")
-    args = ["--shards", "1"]
+    args = ["--allow-weak-secret", "--shards", "1"] if how == "flag" else ["--shards", "1"]  # as for `garin token`
     if how == "env":
         env["GARIN_ALLOW_WEAK_SECRET"] = "1"
-    else:
-        args.append("--allow-weak-secret")  # a flag, as for `garin token`
+    elif how == "value":
+        args.append("--allow-weak-secret=true")
     proc = start([sys.executable, "-m", "garin", "run", *args], env, tmp_path)
     try:
         deadline = time.monotonic() + 10
@@ -299,6 +299,16 @@ def test_weak_secret_allowed_with_explicit_opt_out(socket_dir, tmp_path, how):
     finally:
         output = finish(proc)
     assert "never in production" in output
+
+
+def test_weak_secret_refused_when_the_command_line_says_false_over_the_env(socket_dir, tmp_path):
+    env = base_env(free_port(), socket_dir, JWT_DECODE_SECRET="short", GARIN_ALLOW_WEAK_SECRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "garin", "run", "--allow-weak-secret", "false"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "JWT_DECODE_SECRET" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_token_command_mints_a_verifiable_token(tmp_path):
@@ -344,7 +354,7 @@ def test_help_explains_every_command(command):
         # Optional settings are not called required; defaults are not contradicted.
         assert "GARIN_REDIS_URL; default none, never printed]" in text
         assert "JWT_DECODE_SECRET; default required, never printed]" in text
-        assert "[env GARIN_SOCKET_DIR]" in text and "--allow-weak-secret Accept" in text
+        assert "[env GARIN_SOCKET_DIR]" in text and "--allow-weak-secret BOOL Accept" in text
 
 
 def test_shard_refuses_a_router_with_another_shard_count(socket_dir, tmp_path):

@@ -3,6 +3,7 @@ memory-mapped file, with real processes as the owners of rows."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_a_reused_pid_is_not_taken_for_the_router(tmp_path: Path, sleeper: subpr
     other.add("10.0.0.1", 4)
     # The row says the same pid but another start time: a process that
     # merely got the dead router's pid.
-    other._cells[other._row * clientcounts._ROW + 1] ^= 1  # type: ignore[operator]
+    other._cells[other._row * clientcounts._OWNER + 1] ^= 1  # type: ignore[operator]
     mine = ClientCounts(tmp_path)
     assert mine.elsewhere("10.0.0.1") == 0
 
@@ -128,14 +129,94 @@ def test_the_file_is_private(tmp_path: Path) -> None:
     assert os.stat(tmp_path / clientcounts.FILE_NAME).st_mode & 0o077 == 0
 
 
-def test_the_live_rows_are_looked_up_once_a_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeper: subprocess.Popen[bytes]
+def test_a_new_router_counts_at_once_a_dead_one_stops_within_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(clientcounts, "REFRESH_S", 1.0)
     mine = ClientCounts(tmp_path)
     assert mine.elsewhere("10.0.0.1") == 0
-    other = ClientCounts(tmp_path, pid=sleeper.pid)
-    other.add("10.0.0.1", 1)
-    assert mine.elsewhere("10.0.0.1") == 0  # not looked at yet
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as proc:
+        other = ClientCounts(tmp_path, pid=proc.pid)
+        other.add("10.0.0.1", 1)
+        assert mine.elsewhere("10.0.0.1") == 1  # its row appeared: read now
+        proc.kill()
+    assert mine.elsewhere("10.0.0.1") == 1  # its death is looked up once a second
     time.sleep(1.05)
-    assert mine.elsewhere("10.0.0.1") == 1
+    assert mine.elsewhere("10.0.0.1") == 0
+
+
+def test_without_process_start_times_a_router_counts_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # /proc/PID/stat unreadable (another OS, another PID namespace): rows
+    # could not be told apart, so none is claimed nor read.
+    other = ClientCounts(tmp_path)
+    other.add("10.0.0.1", 3)
+    monkeypatch.setattr(clientcounts, "_start_time", lambda pid: None)
+    alone = ClientCounts(tmp_path)
+    assert not alone.claimed and "counts connections per client alone" in caplog.text
+    alone.add("10.0.0.1", 1)
+    assert alone.elsewhere("10.0.0.1") == 0
+    monkeypatch.undo()
+    assert ClientCounts(tmp_path).elsewhere("10.0.0.1") == 3
+    alone.close()
+
+
+def test_an_owner_that_cannot_be_looked_up_is_taken_for_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeper: subprocess.Popen[bytes]
+) -> None:
+    # Out of descriptors, say: its row is neither stolen nor ignored.
+    other = ClientCounts(tmp_path, pid=sleeper.pid)
+    other.add("10.0.0.1", 2)
+    real = clientcounts._start_time
+    monkeypatch.setattr(clientcounts, "_start_time", lambda pid: None if pid == sleeper.pid else real(pid))
+    mine = ClientCounts(tmp_path)
+    assert mine._row != other._row
+    assert mine.elsewhere("10.0.0.1") == 2
+
+
+def test_no_room_for_the_row_means_counting_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full filesystem: the row is allocated before the map is written to
+    # (a write through the map there would be SIGBUS, the router's death).
+    real = os.posix_fallocate
+
+    def full(fd: int, offset: int, length: int) -> None:
+        if offset > 0:  # the owners' page fits, the row does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    alone = ClientCounts(tmp_path)
+    assert not alone.claimed
+    assert "No space left on device" in caplog.text
+    alone.add("10.0.0.1", 1)  # a no-op
+    monkeypatch.undo()
+    assert ClientCounts(tmp_path).elsewhere("10.0.0.1") == 0
+
+
+def test_a_full_filesystem_is_survived_not_sigbus(tmp_path: Path) -> None:
+    # The real thing: a tiny tmpfs, filled, and routers that start on it.
+    # A write (or a read of a hole) through the map there would kill the
+    # process with SIGBUS; each must instead count alone or read what is
+    # allocated. Needs root (mount); run in a child so a SIGBUS shows.
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        script = (
+            "import subprocess, sys\n"
+            "from garin.clientcounts import ClientCounts\n"
+            f"a = ClientCounts({str(mnt)!r}); a.add('10.0.0.1', 5)\n"
+            f"subprocess.run(['dd', 'if=/dev/zero', 'of={mnt}/fill', 'bs=4k'], capture_output=True)\n"
+            f"b = ClientCounts({str(mnt)!r})\n"
+            "print(a.claimed, b.claimed, b.elsewhere('10.0.0.1'), a.elsewhere('10.0.0.1'))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["True", "False", "5", "0"]
+        assert "no room for this router's row (No space left on device)" in result.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

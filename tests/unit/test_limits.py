@@ -203,7 +203,28 @@ def test_a_proxied_connection_is_readdressed_against_every_router() -> None:
     assert second.readdress("10.0.0.9", "203.0.113.5") is None
     assert first.admit("10.0.0.8", per_client=False) is None  # the same proxy, via the other router
     assert first.readdress("10.0.0.8", "203.0.113.5") == closes.TOO_MANY_CONNECTIONS
-    assert table.rows == [{"10.0.0.8": 1}, {"203.0.113.5": 1}]
+    # It stays the proxy's, not shared.
+    assert table.rows == [{}, {"203.0.113.5": 1}]
+
+
+def test_a_trusted_proxys_connections_are_not_shared() -> None:
+    # They carry many clients: on the other routers they would count
+    # against any client whose bucket they share.
+    table = SharedTable(2)
+    first = ConnectionLimits(0, 2, others=table.of(0))
+    second = ConnectionLimits(0, 2, others=table.of(1))
+    for _ in range(5):
+        assert second.admit("10.0.0.5", per_client=False) is None
+    assert table.rows == [{}, {}]
+    assert first.admit("10.0.0.5") is None  # the proxy's address as a client: not affected
+    assert second.readdress("10.0.0.5", "203.0.113.9") is None  # one names its client: shared
+    assert table.rows == [{"10.0.0.5": 1}, {"203.0.113.9": 1}]
+    for _ in range(4):
+        second.release("10.0.0.5")
+    second.release("203.0.113.9")
+    first.release("10.0.0.5")
+    assert table.rows == [{}, {}]
+    assert (first.total, second.total, first.clients, second.clients) == (0, 0, 0, 0)
 
 
 @settings(max_examples=300, deadline=None)
