@@ -45,6 +45,7 @@ from garin.closes import Close
 from garin.config import Config
 from garin.frames import text_frame
 from garin.shard import redis_lua as lua
+from garin.shard import redis_metrics
 from garin.shard.cluster_rooms import ClusterRooms, JoinCommand, LeaveCommand, MessageCommand, channel, room_of
 from garin.shard.redis_link import RedisLink, Reply, open_link
 from garin.websocket import ClientWebSocket, fan_out
@@ -187,7 +188,7 @@ class RedisRooms:
     # -- the link --------------------------------------------------------------------
 
     async def run(self) -> None:
-        metrics.REDIS_UP.labels(shard=self.label).set(0)
+        redis_metrics.REDIS_UP.labels(shard=self.label).set(0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._enforce_hold)
             backoff = BACKOFF_FIRST_S
@@ -203,7 +204,7 @@ class RedisRooms:
                 if self.up:
                     backoff = BACKOFF_FIRST_S
                 self.up = False
-                metrics.REDIS_UP.labels(shard=self.label).set(0)
+                redis_metrics.REDIS_UP.labels(shard=self.label).set(0)
                 await trio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -264,8 +265,8 @@ class RedisRooms:
                         await self._register(client, shas)
                     self.up = True
                     self._up_since = trio.current_time()
-                    metrics.REDIS_UP.labels(shard=self.label).set(1)
-                    metrics.REDIS_CONNECTS.inc()
+                    redis_metrics.REDIS_UP.labels(shard=self.label).set(1)
+                    redis_metrics.REDIS_CONNECTS.inc()
                     log.info("shard %d: Redis link up as instance %s", self.index, self.core.instance)
                     nursery.start_soon(self._heartbeats, client, shas)
                     await self._write(link, shas, subscribed)
@@ -380,7 +381,7 @@ class RedisRooms:
                 with trio.fail_after(SUBSCRIBE_TIMEOUT_S):
                     await self._subscribe(link, subscribed)
             batch = core.take(BATCH)
-            metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
+            redis_metrics.REDIS_QUEUE.labels(shard=self.label).set(len(core.queue))
             if batch:
                 self._send(link, shas, batch)
             if rooms_changed:
@@ -415,7 +416,7 @@ class RedisRooms:
             return True
         reaped = await client.evalsha(shas["reap"], args=[lua.REAP_EVERY_MS])
         if reaped:
-            metrics.REDIS_REAPED.inc(reaped)
+            redis_metrics.REDIS_REAPED.inc(reaped)
             log.info("shard %d: removed the members of %d dead instance(s)", self.index, reaped)
         return True
 
@@ -454,7 +455,7 @@ class RedisRooms:
             for reply in oldest.replies:
                 await reply.wait()  # raises what Redis answered with
             in_flight.popleft()
-            metrics.REDIS_ROUND_TRIP.observe(trio.current_time() - oldest.sent_at)
+            redis_metrics.REDIS_ROUND_TRIP.observe(trio.current_time() - oldest.sent_at)
 
     def _count_lost(self) -> None:
         """The link broke: the messages not answered, or answered with an
@@ -467,7 +468,7 @@ class RedisRooms:
         )
         self._in_flight.clear()
         if lost:
-            metrics.REDIS_LOST_MESSAGES.inc(lost)
+            redis_metrics.REDIS_LOST_MESSAGES.inc(lost)
 
     def _apply(self, channel_name: bytes, event: bytes) -> None:
         """One event from a room's channel: apply it, fan it out to the local members."""
@@ -498,7 +499,7 @@ class RedisRooms:
         hold = self.config.shard_hold_timeout_s
         while True:
             await trio.sleep(HOLD_CHECK_S)
-            metrics.REDIS_QUEUE.labels(shard=self.label).set(len(self.core.queue))
+            redis_metrics.REDIS_QUEUE.labels(shard=self.label).set(len(self.core.queue))
             late = self.core.held_too_long(trio.current_time(), hold if not self.up else max(hold, UP_HOLD_FLOOR_S))
             for sock in late:
                 sock.kick(closes.SHARD_UNAVAILABLE)

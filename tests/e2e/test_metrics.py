@@ -101,6 +101,7 @@ def test_metrics_and_health_across_routers_and_shards() -> None:
 
             text = eventually(counted)
             assert "garin_slow_consumer_drops_total" in text and "garin_rooms" in text
+            assert "garin_redis" not in text  # one host, no Redis: no Redis metrics
         status, _ = get(base + "/nope")
         assert status == 404
 
