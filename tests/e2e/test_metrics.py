@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -127,6 +128,7 @@ def test_health_reports_unreachable_shards(tmp_path) -> None:
     finally:
         router.terminate()
         assert router.wait(timeout=15) == 0
+        shutil.rmtree(server.workdir, ignore_errors=True)  # never started: stop() would not
 
 
 def test_restarts_are_counted_per_child() -> None:
