@@ -224,6 +224,9 @@ def test_procfile_under_honcho_with_a_garinchat_env_file(tmp_path):
     for key in list(env):
         if key.startswith("GARIN_") or key in ("PORT", "JWT_DECODE_SECRET", "ALLOWED_ORIGINS"):
             env.pop(key)
+    # The processes use the default socket directory: removed after if this made it.
+    default_dir = Path(f"/tmp/garin-{os.getuid()}")
+    made_here = not default_dir.exists()
     # honcho's -p gives the first entry (the router) that port.
     proc = start([str(BIN / "honcho"), "start", "-f", str(REPO / "Procfile"), "-d", str(tmp_path), "-p", str(port)], env, tmp_path)
     try:
@@ -240,6 +243,8 @@ def test_procfile_under_honcho_with_a_garinchat_env_file(tmp_path):
         proc.wait(timeout=20)
     finally:
         output = finish(proc)
+        if made_here:
+            shutil.rmtree(default_dir, ignore_errors=True)
     assert "outside 0.." not in output and "Traceback" not in output, output
     # The router says once where the ban list is (the shards keep none).
     assert output.count(f"ban list: {os.environ['XDG_STATE_HOME']}/garin/bans.sqlite3") == 1, output
