@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import trio
 
@@ -28,6 +29,7 @@ from garin.connection import Connection, count_close
 from garin.frames_in import FrameParser
 from garin.handoff import hand_over, send_socket
 from garin.clientcounts import ClientCounts
+from garin.socketdir import prepare_socket_dir
 from garin.limits import ConnectionLimits
 from garin.proxies import address_of
 from garin.routing import shard_for
@@ -58,9 +60,10 @@ class Router:
         self.handed: dict[int, Handed] = {}
         # With several routers, one client's connections spread over them:
         # its limit counts them all (garin/clientcounts.py).
-        self.client_counts = (
-            ClientCounts(config.socket_dir) if config.routers > 1 and config.max_connections_per_ip else None
-        )
+        self.client_counts: ClientCounts | None = None
+        if config.routers > 1 and config.max_connections_per_ip:
+            prepare_socket_dir(Path(config.socket_dir))
+            self.client_counts = ClientCounts(config.socket_dir)
         self.limits = ConnectionLimits(
             config.max_connections, config.max_connections_per_ip, others=self.client_counts
         )

@@ -9,7 +9,6 @@ import os
 import socket as stdlib_socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
@@ -22,7 +21,6 @@ from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.fdlimit import raise_file_limit
 from garin.limits import MAX_REFUSING
-from garin.socketdir import prepare_socket_dir
 from garin.proxies import client_address, peer_name
 from garin.lifeline import stop_on_signal, watch_lifeline
 from garin.profiling import tune_gc
@@ -241,7 +239,6 @@ async def serve_router(
     """Serve until `stopping` is set (by a signal), then close every client with 1001."""
     # Counted connections, refusals under way (uncounted), shard links.
     raise_file_limit(config.max_connections and config.max_connections + MAX_REFUSING, config.shards)
-    prepare_socket_dir(Path(config.socket_dir))
     router = Router(config, router_id)
     try:
         await _run_router(router, config, router_id, listen_fd, lifeline_fd, task_status)

@@ -68,9 +68,14 @@ def test_metrics_and_health_across_routers_and_shards() -> None:
     port = free_port()
     with running_server(GARIN_METRICS_PORT=str(port), GARIN_ROUTERS="2", GARIN_RATE_LIMIT_COUNT="0") as server:
         base = f"http://127.0.0.1:{port}"
-        status, body = get(base + "/health")
-        assert status == 200
-        assert json.loads(body) == {"status": "ok", "shards": {str(i): True for i in range(server.shards)}}
+
+        def healthy() -> str | None:
+            # Ready means a router serves every shard; the other router may
+            # still be linking (degraded, 503) for a moment.
+            status, body = get(base + "/health")
+            return body if status == 200 else None
+
+        assert json.loads(eventually(healthy)) == {"status": "ok", "shards": {str(i): True for i in range(server.shards)}}
 
         room = new_room("metrics")
         with server.connect() as a, server.connect() as b, server.connect() as c:
@@ -155,7 +160,10 @@ def raw_exchange(port: int, data: bytes, half_close: bool = True, timeout: float
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
         if half_close:
-            sock.shutdown(socket.SHUT_WR)
+            # ENOTCONN: the server already answered and hung up (a busy
+            # machine lets it get there before this line).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(65536):
                 received += chunk
