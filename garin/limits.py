@@ -150,7 +150,7 @@ class ConnectionLimits:
         if client_key(old) == client_key(new):
             return None
         key = client_key(new)
-        if 0 < self.max_per_client <= self.held(new) + self._elsewhere(key):
+        if 0 < self.max_per_client <= self._held.get(key, 0) + self._elsewhere(key):
             return closes.TOO_MANY_CONNECTIONS
         self.release(old)
         self._change(key, 1, shared=True)

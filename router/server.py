@@ -240,21 +240,6 @@ async def serve_router(
     # Counted connections, refusals under way (uncounted), shard links.
     raise_file_limit(config.max_connections and config.max_connections + MAX_REFUSING, config.shards)
     router = Router(config, router_id)
-    try:
-        await _run_router(router, config, router_id, listen_fd, lifeline_fd, task_status)
-    finally:
-        if router.client_counts is not None:
-            router.client_counts.close()
-
-
-async def _run_router(
-    router: Router,
-    config: Config,
-    router_id: str,
-    listen_fd: int | None,
-    lifeline_fd: int | None,
-    task_status: trio.TaskStatus[int],
-) -> None:
     verifier, jwks = verifier_for(config)
     if listen_fd is not None:
         listeners = _listeners_from_fd(listen_fd)
@@ -308,6 +293,10 @@ async def _run_router(
                 for link in router.links:
                     link.limit_sends(grace.deadline)
         links.cancel_scope.cancel()
+    if router.client_counts is not None:
+        # Its row is free at once (a router that dies frees it by dying:
+        # the others see its pid gone).
+        router.client_counts.close()
 
 
 async def _sample_links(router: Router) -> None:
