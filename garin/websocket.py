@@ -67,7 +67,7 @@ class ClientWebSocket:
     __slots__ = (
         "_sock", "_fd", "_nursery", "_frames", "_state", "_early", "_max_message_bytes", "_max_outbox_bytes",
         "_outbox", "_outbox_bytes", "_draining", "_drained", "_unparsed",
-        "kicked", "dead", "receive_scope", "_fanout", "_pass", "_later",
+        "kicked", "dead", "receive_scope", "_fanout", "_pass", "_later", "_later_bytes",
     )
 
     def __init__(
@@ -110,6 +110,7 @@ class ClientWebSocket:
         # the flusher writes as one at the pass's end.
         self._pass = -1
         self._later: list[bytes] | None = None
+        self._later_bytes = 0
 
     # -- handshake ----------------------------------------------------------
 
@@ -365,8 +366,45 @@ class ClientWebSocket:
         later, self._later = self._later, None
         if not later or not self._fanout:
             return False
-        self.send_bytes(later[0] if len(later) == 1 else b"".join(later))
+        if len(later) == 1:
+            self.send_bytes(later[0])
+        else:
+            self._send_frames(later)
         return bool(self._outbox) or self.dead or self.kicked is not None
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        """Write `frames` in order, up to WRITEV_CHUNKS in one writev; queue
+        what the kernel does not take. The frames themselves are queued, not
+        a joined copy: a room's frames are shared by all its members, so a
+        burst to K members that do not read costs the frames once, not K
+        copies (which let K senders of large messages make a shard's memory
+        grow with K squared), and the outbox bound counts every byte."""
+        if self.dead:
+            return
+        done = 0
+        if not self._outbox:
+            chunk = frames[:WRITEV_CHUNKS]
+            try:
+                written = os.writev(self._fd, chunk)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._die()
+                return
+            for frame in chunk:
+                if written < len(frame):
+                    break
+                written -= len(frame)
+                done += 1
+            if done == len(frames):
+                return
+            if written:
+                self._enqueue(memoryview(frames[done])[written:])
+                done += 1
+        for frame in frames[done:]:
+            if not self._fanout:
+                return  # kicked too slow by the bound (or dead): the rest is never read
+            self._enqueue(frame)
 
     def _fail(self, error: BaseException) -> None:
         log.error("fan-out flush failed: %r", error)
@@ -464,11 +502,20 @@ def fan_out(members: Iterable[tuple[int, ClientWebSocket]], frame: bytes, exclud
             ws._enqueue(frame)
             continue
         if ws._pass == pass_no:
-            if ws._later is None:
+            later = ws._later
+            if later is None:
                 ws._later = [frame]
+                ws._later_bytes = size
                 flusher.pending.append(ws)
             else:
-                ws._later.append(frame)
+                later.append(frame)
+                ws._later_bytes += size
+                if ws._later_bytes > ws._max_outbox_bytes:
+                    # Held no longer than the outbox bound allows: written
+                    # (or queued, and counted) now.
+                    ws._later = []
+                    ws._later_bytes = 0
+                    ws._send_frames(later)
             continue
         ws._pass = pass_no
         try:

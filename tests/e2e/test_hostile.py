@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,6 +161,53 @@ def test_a_huge_message_with_permissive_limits_reaches_the_room(garin_factory: S
         expect_join(a, "reader", 2)
         a.send(json.dumps({"type": "message", "body": body}, ensure_ascii=False))
         expect_message(b, "sender", body)
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of `pid`, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith(field + ":")).split()[1])
+
+
+def test_large_messages_from_many_members_that_never_read_cost_the_frames_once(garin_factory: ServerFactory) -> None:
+    """200 members of one room (one attacker) never read and each send one
+    16 KiB message at once. Each member's share of the burst was once
+    joined into a copy of its own, up to K x K x 16 KiB in all: these 200
+    took a shard up by about 480 MiB, 1,000 (the per-address default) would
+    take it to 16 GB. Now the frames are shared: the burst costs the shard
+    little more than the frames themselves (about 4 MiB here)."""
+    server = garin_factory(GARIN_MAX_MESSAGE_BYTES="65536")
+    room = new_room("burst")
+    shards = pids_of(server, "shard")
+    attackers = []
+    try:
+        for i in range(200):
+            raw = RawClient(server.port, rcvbuf=4096)
+            attackers.append(raw)
+            raw.send_text(auth_frame(server.token(f"m{i}")))
+            raw.send_text(join_frame(f"m{i}", room))
+        time.sleep(1.0)  # the joins are announced
+        before = {pid: memory_kib(pid, "VmRSS") for pid in shards}
+        frame = client_frame(OP_TEXT, message_frame("🙂" * 4096).encode())
+        start = threading.Barrier(len(attackers))
+
+        def send(raw: RawClient) -> None:
+            start.wait()
+            raw.sock.sendall(frame)
+
+        senders = [threading.Thread(target=send, args=(raw,)) for raw in attackers]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+        time.sleep(3.0)  # the shard fans the burst out (or queues it)
+        rise = {pid: memory_kib(pid, "VmHWM") - before[pid] for pid in shards}
+        assert max(rise.values()) < 64 * 1024, f"shard memory rose by {rise} KiB"
+        with contextlib.ExitStack() as stack:
+            still_serving(Clients(stack, server))
+    finally:
+        for raw in attackers:
+            raw.close()
 
 
 def test_messages_sent_in_the_same_packet_as_the_join_are_not_lost(garin_factory: ServerFactory) -> None:

@@ -99,3 +99,56 @@ async def test_close_sends_the_frames_held_in_this_pass_before_the_close_frame(
     data = b"".join(read_available(peer))
     assert data.startswith(first + second)
     assert data[len(first + second)] == 0x88  # then the close frame
+
+
+async def test_a_burst_to_members_that_do_not_read_queues_the_shared_frames_not_a_copy_each() -> None:
+    # K senders of large messages into a room of K that never read: a copy of
+    # the burst per member made the shard's memory grow with K squared.
+    # The first frame fits the socket; the others are held for the pass end.
+    frames = [text_frame(b"hi")] + [text_frame(b"x" * 20000 + str(i).encode()) for i in range(12)]
+    async with trio.open_nursery() as nursery:
+        room = [await open_client(nursery, max_outbox_bytes=1 << 24, send_buffer=4096) for _ in range(3)]
+        for frame in frames:
+            fan_out(list(enumerate(ws for ws, _ in room)), frame, exclude=-1)
+        await trio.sleep(0)  # the pass ends: the held frames are written or queued
+        for ws, peer in room:
+            outbox = ws._outbox
+            assert outbox, "the small socket buffer cannot take 240 KB"
+            assert ws.outbox_bytes == sum(len(item) for item in outbox)
+            for item in outbox:
+                # The frame itself, or the unwritten tail of it.
+                assert any(item is frame or (isinstance(item, memoryview) and item.obj is frame) for frame in frames)
+            ws.hang_up()
+            peer.close()
+
+
+async def test_a_burst_past_the_outbox_bound_kicks_a_member_that_does_not_read() -> None:
+    frame = text_frame(b"y" * 30000)
+    async with trio.open_nursery() as nursery:
+        ws, peer = await open_client(nursery, max_outbox_bytes=100_000, send_buffer=4096)
+        fan_out([(0, ws)], text_frame(b"hi"), exclude=-1)  # fits: the rest of the pass is held
+        for _ in range(10):  # 300 KB more in the same pass
+            fan_out([(0, ws)], frame, exclude=-1)
+        assert ws.kicked == closes.TOO_SLOW  # at the bound, not at the pass's end
+        await trio.sleep(0)
+        assert ws.outbox_bytes < len(frame)  # at most a partly written frame's tail
+        ws.hang_up()
+        peer.close()
+
+
+async def test_a_burst_bigger_than_the_outbox_bound_is_written_before_the_pass_ends_whole_and_in_order() -> None:
+    # Held frames are bounded like queued ones: past the bound they are
+    # written at once (a member whose socket takes them is not too slow).
+    frames = [text_frame(b"%d" % i + b"z" * 25000) for i in range(12)]  # 300 KB
+    async with trio.open_nursery() as nursery:
+        ws, peer = await open_client(nursery, max_outbox_bytes=100_000, send_buffer=1 << 20)
+        for frame in frames:
+            fan_out([(0, ws)], frame, exclude=-1)
+        got = b"".join(read_available(peer))
+        assert len(got) > 100_000  # before the pass's end
+        await trio.sleep(0)
+        got += b"".join(read_available(peer))
+        assert got == b"".join(frames)
+        assert ws.kicked is None
+        ws.hang_up()
+        peer.close()
