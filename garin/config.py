@@ -212,8 +212,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("join_limit_window_s", "GARIN_JOIN_LIMIT_WINDOW", "--join-limit-window", "20",
             "Seconds over which the join limit's count refills.", _seconds(0.001)),
     Setting("max_message_bytes", "GARIN_MAX_MESSAGE_BYTES", "--max-message-bytes", "65536",
-            "Largest client message (characters of a text frame); larger closes 1009 (as does, with "
-            "GARIN_REDIS_URL, one over 8 MiB of UTF-8).",
+            "Largest client message, bytes of UTF-8; larger closes 1009 (as does, with "
+            "GARIN_REDIS_URL, one over 8 MiB). Before its join a client may send at most 32 KiB.",
             _int(64, 16 * 1024 * 1024)),
     Setting("max_body_chars", "GARIN_MAX_BODY_CHARS", "--max-body-chars", "4096",
             "Longest message body, characters; longer closes 1008 (body too long). "

@@ -13,9 +13,12 @@ broken rule with wsproto's close code and reason: 1002 for framing errors
 a continuation with nothing to continue or a new message inside one, bad
 close codes, a one-byte close payload), 1007 for text that is not UTF-8
 (decoded incrementally across reads and fragments) and close reasons that are
-not. Like wsproto it hands on a text frame's payload as it arrives, so a huge
-declared length is never buffered: the characters received are counted
-against the message limit (1009) as they come.
+not. The message limit (1009) counts UTF-8 bytes and is checked at each
+frame's header, against the declared length plus what the message had so
+far: a message too big is refused before its bytes arrive, and the most a
+message under way can hold is the limit (counted in characters, as
+trio-websocket did, a message of 4-byte characters could hold four times
+the limit, for as long as its sender stayed connected).
 """
 
 from __future__ import annotations
@@ -106,14 +109,14 @@ class FrameParser:
     """Server side of one connection's incoming frames. Pure: no I/O, no trio."""
 
     __slots__ = (
-        "_buf", "_pos", "_max_chars", "_done",
-        "_remaining", "_key", "_fin", "_message", "_decoder", "_parts", "_chars", "_fragments",
+        "_buf", "_pos", "_max_bytes", "_done",
+        "_remaining", "_key", "_fin", "_message", "_decoder", "_parts", "_fragments",
     )
 
-    def __init__(self, max_message_chars: int, data: bytes = b"") -> None:
+    def __init__(self, max_message_bytes: int, data: bytes = b"") -> None:
         self._buf = data
         self._pos = 0
-        self._max_chars = max_message_chars
+        self._max_bytes = max_message_bytes
         # A close frame arrived or a rule was broken: nothing more is parsed.
         self._done = False
         # Payload bytes still to come of the data frame being read (0: at a
@@ -123,14 +126,13 @@ class FrameParser:
         self._fin = False
         # The data message in progress: its opcode (None: between messages),
         # and for text, the decoder (made only when a message spans chunks),
-        # the text so far and its length in characters.
+        # and the text so far.
         self._message: int | None = None
         self._decoder: codecs.IncrementalDecoder | None = None
         # The message's UTF-8 bytes so far, checked by the decoder as they
         # come (bytes, not decoded pieces: a message sent one character per
         # fragment must cost its size, not a string object per fragment).
         self._parts: bytearray | None = None
-        self._chars = 0
         self._fragments = 0
 
     def snapshot(self) -> tuple[Any, ...]:
@@ -140,25 +142,24 @@ class FrameParser:
         decoder = self._decoder.getstate() if self._decoder is not None else None
         return (
             bytes(self._buf[self._pos:]), self._done, self._remaining, self._key, self._fin,
-            self._message, decoder, None if self._parts is None else bytes(self._parts), self._chars,
-            self._fragments,
+            self._message, decoder, None if self._parts is None else bytes(self._parts), self._fragments,
         )
 
     @classmethod
-    def restore(cls, max_message_chars: int, snapshot: tuple[Any, ...]) -> FrameParser:
+    def restore(cls, max_message_bytes: int, snapshot: tuple[Any, ...]) -> FrameParser:
         """The parser `snapshot` describes. ValueError if it is not one."""
         try:
-            buf, done, remaining, key, fin, message, decoder, parts, chars, fragments = snapshot
+            buf, done, remaining, key, fin, message, decoder, parts, fragments = snapshot
             if type(buf) is not bytes or type(key) is not bytes or len(key) not in (0, 4):
                 raise ValueError("buffer and key must be bytes")
             if message not in (None, _TEXT, _BINARY) or (message == _TEXT) != (decoder is not None):
                 raise ValueError(f"bad message state {message!r}")
-            for name, value in (("remaining", remaining), ("chars", chars), ("fragments", fragments)):
+            for name, value in (("remaining", remaining), ("fragments", fragments)):
                 if type(value) is not int or value < 0:
                     raise ValueError(f"{name} must be a count, not {value!r:.40}")
             if type(done) is not bool or type(fin) is not bool:
                 raise ValueError("done and fin must be booleans")
-            parser = cls(max_message_chars, buf)
+            parser = cls(max_message_bytes, buf)
             parser._done = done
             parser._remaining = remaining
             parser._key = key
@@ -172,7 +173,6 @@ class FrameParser:
                 if type(parts) is not bytes:
                     raise ValueError("message parts must be bytes")
                 parser._parts = bytearray(parts)
-            parser._chars = int(chars)
             parser._fragments = int(fragments)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"not a frame parser snapshot: {exc}") from None
@@ -274,8 +274,11 @@ class FrameParser:
             if fin and not self._remaining:
                 self._message = None
             return BINARY
+        parts = self._parts
+        if length + (len(parts) if parts is not None else 0) > self._max_bytes:
+            return self._fail(closes.TOO_BIG_FRAME)
         end = start + length
-        if fin and self._parts is None and end <= len(buf):
+        if fin and parts is None and end <= len(buf):
             # The common case: a whole message in one frame, all of it here.
             self._consumed(end)
             self._message = None
@@ -283,8 +286,6 @@ class FrameParser:
                 text = unmask(buf[start:end], key).decode("utf-8")
             except UnicodeDecodeError as exc:
                 return self._fail(Close(closes.INVALID_DATA, str(exc)))
-            if len(text) > self._max_chars:
-                return self._fail(closes.TOO_BIG_FRAME)
             return text
         if opcode == _TEXT:
             self._decoder = _Utf8Decoder()
@@ -352,21 +353,16 @@ class FrameParser:
         decoder = self._decoder
         assert decoder is not None and self._parts is not None
         try:
-            text = decoder.decode(data, finished)
+            decoder.decode(data, finished)  # checks the UTF-8 as it comes
         except UnicodeDecodeError as exc:
             return self._fail(Close(closes.INVALID_DATA, str(exc)))
         self._parts += data
-        if text:
-            self._chars += len(text)
-            if self._chars > self._max_chars:
-                return self._fail(closes.TOO_BIG_FRAME)
         if not finished:
             return HEARD
         text = self._parts.decode("utf-8")  # checked piece by piece already
         self._message = None
         self._decoder = None
         self._parts = None
-        self._chars = 0
         self._fragments = 0
         return text
 

@@ -129,14 +129,14 @@ def _no_second_auth(token: str) -> Close | None:
 
 
 def adopted_connection(
-    message: wire.Adopt, fd: int, rules: SessionRules, max_message_chars: int, max_outbox_bytes: int,
+    message: wire.Adopt, fd: int, rules: SessionRules, max_message_bytes: int, max_outbox_bytes: int,
     nursery: trio.Nursery,
 ) -> Connection:
     """The connection `message` describes, on socket `fd` (now owned by the
     result). ValueError if the message's state is not valid; `fd` is then
     closed."""
     try:
-        frames = FrameParser.restore(max_message_chars, message.frames)
+        frames = FrameParser.restore(max_message_bytes, message.frames)
         elapsed = max(0.0, time.monotonic() - message.sent_at)
         session = Session.restore(rules, _no_second_auth, message.session, trio.current_time() - elapsed)
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))

@@ -31,12 +31,13 @@ import msgpack
 # 4: connections live in their room's shard (Adopt, Ended); no chat traffic.
 # 5: Pong says whether the shard's Redis link is up.
 # 6: Welcome lists the connections the shard holds for the router.
-PROTOCOL_VERSION = 6
+# 7: the frame parser's snapshot counts a message under way in bytes only.
+PROTOCOL_VERSION = 7
 # One message is at most a session's state plus what the client sent that was
 # not handled yet: the rest of one read (64 KiB) and the part received of one
-# unfinished message, at most GARIN_MAX_MESSAGE_BYTES (16 Mi) characters of up
-# to 4 bytes each. Anything larger means a corrupt or hostile peer.
-MAX_MESSAGE_BYTES = 4 * 16 * 1024 * 1024 + 1024 * 1024
+# unfinished message, at most GARIN_MAX_MESSAGE_BYTES (16 MiB). Anything
+# larger means a corrupt or hostile peer.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 1024 * 1024
 
 
 class WireError(Exception):

@@ -37,6 +37,8 @@ METRICS_SAMPLE_S = 1.0
 # As trio.serve_listeners does.
 ACCEPT_CAPACITY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 ACCEPT_RETRY_S = 0.1
+# Before its join a client sends a token and a join: far less than this.
+PRE_JOIN_MAX_BYTES = 32 * 1024
 # A connection over a limit gets this long to finish its handshake and read
 # our close frame, not GARIN_HANDSHAKE_TIMEOUT: it holds a descriptor uncounted.
 REFUSAL_TIMEOUT_S = 2.0
@@ -71,7 +73,7 @@ async def handle_client(
         return
     # A connection's drain task (only while its outbox is non-empty) runs in
     # the router-wide nursery: no nursery per connection.
-    sock = ClientWebSocket(tcp, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
+    sock = ClientWebSocket(tcp, router.background, pre_join_limit(router.config), router.config.max_outbox_bytes)
     conn_id = router.new_id()
     metrics.CONNECTIONS.inc()
     outcome: Close | Moved | None = None
@@ -93,6 +95,13 @@ async def handle_client(
             router.limits.release(client.address)
 
 
+def pre_join_limit(config: Config) -> int:
+    """The largest message a client may send a router: before its join it
+    has only its token and its join to say. A message under way costs its
+    size until it ends, and nobody is known yet (no token checked)."""
+    return min(config.max_message_bytes, PRE_JOIN_MAX_BYTES)
+
+
 @dataclass(slots=True)
 class Client:
     address: str
@@ -103,7 +112,7 @@ async def _refuse(router: Router, host: str, port: int, tcp: trio.socket.SocketT
     """Over a connection limit: complete the handshake and send a close frame,
     which (unlike an HTTP status) a browser shows the page; bounded in time
     by the caller, and uncounted."""
-    sock = ClientWebSocket(tcp, router.background, router.config.max_message_bytes, router.config.max_outbox_bytes)
+    sock = ClientWebSocket(tcp, router.background, pre_join_limit(router.config), router.config.max_outbox_bytes)
     try:
         request = await _read_upgrade(router, sock, math.inf, "-", f"{host}:{port}")
         if request is None:

@@ -79,7 +79,7 @@ UP_HOLD_FLOOR_S = 2.0
 # 60 s): one message past that would cut every host's link for the room's
 # shard processes, and be lost. A message whose text is larger than the
 # default soft limit closes its sender 1009 instead (one host takes up to
-# GARIN_MAX_MESSAGE_BYTES characters, up to 64 MiB of UTF-8).
+# GARIN_MAX_MESSAGE_BYTES, at most 16 MiB).
 MAX_MESSAGE_TEXT_BYTES = 8 * 1024 * 1024
 
 

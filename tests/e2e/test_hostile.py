@@ -210,6 +210,30 @@ def test_large_messages_from_many_members_that_never_read_cost_the_frames_once(g
             raw.close()
 
 
+def test_a_message_is_limited_in_utf8_bytes_and_before_the_join_to_32_kib(garin_factory: ServerFactory) -> None:
+    """An unfinished message holds its size: counted in characters, 64 Ki
+    of 4-byte ones held 256 KiB per connection, for as long as it answered
+    pings, and 288 KiB in a router before any token was checked."""
+    server = garin_factory(GARIN_MAX_MESSAGE_BYTES="65536")
+    # Before the join: refused at the header, the rest never sent.
+    early = RawClient(server.port)
+    early.sock.sendall(client_frame(OP_TEXT, b"a" * 40_000)[:108])
+    assert close_of(early.recv_frame()) == (1009, "message too big")
+    early.close()
+    room = new_room("bytes")
+    with contextlib.ExitStack() as stack:
+        clients = Clients(stack, server)
+        listener = clients.join("listener", room, total=1)
+        raw = member(server, "wide", room)
+        expect_join(listener, "wide", 2)
+        # 16,400 characters, 65,621 bytes of UTF-8 with the envelope.
+        raw.send_text(message_frame("🙂" * 16_400))
+        assert close_of(raw.recv_frame()) == (1009, "message too big")
+        raw.close()
+        expect_userleave(listener, "wide", 1)
+        still_serving(clients)
+
+
 def test_messages_sent_in_the_same_packet_as_the_join_are_not_lost(garin_factory: ServerFactory) -> None:
     """The router reads the join and what follows it in one read; what it did
     not parse travels to the shard with the socket."""

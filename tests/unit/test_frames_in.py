@@ -162,21 +162,29 @@ def test_control_frame_waits_for_its_whole_payload() -> None:
 TOO_BIG = Close(1009, "message too big")
 
 
-def test_the_limit_counts_characters() -> None:
-    assert events(text("é" * 10), max_chars=10) == ["é" * 10]
-    assert events(text("é" * 11), max_chars=10) == [TOO_BIG]
+def test_the_limit_counts_utf8_bytes() -> None:
+    # A message of 4-byte characters may not hold four times the limit.
+    assert events(text("é" * 5), max_chars=10) == ["é" * 5]
+    assert events(text("é" * 6), max_chars=10) == [TOO_BIG]
+    assert events(text("🙂" * 3), max_chars=10) == [TOO_BIG]
     assert events(text("a" * 6, fin=False) + frame(0, b"a" * 4), max_chars=10) == [HEARD, "a" * 10]
     assert events(text("a" * 6, fin=False) + frame(0, b"a" * 5), max_chars=10) == [HEARD, TOO_BIG]
 
 
-def test_a_huge_declared_length_is_not_buffered() -> None:
+def test_a_message_too_big_is_refused_at_the_header_that_makes_it_so() -> None:
+    # Before its payload arrives: an unfinished message never holds more than the limit.
     parser = FrameParser(100)
-    parser.feed(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 1 << 40) + KEY)
-    assert parser.next_event() is None
-    parser.feed(unmask(b"a" * 60, KEY))
-    assert isinstance(parser.next_event(), Heard)
-    assert parser._buf == b""  # decoded and counted, not kept as bytes
-    parser.feed(unmask(b"a" * 60, KEY))
+    parser.feed(text("a" * 60, fin=False))
+    assert parser.next_event() == HEARD_FRAME
+    header = frame(0, b"a" * 60)
+    parser.feed(header[:7])  # the header and its key, one byte of payload
+    assert parser.next_event() == TOO_BIG
+    assert parser._parts is None
+
+
+def test_a_huge_declared_length_is_refused_at_once() -> None:
+    parser = FrameParser(100)
+    parser.feed(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 1 << 40) + KEY + b"a")
     assert parser.next_event() == TOO_BIG
     parser.feed(b"a" * 1000)
     assert parser.next_event() is None
