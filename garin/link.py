@@ -9,7 +9,9 @@ descriptors together with the first byte they were sent with, and one
 them in arrival order and gives the next one to each `Adopt` it decodes.
 
 A descriptor received is ours until given to an `Adopt`'s handler; a link
-that closes closes those still waiting.
+that closes closes those still waiting. One the kernel could not give us (this
+process is at its open-files limit: MSG_CTRUNC with none received) is `LOST`:
+its `Adopt` comes with LOST instead, and the link goes on.
 
 A write that fails means the peer went (EPIPE): what it sent before it went
 is still ours to read, and may be clients it handed over, so the link then
@@ -49,6 +51,10 @@ SEND_TIMEOUT_S = 30.0
 # After a failed write, `run_posted` gives the reader this long to reach the
 # end of the stream (a peer that went has closed it) before it gives up.
 DRAIN_TIMEOUT_S = 5.0
+
+
+# In place of the descriptor of an `Adopt` whose socket did not arrive.
+LOST = -1
 
 
 class LinkClosed(Exception):
@@ -248,14 +254,20 @@ class Link:
                     self._ended = f"link read failed: {exc}"
                     return out
                 raise LinkClosed(f"link read failed: {exc}") from None
+            received = 0
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
                     fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                     self._fds.extend(fds)
+                    received += len(fds)
             if flags & socket.MSG_CTRUNC:
-                close_fds(out)
-                raise wire.WireError("too many descriptors in one read")
+                if received:
+                    close_fds(out)
+                    raise wire.WireError("too many descriptors in one read")
+                # No room for it here (EMFILE): the one socket of this send is
+                # gone, closed by the kernel; its client can get no close frame.
+                self._fds.append(LOST)
             if not data:
                 if out:
                     self._ended = "peer closed the link"  # theirs first; the next call says so
@@ -285,7 +297,9 @@ class Link:
         self.closed = True
         self._wake.set()
         while self._fds:
-            os.close(self._fds.popleft())
+            fd = self._fds.popleft()
+            if fd != LOST:
+                os.close(fd)
         self._raw.detach()
         self._sock.close()
 
@@ -293,7 +307,7 @@ class Link:
 def close_fds(messages: list[tuple[wire.WireMessage, int | None]]) -> None:
     """Close the descriptors that came with `messages` (nobody will take them)."""
     for _, fd in messages:
-        if fd is not None:
+        if fd is not None and fd != LOST:
             os.close(fd)
 
 

@@ -28,6 +28,7 @@ from garin.config import Config
 from garin.connection import Connection, count_close
 from garin.frames_in import FrameParser
 from garin.handoff import hand_over, send_socket
+from garin.link import LOST
 from garin.clientcounts import ClientCounts
 from garin.socketdir import prepare_socket_dir
 from garin.limits import ConnectionLimits
@@ -166,6 +167,15 @@ class Router:
             self._release(self.handed.pop(conn).address)
 
     def _forward_soon(self, message: wire.Adopt, fd: int) -> None:
+        if fd == LOST:
+            log.warning(
+                "conn %d (%s): its socket could not be received (open-files limit, ulimit -n); dropped",
+                message.conn, message.peer,
+            )
+            handed = self.handed.pop(message.conn, None) if message.owner == self.instance else None
+            if handed is not None:
+                self._release(handed.address)
+            return
         try:
             self.background.start_soon(self.forward, message, fd)
         except RuntimeError:  # the nursery is closing: we are stopping

@@ -8,7 +8,7 @@ import math
 import os
 import socket as stdlib_socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -19,7 +19,7 @@ from garin.closes import Close
 from garin.config import Config
 from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
-from garin.fdlimit import raise_file_limit
+from garin.fdlimit import connections_that_fit, raise_file_limit
 from garin.limits import MAX_REFUSING
 from garin.proxies import client_address, peer_name
 from garin.lifeline import stop_on_signal, watch_lifeline
@@ -246,6 +246,7 @@ async def serve_router(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `stopping` is set (by a signal), then close every client with 1001."""
+    config = replace(config, max_connections=connections_that_fit(config.max_connections, config.routers))
     # Counted connections, refusals under way (uncounted), shard links.
     raise_file_limit(config.max_connections and config.max_connections + MAX_REFUSING, config.shards)
     router = Router(config, router_id)

@@ -33,7 +33,7 @@ from garin.handoff import adopted_connection, hand_over
 from garin.fdlimit import raise_file_limit
 from garin.lifeline import stop_on_signal, watch_lifeline
 from garin.profiling import tune_gc
-from garin.link import Link, LinkClosed, close_fds, receive_first
+from garin.link import LOST, Link, LinkClosed, close_fds, receive_first
 from garin.routing import HASH_NAME, shard_for
 from garin.socketdir import prepare_socket_dir
 from garin.websocket import ClientWebSocket, fan_out
@@ -121,7 +121,9 @@ class Shard:
                                 # let other tasks (members, pongs) run between them.
                                 await trio.lowlevel.checkpoint()
                             taken += 1
-                            if isinstance(message, wire.Adopt) and fd is not None:
+                            if isinstance(message, wire.Adopt) and fd == LOST:
+                                self._lost(message)
+                            elif isinstance(message, wire.Adopt) and fd is not None:
                                 self._adopt(message, fd)
                             elif isinstance(message, wire.Ping):
                                 link.post(wire.Pong(message.no, self.cluster is None or self.cluster.up))
@@ -139,6 +141,17 @@ class Shard:
             link.close()
             if self.routers.get(router) is link:
                 del self.routers[router]
+
+    def _lost(self, message: wire.Adopt) -> None:
+        """A connection handed over whose socket this process could not take
+        (at its open-files limit): gone, and its router's count with it."""
+        log.warning(
+            "shard %d: conn %d (%s): its socket could not be received (open-files limit, ulimit -n); dropped",
+            self.index, message.conn, message.peer,
+        )
+        owner = self.routers.get(message.owner)
+        if owner is not None:
+            owner.post(wire.Ended(message.conn, False))
 
     def _adopt(self, message: wire.Adopt, fd: int) -> None:
         """Take a connection in and announce its join at once, so joins are

@@ -129,6 +129,8 @@ class GarinServer:
     minter: Callable[[str, float | None], str] | None = None
     # The whole log, kept by stop() before the work directory is removed.
     final_log: str = field(init=False, default="")
+    # A command that runs garin (e.g. prlimit with its options and "--").
+    prefix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Short path: Unix socket paths are limited to ~100 characters.
@@ -152,7 +154,7 @@ class GarinServer:
     def start(self) -> GarinServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "garin", "run", "--shards", str(self.shards)],
+                [*self.prefix, sys.executable, "-m", "garin", "run", "--shards", str(self.shards)],
                 cwd=self.workdir,  # no repository .env is read
                 env=self.env(),
                 stdin=subprocess.DEVNULL,

@@ -301,3 +301,23 @@ def test_raise_file_limit_survives_a_refusal(monkeypatch: pytest.MonkeyPatch, ca
     with caplog.at_level(logging.WARNING, logger="garin"):
         assert server.raise_file_limit(10_000, 4) == 1024
     assert "may open only 1024 files" in caplog.text
+
+
+@pytest.mark.parametrize("max_connections,routers,hard,expected", [
+    (10_000, 1, 1_048_576, 10_000),
+    (10_000, 2, 1_048_576, 10_000),
+    (10_000, 1, 4096, 4096 - 1 - 64),
+    (10_000, 2, 4096, (4096 - 2 - 64) // 2),  # a shard may hold both routers' connections
+    (100, 2, 4096, 100),
+    (0, 1, 4096, 0),  # no limit asked for: none set
+    (10_000, 1, resource.RLIM_INFINITY, 10_000),
+    (10_000, 4, 60, 1),
+])
+def test_the_connection_limit_is_lowered_to_what_a_shard_can_open(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    max_connections: int, routers: int, hard: int, expected: int,
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, hard))
+    with caplog.at_level(logging.WARNING, logger="garin"):
+        assert server.connections_that_fit(max_connections, routers) == expected
+    assert ("GARIN_MAX_CONNECTIONS lowered" in caplog.text) == (expected != max_connections)

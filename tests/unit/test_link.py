@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import os
+import resource
 import socket
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,7 +14,7 @@ import trio
 import trio.testing
 
 from garin import wire
-from garin.link import DRAIN_TIMEOUT_S, Link, LinkClosed, receive_first
+from garin.link import DRAIN_TIMEOUT_S, LOST, Link, LinkClosed, receive_first
 from garin.wire import Adopt, Ended, Hello, Ping, Pong, Refuse, Welcome, WireError, WireMessage
 
 
@@ -460,3 +462,41 @@ async def test_receive_first_sees_a_closed_peer(links: tuple[Link, Link]) -> Non
     router.close()
     with pytest.raises(LinkClosed):
         await receive_first(shard, 5)
+
+
+@contextlib.contextmanager
+def no_free_descriptors() -> Iterator[None]:
+    """This process at its open-files limit meanwhile (EMFILE for any new one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+    try:
+        while True:
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_socket_this_process_cannot_take_is_lost_alone_and_the_link_goes_on(
+    links: tuple[Link, Link], client_pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    router, shard = links
+    first, _ = new_client(client_pairs)
+    await router.send(adopt(1), first.fileno())
+    with no_free_descriptors():
+        got = await receive_n(shard, 1)
+    assert got == [(adopt(1), LOST)]  # once a protocol error that took the whole link down
+    second, peer = new_client(client_pairs)
+    await router.send(adopt(2), second.fileno())
+    ((message, fd),) = await receive_n(shard, 1)
+    assert message == adopt(2) and fd not in (None, LOST)
+    with socket.socket(fileno=fd) as received:
+        received.sendall(b"ok")
+        assert peer.recv(2) == b"ok"
