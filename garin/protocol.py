@@ -84,14 +84,28 @@ def _bounded(name: str, value: str, low: int, high: int) -> Close | None:
 # does a text that could nest deeply: the scanner counts nesting against the
 # recursion limit, and from three frames shallower it would accept a few
 # depths just under the limit that json.loads refuses.
+# Clients send no number garin reads, so every number is parsed as a float:
+# an int of more than 4,300 digits in a field garin ignores would make
+# Python refuse the whole text (its guard against slow int parsing), where
+# GarinChat's decoder skips it. NaN and Infinity are not JSON (Python's
+# extension): refused, as GarinChat does.
 # (typeshed does not declare the decoder's `scan_once`.)
-_scan_once: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is not JSON")
+
+
+_scan_once: Callable[[str, int], tuple[object, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_int=float, parse_constant=_not_json
+).scan_once
 _FAST_MAX_OPENERS = 100
 
 
 def decode_json(text: str) -> object:
-    """`json.loads(text)`: the same value, or the same exception (for deep
-    nesting, the RecursionError json.loads raises when called from here)."""
+    """`json.loads(text)` (numbers as floats, no NaN): the same value, or the
+    same exception (for deep nesting, the RecursionError json.loads raises
+    when called from here)."""
     if (
         text[:1] == "{" and text[-1:] == "}"
         and text.count("{") + text.count("[") <= _FAST_MAX_OPENERS
@@ -103,7 +117,7 @@ def decode_json(text: str) -> object:
         else:
             if end == len(text):
                 return obj
-    return json.loads(text)
+    return json.loads(text, parse_int=float, parse_constant=_not_json)
 
 
 def parse_client_text(text: str, limits: NameLimits) -> ClientEvent | Close:

@@ -23,6 +23,7 @@ from garin.protocol import (
     parse_client_text,
     userleave_text,
 )
+from garin.protocol import _not_json
 
 LIMITS = NameLimits()
 
@@ -341,9 +342,14 @@ def _loads_outcome(decode: object, text: str) -> tuple[str, object]:
         return "RecursionError", None
 
 
+# What decode_json must equal: json.loads with numbers as floats and no NaN.
+def _reference(text: str) -> object:
+    return json.loads(text, parse_int=float, parse_constant=_not_json)
+
+
 def _json_loads_one_frame_down(text: str) -> object:
     # decode_json's own frame, then json.loads: the depth decode_json calls it from.
-    return json.loads(text)
+    return json.loads(text, parse_int=float, parse_constant=_not_json)
 
 
 # Texts around the fast path's edges: objects with and without surrounding
@@ -365,7 +371,7 @@ NEAR_JSON = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(text=NEAR_JSON)
 def test_decode_json_is_json_loads(text: str) -> None:
-    assert _loads_outcome(decode_json, text) == _loads_outcome(json.loads, text)
+    assert _loads_outcome(decode_json, text) == _loads_outcome(_reference, text)
 
 
 @pytest.mark.parametrize(
@@ -374,7 +380,20 @@ def test_decode_json_is_json_loads(text: str) -> None:
      '{"a":[' * 5000 + "]" * 5000 + "}", "\ufeff{}", '{"a":1,"a":2}', '{"a":NaN}', '{"a":"\\ud800"}'],
 )
 def test_decode_json_edges(text: str) -> None:
-    assert _loads_outcome(decode_json, text) == _loads_outcome(json.loads, text)
+    assert _loads_outcome(decode_json, text) == _loads_outcome(_reference, text)
+
+
+def test_numbers_garin_does_not_read_never_refuse_a_message() -> None:
+    # Python refuses ints of over 4,300 digits; GarinChat skips unknown fields.
+    huge = "1" * 5000
+    assert parse_client_text('{"type":"join","username":"alice","room":"lobby","x":' + huge + "}", NameLimits()) == Join(
+        "alice", "lobby"
+    )
+    assert parse_client_text('{"type":"message","body":' + huge + "}", NameLimits()) == closes.bad_field(
+        "body", "must be a string"
+    )
+    assert parse_client_text('{"type":"message","body":"hi","x":NaN}', NameLimits()) == closes.INVALID_JSON
+    assert parse_client_text('{"type":"message","body":"hi","x":-Infinity}', NameLimits()) == closes.INVALID_JSON
 
 
 def test_decode_json_matches_json_loads_at_the_recursion_limit() -> None:
