@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 import unicodedata
 import urllib.parse
@@ -256,11 +257,43 @@ async def _converse(ws: WebSocketConnection, typed: ChatInput, out: TextIO) -> N
         # In a room, the server answers the empty message with 1000 bye.
 
 
+async def tls_problem(url: str) -> str | None:
+    """For a wss:// URL: why the server's certificate is not trusted, if it
+    is not. trio-websocket reports a failed verification only as a
+    connection timeout (python-trio/trio-websocket#199), so a TLS handshake
+    alone comes first. Any other failure is left to the real attempt."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "wss" or parts.hostname is None:
+        return None
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname, parts.port or 443, ssl_context=ssl.create_default_context()
+            )
+            try:
+                await stream.do_handshake()
+            finally:
+                await trio.aclose_forcefully(stream)
+    except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            return (
+                f"the server's TLS certificate is not trusted ({exc.__cause__.verify_message}); for a "
+                "self-signed certificate or a private CA, set SSL_CERT_FILE to its PEM file"
+            )
+    except (OSError, trio.TooSlowError):
+        pass
+    return None
+
+
 async def chat(url: str, origin: str, token: str, room: str, username: str, out: TextIO | None = None) -> int:
     """Run until the server closes us or stdin ends; returns a process exit code.
     `url` must pass `url_problem`; lines go to `out` (default: stdout)."""
     out = out or sys.stdout
     headers = [(b"origin", origin.encode())]
+    problem = await tls_problem(url)
+    if problem is not None:
+        print(f"# could not connect to {url}: {problem}", file=out, flush=True)
+        return 1
     try:
         async with open_websocket_url(url, extra_headers=headers, connect_timeout=CONNECT_TIMEOUT_S,
                                       disconnect_timeout=2) as ws:

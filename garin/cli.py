@@ -268,6 +268,8 @@ def chat(url: str | None, room: str, username: str, token: str | None, origin: s
     listen: GARIN_HOST (127.0.0.1 for 0.0.0.0, the default; [::1] for ::)
     and GARIN_PORT, else PORT (8080 if neither is set), from the environment
     or ./.env. JWT_DECODE_SECRET and ALLOWED_ORIGINS are read the same way.
+    A wss:// server's certificate must be trusted by the system's CA list;
+    SSL_CERT_FILE=cert.pem trusts a self-signed one (or a private CA) instead.
     """
     import trio
 

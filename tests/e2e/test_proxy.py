@@ -373,6 +373,24 @@ def test_through_an_untrusted_proxy_every_client_is_the_proxy(behind_proxy) -> N
 # garin chat would have to resolve (the websockets clients above connect
 # to 127.0.0.1 and name it themselves).
 @pytest.mark.parametrize("behind_proxy", ["nginx"], indirect=True)
+def test_garin_chat_says_at_once_that_a_self_signed_certificate_is_not_trusted(behind_proxy) -> None:
+    """trio-websocket turns a failed certificate check into a 10 s connect
+    timeout ("no answer within 10 s"); garin chat checks the TLS handshake
+    first and names the cause and the way around it."""
+    server, proxy = behind_proxy()
+    assert isinstance(proxy, Nginx)
+    started = time.monotonic()
+    chat = Chat(server, new_room("tls"), "termuser", url=proxy.url, SSL_CERT_FILE="/nonexistent.pem")
+    try:
+        chat.expect("certificate is not trusted", timeout=8)
+        assert chat.proc.wait(timeout=5) == 1
+        assert time.monotonic() - started < 8
+        assert "SSL_CERT_FILE" in chat.seen[-1]
+    finally:
+        chat.finish()
+
+
+@pytest.mark.parametrize("behind_proxy", ["nginx"], indirect=True)
 def test_garin_chat_over_wss_through_nginx(behind_proxy) -> None:
     """`garin chat wss://...` (trio-websocket, the system's CA list, here
     SSL_CERT_FILE) chats with a browser-style client through the proxy."""
