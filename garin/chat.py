@@ -139,7 +139,13 @@ class ChatInput:
             if not self.in_room:
                 return Step(note="# not in a room; /join ROOM to join one")
             self.in_room = False
-            return Step((_frame(type="userleave"),), note="# left the room; /join ROOM to join another")
+            # The server gives a client outside a room GARIN_JOIN_TIMEOUT
+            # (2 s by default) to join one before it closes it.
+            return Step(
+                (_frame(type="userleave"),),
+                note="# left the room; /join ROOM soon to join another (the server closes a client "
+                "that stays out of every room for its join timeout, 2 s by default)",
+            )
         if text == "/join" or text.startswith("/join "):
             room = text.removeprefix("/join").strip()
             if not room:
@@ -147,7 +153,7 @@ class ChatInput:
             join = _frame(type="join", username=self.username, room=room)
             frames = (_frame(type="userleave"), join) if self.in_room else (join,)
             self.in_room = True
-            return Step(frames)
+            return Step(frames, note=f"# joining {visible(room)}")
         if not text:
             return Step()
         if not self.in_room:
