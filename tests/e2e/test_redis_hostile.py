@@ -194,8 +194,8 @@ def play(people: Clients, room: str, placed: list[tuple[str, GarinServer]], bodi
     return seen
 
 
-# The longest frame the test hosts take is MAX_MESSAGE_BYTES (4096)
-# characters, of which the message's JSON around the body takes these.
+# The longest frame the test hosts take is MAX_MESSAGE_BYTES (4096) bytes
+# of UTF-8, of which the message's JSON around the body takes these.
 _FRAME_AROUND_BODY = len('{"type": "message", "body": ""}')
 
 CASES: dict[str, tuple[tuple[str, str, str], str, list[str]]] = {
@@ -215,7 +215,7 @@ CASES: dict[str, tuple[tuple[str, str, str], str, list[str]]] = {
     "shortest": (("abc", "x y", "\x00\x00\x00"), "r\x00m", ["x"]),
     "longest": (
         ("🙂" * 32, "e\u0301" * 16, "x" * 32), "𝕽" * 64,
-        ["🙂" * (4096 - _FRAME_AROUND_BODY), "x" * (4096 - _FRAME_AROUND_BODY)],
+        ["🙂" * ((4096 - _FRAME_AROUND_BODY) // 4), "x" * (4096 - _FRAME_AROUND_BODY)],
     ),
     # Names of garin's own keys and channels, and Redis pattern characters.
     "garin-key-names": (("garin:alive:x", "garin:owned:x", "garin:roster:x"), "garin:roster:garin:room:x", ["*"]),
