@@ -82,6 +82,10 @@ def load_public_key(path: str, algorithm: str) -> Any:
         pem = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    # PyJWT would take a private key too, and then fail on every token
+    # (a private key object has no `verify`): each client closed 1011.
+    if b"PRIVATE KEY-----" in pem:
+        raise ValueError(f"{path} is a private key; give the public key (openssl pkey -in {path} -pubout)")
     try:
         return jwt.get_algorithm_by_name(algorithm).prepare_key(pem)
     except Exception as exc:  # cryptography and PyJWT raise several kinds

@@ -167,3 +167,17 @@ def test_config_public_key_algorithms(tmp_path, ec_key) -> None:
 def test_config_hmac_still_needs_the_secret() -> None:
     with pytest.raises(ConfigError, match="JWT_DECODE_SECRET is not set"):
         load_config({}, {**BASE, "GARIN_JWKS_URL": "https://a/j"})
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_a_private_key_as_the_public_key_file_is_refused_at_start(tmp_path, rsa_key, ec_key, algorithm) -> None:
+    """PyJWT takes a private key too; every token then fails (1011) instead."""
+    key = rsa_key if algorithm == "RS256" else ec_key
+    path = tmp_path / "priv.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    with pytest.raises(ConfigError) as info:
+        load_config({}, {**BASE, "GARIN_JWT_ALGORITHM": algorithm, "GARIN_JWT_PUBLIC_KEY_FILE": str(path)})
+    assert str(info.value) == (
+        f"GARIN_JWT_PUBLIC_KEY_FILE: {path} is a private key; give the public key (openssl pkey -in {path} -pubout)"
+    )
