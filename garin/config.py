@@ -582,6 +582,14 @@ def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
     algorithm = values["jwt_algorithm"]
     if algorithm in PUBLIC_KEY_ALGORITHMS and "jwt_secret" in required:
         _check_public_key(values)
+    if algorithm in HMAC_ALGORITHMS and "jwt_secret" in required:
+        # Else ignored: every provider token would be refused 1008 without a word.
+        for name, env in (("jwt_public_key_file", "GARIN_JWT_PUBLIC_KEY_FILE"), ("jwks_url", "GARIN_JWKS_URL")):
+            if values[name]:
+                raise ConfigError(
+                    f"{env} is set but GARIN_JWT_ALGORITHM is {algorithm}, which checks tokens with "
+                    "JWT_DECODE_SECRET: set GARIN_JWT_ALGORITHM to your provider's algorithm (e.g. RS256)"
+                )
     needed = MIN_SECRET_BYTES.get(algorithm, 0)
     if secret is not None and len(secret.encode()) < needed and not values["allow_weak_secret"]:
         raise ConfigError(

@@ -181,3 +181,21 @@ def test_a_private_key_as_the_public_key_file_is_refused_at_start(tmp_path, rsa_
     assert str(info.value) == (
         f"GARIN_JWT_PUBLIC_KEY_FILE: {path} is a private key; give the public key (openssl pkey -in {path} -pubout)"
     )
+
+
+@pytest.mark.parametrize(("variable", "value"), [("GARIN_JWT_PUBLIC_KEY_FILE", "/etc/garin/auth.pem"),
+                                                 ("GARIN_JWKS_URL", "https://a/j")])
+@pytest.mark.parametrize("algorithm", [None, "HS512"])
+def test_a_provider_key_with_an_hmac_algorithm_is_refused(variable, value, algorithm) -> None:
+    """Else the key is ignored and every provider token is refused 1008, without a word."""
+    environ = {**BASE, "JWT_DECODE_SECRET": "s" * 64, variable: value}
+    if algorithm:
+        environ["GARIN_JWT_ALGORITHM"] = algorithm
+    with pytest.raises(ConfigError) as info:
+        load_config({}, environ)
+    assert str(info.value) == (
+        f"{variable} is set but GARIN_JWT_ALGORITHM is {algorithm or 'HS256'}, which checks tokens with "
+        "JWT_DECODE_SECRET: set GARIN_JWT_ALGORITHM to your provider's algorithm (e.g. RS256)"
+    )
+    # Commands that check no tokens (a shard, garin chat) do not care.
+    assert load_config({}, environ, required=()).jwt_algorithm == (algorithm or "HS256")
