@@ -150,7 +150,7 @@ def run(**options: Any) -> None:
     _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:
         _fail(str(exc))
     sys.exit(code)
 
@@ -179,7 +179,7 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
         _warn_legacy_ban_db(config)
     try:
         run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
-    except* ShardRefused as group:
+    except* (ShardRefused, ConfigError) as group:
         _fail(str(group.exceptions[0]))
     except* OSError as group:
         _fail(f"router: {group.exceptions[0]}")

@@ -24,7 +24,8 @@ from pathlib import Path
 import trio
 
 from garin import banstore
-from garin.config import Config
+from garin.config import Config, ConfigError
+from garin.ports import bind_metrics, bind_tcp
 from garin.socketdir import remove_socket_dir
 
 log = logging.getLogger("garin.supervisor")
@@ -51,13 +52,9 @@ class Supervisor:
         self.exit_code = 0
 
     def bind(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((self.config.host, self.config.port))
+            sock = bind_tcp(self.config.host, self.config.port)
         except OSError as exc:
-            sock.close()
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
         sock.listen(1024)
         sock.set_inheritable(True)
@@ -99,8 +96,12 @@ class Supervisor:
         # not about the socket directory it would share by default.
         sock = self.bind()
         try:
+            if self.config.metrics_port:
+                # The routers bind it: found busy by them, it would be a
+                # restart loop that names no setting.
+                bind_metrics(self.config).close()
             self.check_socket_dir()
-        except OSError:
+        except (OSError, ConfigError):
             sock.close()
             raise
         port = sock.getsockname()[1]

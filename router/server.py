@@ -21,6 +21,7 @@ from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.fdlimit import connections_that_fit, raise_file_limit
 from garin.limits import MAX_REFUSING
+from garin.ports import bind_metrics
 from garin.proxies import client_address, peer_name
 from garin.lifeline import stop_on_signal, watch_lifeline
 from garin.profiling import tune_gc
@@ -255,6 +256,8 @@ async def serve_router(
         listeners = _listeners_from_fd(listen_fd)
     else:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    # Before any client is accepted: a busy metrics port is one line (ConfigError).
+    status_socket = bind_metrics(config) if config.metrics_port else None
     _no_delay(listeners)
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as links:
@@ -269,8 +272,8 @@ async def serve_router(
         if router.bans is not None:
             links.start_soon(router.bans.run)
         links.start_soon(_sample_links, router)
-        if config.metrics_port:
-            links.start_soon(serve_status, config.metrics_host, config.metrics_port, router.health)
+        if status_socket is not None:
+            links.start_soon(serve_status, status_socket, router.health)
         if lifeline_fd is not None:
             links.start_soon(watch_lifeline, lifeline_fd, router.stopping.set)
         with trio.CancelScope() as grace:

@@ -130,11 +130,10 @@ def _peer(stream: trio.SocketStream) -> str:
     return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
 
 
-async def serve_status(host: str, port: int, health: Health) -> None:
-    sock = trio.socket.socket(stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET)
-    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
-    await sock.bind((host, port))
+async def serve_status(bound: stdlib_socket.socket, health: Health) -> None:
+    """Serve on `bound` (garin.ports.bind_metrics: bound before the router started)."""
+    host, port = bound.getsockname()[:2]
+    sock = trio.socket.from_stdlib_socket(bound)
     sock.listen(64)
     log.info("metrics and health on http://%s:%d/metrics, /health", host, port)
 

@@ -480,3 +480,28 @@ def test_run_from_the_repository_root_with_garin_installed_as_a_package(socket_d
     finally:
         output = finish(proc)
     assert "Traceback" not in output, output
+
+
+def refused(argv: list[str], env: dict[str, str], cwd) -> str:
+    """Run a garin command that must refuse to start: exit 2 and one line on stderr, soon."""
+    result = subprocess.run([sys.executable, "-m", "garin", *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=30)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["run"], ["router"]])
+def test_a_busy_or_bad_metrics_port_is_one_line_naming_the_setting(socket_dir, tmp_path, command):
+    """Not a router that dies after start, restarted five times, naming no setting."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        line = refused(command, base_env(port, socket_dir, GARIN_METRICS_PORT=str(busy)), tmp_path)
+        assert line == f"garin: error: GARIN_METRICS_PORT: cannot listen on 127.0.0.1:{busy}: Address already in use"
+    line = refused(command, base_env(port, socket_dir, GARIN_METRICS_PORT=str(port)), tmp_path)
+    assert line == f"garin: error: GARIN_METRICS_PORT: cannot listen on 127.0.0.1:{port}: Address already in use (it is the public port too)"
+    # An address this host does not have (TEST-NET-1): no DNS needed.
+    line = refused(command, base_env(port, socket_dir, GARIN_METRICS_PORT=str(free_port()), GARIN_METRICS_HOST="192.0.2.1"), tmp_path)
+    assert line.startswith("garin: error: GARIN_METRICS_HOST: cannot listen on 192.0.2.1:")
