@@ -113,14 +113,17 @@ def _warn_legacy_ban_db(config: Config, log: bool = True) -> None:
         click.echo(f"garin: warning: {warning}", err=True)
 
 
-def _enable_metrics(config: Config, fresh: bool, forget_dead: bool = False) -> None:
-    """Multi-process metrics must be switched on before prometheus_client loads;
-    `garin run` starts the directory afresh, its children inherit it; a
+def _enable_metrics(config: Config, forget_dead: bool) -> None:
+    """Multi-process metrics must be switched on before prometheus_client
+    loads. `garin run` starts the directory afresh once it knows no other
+    server uses it (garin/supervisor.py), its children inherit it; a
     process started on its own forgets the files of processes that are gone."""
-    if config.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from garin.metrics_setup import enable
+    from garin.metrics_setup import enable_for
 
-        enable(str(config.metrics_dir), fresh, forget_dead)
+    try:
+        enable_for(config, fresh=False, forget_dead=forget_dead)
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -147,7 +150,6 @@ def run(**options: Any) -> None:
     setup_logging(config.log_level, "garin", config.log_format)
     _warn_weak_secret(config)
     _warn_legacy_ban_db(config)
-    _enable_metrics(config, fresh=True)
     try:
         code = run_supervisor(config)
     except (OSError, ConfigError) as exc:
@@ -166,7 +168,7 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     from garin.profiling import run_trio
 
     config = _load(options, standalone=listen_fd is None)
-    _enable_metrics(config, fresh=False, forget_dead=listen_fd is None)
+    _enable_metrics(config, forget_dead=listen_fd is None)
     from garin.router.server import serve_router
     from garin.router.shard_link import ShardRefused
 
@@ -208,11 +210,13 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     if not 0 <= index < config.shards:
         _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
     setup_logging(config.log_level, f"shard.{index}", config.log_format)
-    _enable_metrics(config, fresh=False, forget_dead=lifeline_fd is None)
+    _enable_metrics(config, forget_dead=lifeline_fd is None)
     from garin.shard.server import serve_shard
 
     try:
         run_trio(f"shard-{index}", serve_shard, config, index, lifeline_fd)
+    except* ConfigError as group:
+        _fail(str(group.exceptions[0]))
     except* (OSError, RuntimeError) as group:
         _fail(f"shard {index}: {_innermost(group)}")
 

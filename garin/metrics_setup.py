@@ -13,7 +13,19 @@ import os
 import shutil
 from pathlib import Path
 
+from garin.config import Config
+from garin.socketdir import prepare_socket_dir
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def enable_for(config: Config, fresh: bool, forget_dead: bool = False) -> None:
+    """`enable` in the socket directory, if the metrics port is on and no
+    parent (`garin run`) did it already. ConfigError: an unusable
+    GARIN_SOCKET_DIR."""
+    if config.metrics_port and not os.environ.get(ENV):
+        prepare_socket_dir(Path(config.socket_dir))
+        enable(str(config.metrics_dir), fresh, forget_dead)
 
 
 def enable(directory: str, fresh: bool, forget_dead: bool = False) -> None:
@@ -23,7 +35,6 @@ def enable(directory: str, fresh: bool, forget_dead: bool = False) -> None:
     files of processes that are gone (a Procfile's processes, each started on
     its own: the last run's counters would otherwise be summed in)."""
     path = Path(directory)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if fresh and path.exists():
         shutil.rmtree(path)  # counters from a previous run would be summed in
     path.mkdir(mode=0o700, parents=True, exist_ok=True)

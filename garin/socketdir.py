@@ -8,14 +8,21 @@ import shutil
 from pathlib import Path
 
 from garin.clientcounts import FILE_NAME as CLIENT_COUNTS
+from garin.config import ConfigError
 
 
 def prepare_socket_dir(path: Path) -> None:
-    """Create the socket directory private to this user, or refuse a shared one."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
+    """Create the socket directory private to this user, or refuse a shared
+    one; ConfigError names GARIN_SOCKET_DIR."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"GARIN_SOCKET_DIR: {path} is not a directory")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"GARIN_SOCKET_DIR: cannot create {path}: {exc.strerror}") from None
     if info.st_uid != os.getuid():
-        raise PermissionError(f"socket directory {path} belongs to another user (uid {info.st_uid})")
+        raise ConfigError(f"GARIN_SOCKET_DIR: {path} belongs to another user (uid {info.st_uid})")
     if info.st_mode & 0o077:
         os.chmod(path, 0o700)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import trio
 
-from garin import banstore
+from garin import banstore, metrics_setup
 from garin.config import Config, ConfigError
 from garin.ports import bind_metrics, bind_tcp
-from garin.socketdir import remove_socket_dir
+from garin.socketdir import prepare_socket_dir, remove_socket_dir
 
 log = logging.getLogger("garin.supervisor")
 
@@ -100,7 +100,11 @@ class Supervisor:
                 # The routers bind it: found busy by them, it would be a
                 # restart loop that names no setting.
                 bind_metrics(self.config).close()
+            # Likewise an unusable directory, found by the shards.
+            prepare_socket_dir(Path(self.config.socket_dir))
             self.check_socket_dir()
+            # Afresh, now that no other server is known to use it.
+            metrics_setup.enable_for(self.config, fresh=True)
         except (OSError, ConfigError):
             sock.close()
             raise

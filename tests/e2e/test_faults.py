@@ -198,10 +198,10 @@ def test_supervisor_replaces_a_killed_shard_and_a_killed_router_in_their_slots(
 
 
 def test_child_that_always_dies_at_start_stops_run_with_one_clear_line(tmp_path: Path) -> None:
-    # A socket directory the shard cannot create: its parent is a plain file.
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
-    env = base_env(free_port(), str(blocker / "s"))
+    # A socket directory whose socket paths are too long for AF_UNIX (108
+    # bytes): the shard cannot bind. (One it cannot create, `garin run`
+    # refuses before starting any child.)
+    env = base_env(free_port(), str(tmp_path / ("s" * 120)))
     proc = start([*GARIN, "run", "--shards", "1"], env, tmp_path)
     try:
         code = proc.wait(timeout=40)
@@ -211,7 +211,7 @@ def test_child_that_always_dies_at_start_stops_run_with_one_clear_line(tmp_path:
     giving_up = [line for line in output.splitlines() if "giving up" in line]
     assert len(giving_up) == 1, output
     assert "ERROR shard 0 exited with code 2 5 times right after start; giving up" in giving_up[0]
-    assert "Not a directory" in output  # the shard's own reason, once per attempt
+    assert "AF_UNIX path too long" in output  # the shard's own reason, once per attempt
     assert "Traceback" not in output
     assert "garin stopped" in output.splitlines()[-1]
 

@@ -505,3 +505,15 @@ def test_a_busy_or_bad_metrics_port_is_one_line_naming_the_setting(socket_dir, t
     # An address this host does not have (TEST-NET-1): no DNS needed.
     line = refused(command, base_env(port, socket_dir, GARIN_METRICS_PORT=str(free_port()), GARIN_METRICS_HOST="192.0.2.1"), tmp_path)
     assert line.startswith("garin: error: GARIN_METRICS_HOST: cannot listen on 192.0.2.1:")
+
+
+@pytest.mark.parametrize("metrics", [False, True])
+@pytest.mark.parametrize("command", [["run"], ["shard", "--index", "0"]])
+def test_an_unusable_socket_dir_is_one_line_naming_the_setting(tmp_path, command, metrics):
+    """Not a shard that dies after start, restarted five times, naming no setting."""
+    extra = {"GARIN_METRICS_PORT": str(free_port())} if metrics else {}
+    line = refused(command, base_env(free_port(), "/proc/garin-nope", **extra), tmp_path)
+    assert line == "garin: error: GARIN_SOCKET_DIR: cannot create /proc/garin-nope: No such file or directory"
+    (tmp_path / "a-file").write_text("")
+    line = refused(command, base_env(free_port(), str(tmp_path / "a-file"), **extra), tmp_path)
+    assert line == f"garin: error: GARIN_SOCKET_DIR: {tmp_path / 'a-file'} is not a directory"
