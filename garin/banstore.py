@@ -24,6 +24,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from garin.bans import FOREVER, Ban, BanPolicy, Count, Verdict, later
+from garin.config import Config, ConfigError
 
 SCHEMA = (
     """
@@ -44,12 +45,32 @@ SCHEMA = (
 )
 
 
-def where(path: str) -> str:
+def where(config: Config) -> str:
     """The line a server logs once at start, so that an operator knows which
     file `garin ban` must use (it prints the same absolute path)."""
-    if not path:
+    if config.redis_url:
+        return "ban list: Redis (GARIN_REDIS_URL; GARIN_BAN_DB is not used)"
+    if not config.ban_db:
         return "ban list off (GARIN_BAN_DB is empty)"
-    return f"ban list: {os.path.abspath(path)}"
+    return f"ban list: {os.path.abspath(config.ban_db)}"
+
+
+def open_at_start(config: Config) -> None:
+    """A server's check before it serves: the ban list file opens (it is
+    created if missing), or ConfigError names GARIN_BAN_DB. A server that
+    started without one would serve with no bans at all, logging an error
+    every few seconds. Nothing to check with bans off or in Redis."""
+    if not config.ban_db or config.redis_url:
+        return
+    path = os.path.abspath(config.ban_db)
+    if os.path.isdir(path):
+        raise ConfigError(f"GARIN_BAN_DB: {path} is a directory; name a file, e.g. {os.path.join(path, 'bans.sqlite3')}")
+    try:
+        BanStore(path)
+    except OSError as exc:  # its directory cannot be created
+        raise ConfigError(f"GARIN_BAN_DB: cannot create {exc.filename} for {path}: {exc.strerror}") from None
+    except sqlite3.Error as exc:
+        raise ConfigError(f"GARIN_BAN_DB: cannot use {path}: {exc}") from None
 
 
 def make_private_dirs(directory: Path) -> None:

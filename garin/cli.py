@@ -176,9 +176,15 @@ def router(router_id: str | None, listen_fd: int | None, lifeline_fd: int | None
     setup_logging(
         config.log_level, router_id if router_id.startswith("router") else f"router.{router_id}", config.log_format
     )
-    if listen_fd is None:  # not a child of `garin run`, which warned already
+    if listen_fd is None:  # not a child of `garin run`, which warned and checked already
         _warn_weak_secret(config)
         _warn_legacy_ban_db(config)
+        from garin import banstore
+
+        try:
+            banstore.open_at_start(config)
+        except ConfigError as exc:
+            _fail(str(exc))
     try:
         run_trio(f"router-{router_id}", serve_router, config, router_id, listen_fd, lifeline_fd)
     except* (ShardRefused, ConfigError) as group:

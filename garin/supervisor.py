@@ -103,6 +103,7 @@ class Supervisor:
             # Likewise an unusable directory, found by the shards.
             prepare_socket_dir(Path(self.config.socket_dir))
             self.check_socket_dir()
+            banstore.open_at_start(self.config)
             # Afresh, now that no other server is known to use it.
             metrics_setup.enable_for(self.config, fresh=True)
         except (OSError, ConfigError):
@@ -119,7 +120,7 @@ class Supervisor:
             self.config.host, port, self.config.shards, "" if self.config.shards == 1 else "s",
             self.config.routers, "" if self.config.routers == 1 else "s", self.config.socket_dir,
         )
-        log.info("%s", banstore.where(self.config.ban_db))
+        log.info("%s", banstore.where(self.config))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals)

@@ -291,7 +291,7 @@ async def serve_router(
                 tune_gc()
                 log.info("router %s listening on %s:%d, %d shards", router_id, config.host, port, config.shards)
                 if listen_fd is None:  # on its own (Procfile): no `garin run` said it
-                    log.info("%s", banstore.where(config.ban_db))
+                    log.info("%s", banstore.where(config))
                 task_status.started(port)
                 await router.stopping.wait()
                 accepting.cancel()

@@ -517,3 +517,12 @@ def test_an_unusable_socket_dir_is_one_line_naming_the_setting(tmp_path, command
     (tmp_path / "a-file").write_text("")
     line = refused(command, base_env(free_port(), str(tmp_path / "a-file"), **extra), tmp_path)
     assert line == f"garin: error: GARIN_SOCKET_DIR: {tmp_path / 'a-file'} is not a directory"
+
+
+@pytest.mark.parametrize("command", [["run"], ["router"]])
+def test_an_unusable_ban_list_is_one_line_naming_the_setting(socket_dir, tmp_path, command):
+    """Not a server that starts and serves with no bans, logging an error every 10 s."""
+    line = refused(command, base_env(free_port(), socket_dir, GARIN_BAN_DB=str(tmp_path)), tmp_path)
+    assert line == f"garin: error: GARIN_BAN_DB: {tmp_path} is a directory; name a file, e.g. {tmp_path / 'bans.sqlite3'}"
+    line = refused(command, base_env(free_port(), socket_dir, GARIN_BAN_DB="/proc/garin-nope/bans.sqlite3"), tmp_path)
+    assert line.startswith("garin: error: GARIN_BAN_DB: cannot create /proc/garin-nope")

@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from garin.bans import FOREVER, Ban, BanList, BanPolicy, Count, Ignore, later, subject_of
-from garin.banstore import BanStore
+from garin.banstore import BanStore, open_at_start, where
+from garin.config import Config, ConfigError, load_config
 from garin.router import bans as router_bans
 from garin.router.bans import RouterBans
 
@@ -300,3 +301,36 @@ def test_a_token_with_only_per_token_claims_identifies_only_itself() -> None:
 def test_the_fallback_never_raises_on_odd_claims() -> None:
     odd = {"name": "é\u202e", "n": [1, {"b": None, "a": 1.5}], "big": 2**80}
     assert subject_of(odd) == subject_of(dict(reversed(list(odd.items()))))
+
+
+# -- the server's check at start ---------------------------------------------------
+
+
+def server_config(**environ: str) -> Config:
+    return load_config({}, {"JWT_DECODE_SECRET": "s" * 32, "ALLOWED_ORIGINS": "*", **environ})
+
+
+def test_an_unusable_ban_list_is_refused_at_start_naming_garin_ban_db(tmp_path: Path) -> None:
+    """Else the server serves with no bans at all, logging an error every 10 s."""
+    with pytest.raises(ConfigError) as info:
+        open_at_start(server_config(GARIN_BAN_DB=str(tmp_path)))
+    assert str(info.value) == f"GARIN_BAN_DB: {tmp_path} is a directory; name a file, e.g. {tmp_path / 'bans.sqlite3'}"
+    with pytest.raises(ConfigError) as info:
+        open_at_start(server_config(GARIN_BAN_DB="/proc/garin-nope/bans.sqlite3"))
+    assert str(info.value) == (
+        "GARIN_BAN_DB: cannot create /proc/garin-nope for /proc/garin-nope/bans.sqlite3: No such file or directory"
+    )
+    (tmp_path / "corrupt.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(ConfigError, match="^GARIN_BAN_DB: cannot use .*corrupt.sqlite3: file is not a database$"):
+        open_at_start(server_config(GARIN_BAN_DB=str(tmp_path / "corrupt.sqlite3")))
+    # A usable path is created, as the routers would; bans off: nothing to check.
+    open_at_start(server_config(GARIN_BAN_DB=str(tmp_path / "new" / "bans.sqlite3")))
+    assert (tmp_path / "new" / "bans.sqlite3").is_file()
+    open_at_start(server_config(GARIN_BAN_DB=""))
+
+
+def test_with_redis_the_ban_list_file_is_neither_checked_nor_named(tmp_path: Path) -> None:
+    config = server_config(GARIN_BAN_DB=str(tmp_path), GARIN_REDIS_URL="redis://127.0.0.1:1/0")
+    open_at_start(config)  # bans live in Redis: the file is never used
+    assert where(config) == "ban list: Redis (GARIN_REDIS_URL; GARIN_BAN_DB is not used)"
+    assert where(server_config(GARIN_BAN_DB="x.sqlite3")) == f"ban list: {Path('x.sqlite3').absolute()}"
