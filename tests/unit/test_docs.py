@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -82,3 +83,14 @@ def test_the_readme_computes_a_fallback_ban_subject_as_garin_does():
     for claims in ('{"username":"zed"}', '{"name":"Zoë","iss":"https://auth.example"}'):
         shown = subprocess.run([sys.executable, "-c", argv[2], claims], capture_output=True, text=True, check=True)
         assert shown.stdout.strip() == subject_of({**json.loads(claims), "exp": 1, "iat": 0})
+
+
+def test_env_example_lines_are_plain_key_value_pairs():
+    """systemd's EnvironmentFile= keeps a `# comment` after a value as part of
+    the value (garin's .env reader and honcho strip it): every setting line,
+    active or commented out for the reader to enable, is KEY=VALUE alone."""
+    for line in ENV_EXAMPLE.splitlines():
+        setting = line.removeprefix("# ")
+        if line.startswith("#") and not re.match(r"[A-Z_][A-Z0-9_]*=", setting):
+            continue  # prose
+        assert line.strip() == "" or re.fullmatch(r"[A-Z_][A-Z0-9_]*=[^\s#]*", setting), line
