@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.types import Options
 from jwt.warnings import InsecureKeyLengthWarning
 
@@ -88,8 +90,33 @@ def load_public_key(path: str, algorithm: str) -> Any:
         raise ValueError(f"{path} is a private key; give the public key (openssl pkey -in {path} -pubout)")
     try:
         return jwt.get_algorithm_by_name(algorithm).prepare_key(pem)
-    except Exception as exc:  # cryptography and PyJWT raise several kinds
-        raise ValueError(f"{path} is not a PEM public key for {algorithm}: {exc}") from None
+    except Exception:  # cryptography and PyJWT raise several kinds, not all in plain words
+        needed = _KEY_KINDS.get(algorithm) or _KEY_KINDS[algorithm[:2]]
+        found = _key_kind(pem)
+        if found:
+            raise ValueError(f"{path} holds {found}; {algorithm} needs {needed}") from None
+        raise ValueError(f"{path} is not a PEM public key ({algorithm} needs {needed})") from None
+
+
+# The key each public-key algorithm verifies with, for error messages.
+_KEY_KINDS = {
+    "RS": "an RSA public key", "PS": "an RSA public key",
+    "ES256": "an EC P-256 public key", "ES384": "an EC P-384 public key", "ES512": "an EC P-521 public key",
+}
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+
+def _key_kind(pem: bytes) -> str:
+    """What public key a PEM holds, in _KEY_KINDS' words; "" if none."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except Exception:
+        return ""
+    if isinstance(key, rsa.RSAPublicKey):
+        return "an RSA public key"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"an EC {_CURVES.get(key.curve.name, key.curve.name)} public key"
+    return f"a {type(key).__name__}"
 
 
 class JwksKeys:

@@ -199,3 +199,23 @@ def test_a_provider_key_with_an_hmac_algorithm_is_refused(variable, value, algor
     )
     # Commands that check no tokens (a shard, garin chat) do not care.
     assert load_config({}, environ, required=()).jwt_algorithm == (algorithm or "HS256")
+
+
+def test_a_key_of_another_kind_is_named_in_plain_words(tmp_path, rsa_key) -> None:
+    """Not PyJWT's 'Expected one of <generator object ...>'."""
+    path = tmp_path / "auth.pem"
+    path.write_bytes(pem(rsa_key.public_key()))
+    with pytest.raises(ValueError) as info:
+        load_public_key(str(path), "ES256")
+    assert str(info.value) == f"{path} holds an RSA public key; ES256 needs an EC P-256 public key"
+    path.write_bytes(pem(ec.generate_private_key(ec.SECP384R1()).public_key()))
+    with pytest.raises(ValueError) as info:
+        load_public_key(str(path), "ES256")
+    assert str(info.value) == f"{path} holds an EC P-384 public key; ES256 needs an EC P-256 public key"
+    with pytest.raises(ValueError) as info:
+        load_public_key(str(path), "PS256")
+    assert str(info.value) == f"{path} holds an EC P-384 public key; PS256 needs an RSA public key"
+    path.write_text("not a key")
+    with pytest.raises(ValueError) as info:
+        load_public_key(str(path), "ES512")
+    assert str(info.value) == f"{path} is not a PEM public key (ES512 needs an EC P-521 public key)"
