@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from garin.auth import HMAC_ALGORITHMS, MIN_SECRET_BYTES, PUBLIC_KEY_ALGORITHMS, load_public_key
 from garin.bans import BanPolicy
@@ -556,6 +556,10 @@ def _check_public_key(values: dict[str, Any]) -> None:
         raise ConfigError(f"GARIN_JWKS_URL must be an http(s) URL, not {jwks_url!r}")
 
 
+# The URL options (coredis's) that name files of the TLS set-up.
+_REDIS_FILE_OPTIONS = frozenset(("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"))
+
+
 def _check_redis_url(url: str) -> None:
     """What coredis would only find when connecting (so every shard would
     retry it forever): a bad port, database or option, a missing TLS file.
@@ -569,6 +573,11 @@ def _check_redis_url(url: str) -> None:
         database = parts.path.strip("/") if parts.scheme != "unix" else ""
         if database and not database.isdigit():
             raise ValueError("the database (the URL's path) must be a number")
+        # coredis would say only "No such file or directory", not which.
+        for option, paths in parse_qs(parts.query).items():
+            for path in paths if option in _REDIS_FILE_OPTIONS else ():
+                if not os.access(path, os.R_OK):
+                    raise ValueError(f"{option}={path}: {'cannot be read' if os.path.exists(path) else 'no such file'}")
         coredis.Redis.from_url(url)
     except Exception as exc:
         detail = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"

@@ -606,3 +606,14 @@ def test_a_redis_url_coredis_cannot_use_is_refused_without_showing_it(url: str) 
 def test_redis_urls_garin_takes(url: str) -> None:
     pytest.importorskip("coredis")
     assert load({"GARIN_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("option", ["ssl_ca_certs", "ssl_certfile", "ssl_keyfile"])
+def test_a_missing_tls_file_in_the_redis_url_is_named(option: str, tmp_path: Path) -> None:
+    """coredis says only "No such file or directory", not which file."""
+    pytest.importorskip("coredis")
+    missing = tmp_path / "nonexistent.pem"
+    message = error_of({"GARIN_REDIS_URL": f"rediss://:s3cret@127.0.0.1:6399/0?{option}={missing}"})
+    assert message == (
+        f"GARIN_REDIS_URL cannot be used: {option}={missing}: no such file (value not shown: it may hold a password)"
+    )
