@@ -558,6 +558,8 @@ def _check_public_key(values: dict[str, Any]) -> None:
 
 # The URL options (coredis's) that name files of the TLS set-up.
 _REDIS_FILE_OPTIONS = frozenset(("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"))
+# As the README says: garin is installed from its clone, not from an index.
+INSTALL_REDIS = "install the redis extra (pip install '.[redis]' in garin's checkout)"
 
 
 def _check_redis_url(url: str) -> None:
@@ -613,7 +615,7 @@ def _check(values: dict[str, Any], required: tuple[str, ...]) -> Config:
             )
     if values["redis_url"]:
         if importlib.util.find_spec("coredis") is None:
-            raise ConfigError("GARIN_REDIS_URL is set but coredis is not installed: pip install 'garin[redis]'")
+            raise ConfigError(f"GARIN_REDIS_URL is set but coredis is not installed: {INSTALL_REDIS}")
         _check_redis_url(values["redis_url"])
     if values["redis_password_file"]:
         if not values["redis_url"]:

@@ -135,7 +135,7 @@ def find_redis_server(name: str) -> str:
 def check_python_has_redis_client(python: str) -> str | None:
     result = subprocess.run([python, "-c", "import coredis"], cwd="/", capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
-        return "it cannot import coredis: pip install 'garin[redis]'"
+        return "it cannot import coredis: install garin's redis extra (pip install '.[redis]' in garin's checkout)"
     return None
 
 

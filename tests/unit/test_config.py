@@ -617,3 +617,17 @@ def test_a_missing_tls_file_in_the_redis_url_is_named(option: str, tmp_path: Pat
     assert message == (
         f"GARIN_REDIS_URL cannot be used: {option}={missing}: no such file (value not shown: it may hold a password)"
     )
+
+
+def test_without_coredis_the_hint_is_the_readmes_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """garin is installed from its clone: `pip install 'garin[redis]'` would ask
+    the package index for some other project called garin."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "coredis" else find_spec(name, *a))
+    assert error_of({"GARIN_REDIS_URL": "redis://127.0.0.1:6379/0"}) == (
+        "GARIN_REDIS_URL is set but coredis is not installed: "
+        "install the redis extra (pip install '.[redis]' in garin's checkout)"
+    )
+    assert "pip install -q '.[redis]'" in (Path(__file__).parents[2] / "README.md").read_text()
