@@ -247,7 +247,8 @@ def _duration(text: str, option: str, zero: str) -> float | None:
 @click.argument("username")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime: 90s, 30m, 12h, 7d; 0 for a token that never expires.")
 @click.option("--jwt-secret", "jwt_secret", default=None, help="Signing secret [env JWT_DECODE_SECRET].")
-@click.option("--jwt-algorithm", "jwt_algorithm", default=None, help="[env GARIN_JWT_ALGORITHM; default HS256]")
+@click.option("--jwt-algorithm", "jwt_algorithm", default=None,
+              help="Algorithm to sign with: HS256, HS384 or HS512 [env GARIN_JWT_ALGORITHM; default HS256].")
 @click.option("--allow-weak-secret", "allow_weak_secret", is_flag=True, default=None,
               help="Accept a short secret (local development) [env GARIN_ALLOW_WEAK_SECRET].")
 def token(username: str, ttl: str, **options: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -56,3 +57,13 @@ def test_a_lifetime_that_is_not_more_than_zero_is_one_line(ttl: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines == [f"garin: error: --ttl must be a duration like 90s, 30m, 12h or 7d, "
                      f"or 0 for a token that never expires; not {ttl.strip()!r}"]
+
+
+def test_help_describes_every_option_and_the_readme_shows_the_default_lifetime() -> None:
+    result = CliRunner().invoke(main, ["token", "--help"], terminal_width=200)
+    (line,) = [line for line in result.output.splitlines() if "--jwt-algorithm" in line]
+    assert "Algorithm to sign with: HS256, HS384 or HS512" in line
+    ttl = next(p for p in main.commands["token"].params if p.name == "ttl").default
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (row,) = [row for row in readme.splitlines() if row.startswith("| `garin token ")]
+    assert row.startswith(f"| `garin token USERNAME [--ttl {ttl}]` |")
