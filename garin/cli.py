@@ -30,10 +30,11 @@ F = Callable[..., Any]
 T = TypeVar("T")
 
 
-def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
+def _config_options(names: frozenset[str] | None = None, shard: bool = False) -> Callable[[F], F]:
     """One click option per setting (only `names`, if given: the settings
-    that command uses); values stay text so load_config validates them all
-    alike. Every setting is still read from the environment and .env."""
+    that command uses; `shard`: described as a shard uses them); values stay
+    text so load_config validates them all alike. Every setting is still
+    read from the environment and .env."""
 
     def decorate(func: F) -> F:
         for setting in reversed(SETTINGS):
@@ -55,7 +56,7 @@ def _config_options(names: frozenset[str] | None = None) -> Callable[[F], F]:
                 setting.name,
                 default=None,
                 metavar=setting.metavar,
-                help=f"{setting.help} [env {env}{shown}]",
+                help=f"{shard and setting.shard_help or setting.help} [env {env}{shown}]",
                 **flag,
             )(func)
         return func
@@ -201,7 +202,7 @@ def _index_from_honcho() -> int | None:
 @main.command(short_help="Run one shard, owner of the rooms that hash to it.")
 @click.option("--index", type=int, default=None, help="Which shard this is, 0..shards-1 [default: from HONCHO_PROCESS_NAME shard.N as N-1].")
 @click.option("--lifeline-fd", type=int, default=None, hidden=True)
-@_config_options(SHARD_SETTINGS)
+@_config_options(SHARD_SETTINGS, shard=True)
 def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     """Run one shard: owns the rooms that hash to it (for Procfile / systemd use)."""
     from garin.logs import setup_logging

@@ -40,6 +40,8 @@ class Setting:
     # Settings only the supervisor and routers need still appear on every
     # command so that one .env serves all; `secret` hides the value in --help.
     secret: bool = False
+    # `garin shard --help`'s text, where `help` speaks of routers only.
+    shard_help: str = ""
 
     @property
     def metavar(self) -> str:
@@ -144,7 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "GARIN_HOST", "--host", "0.0.0.0", "Address routers listen on.", _nonempty),
     Setting("port", "PORT", "--port", "8080",
             "Public WebSocket port (GARIN_PORT wins over PORT, for process managers "
-            "that assign PORT per process).", _int(0, 65535)),
+            "that assign PORT per process).", _int(0, 65535),
+            shard_help="The routers' public port: with GARIN_PORT or --port, it names the default "
+            "socket directory (a shard listens on no TCP port)."),
     Setting("jwt_secret", "JWT_DECODE_SECRET", "--jwt-secret", None,
             "HMAC secret that signs client tokens (at least 32 bytes; 48/64 for HS384/HS512).", _nonempty, secret=True),
     Setting("allow_weak_secret", "GARIN_ALLOW_WEAK_SECRET", "--allow-weak-secret", "false",
@@ -193,7 +197,9 @@ SETTINGS: tuple[Setting, ...] = (
             _int(1, 256)),
     Setting("routers", "GARIN_ROUTERS", "--routers", "1",
             "Number of router processes `garin run` starts (they accept, authenticate and hand "
-            "each client to its room's shard).", _int(1, 64)),
+            "each client to its room's shard).", _int(1, 64),
+            shard_help="Number of routers that hand this shard clients; with --max-connections, it "
+            "sizes the shard's open-files limit."),
     Setting("socket_dir", "GARIN_SOCKET_DIR", "--socket-dir", "",
             "Directory for the shards' Unix sockets (default /tmp/garin-UID-PORT; for a router or shard "
             "started on its own, /tmp/garin-UID, or /tmp/garin-UID-GARIN_PORT when that is set).", _text),
@@ -264,7 +270,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds to complete the HTTP upgrade.", _seconds(0.1)),
     Setting("max_connections", "GARIN_MAX_CONNECTIONS", "--max-connections", "10000",
             "Connections one router holds (handshakes included); more are closed 1013 "
-            "(server full). 0: no limit.", _int(0)),
+            "(server full). 0: no limit.", _int(0),
+            shard_help="Connections one router holds: this shard raises its open-files limit to hold "
+            "--routers times as many."),
     # 1000: a NAT, an office or a load test puts hundreds of real users
     # behind one address (GarinChat has no such limit); one address still
     # cannot take more than a tenth of a router's default 10,000.
@@ -283,9 +291,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Log level.", _choice("debug", "info", "warning", "error")),
     Setting("metrics_port", "GARIN_METRICS_PORT", "--metrics-port", "0",
             "Port for GET /metrics (Prometheus) and GET /health on every router; 0 turns it off.",
-            _int(0, 65535)),
+            _int(0, 65535),
+            shard_help="Port of the routers' GET /metrics and /health; not 0: this shard writes its "
+            "metrics for them (in GARIN_SOCKET_DIR/metrics)."),
     Setting("metrics_host", "GARIN_METRICS_HOST", "--metrics-host", "127.0.0.1",
-            "Address of the metrics and health port (keep it private).", _nonempty),
+            "Address of the metrics and health port (keep it private).", _nonempty,
+            shard_help="Not used by a shard (its routers serve the metrics); accepted so that one "
+            ".env serves every process."),
     Setting("log_format", "GARIN_LOG_FORMAT", "--log-format", "text",
             "Log lines as text (for people) or json (one object per line, for log shippers).",
             _choice("text", "json")),

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from garin.bans import subject_of
 from garin.cli import main
 from garin.closes import ALL_CLOSES
-from garin.config import ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS
+from garin.config import BY_NAME, ROUTER_SETTINGS, SETTINGS, SHARD_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -94,3 +94,13 @@ def test_env_example_lines_are_plain_key_value_pairs():
         if line.startswith("#") and not re.match(r"[A-Z_][A-Z0-9_]*=", setting):
             continue  # prose
         assert line.strip() == "" or re.fullmatch(r"[A-Z_][A-Z0-9_]*=[^\s#]*", setting), line
+
+
+def test_shard_help_describes_the_settings_as_a_shard_uses_them():
+    text = " ".join(CliRunner().invoke(main, ["shard", "--help"], terminal_width=200).output.split())
+    for setting in SETTINGS:
+        if setting.shard_help:
+            assert setting.name in SHARD_SETTINGS, setting.env
+            assert f"{setting.shard_help} [env " in text and f"{setting.help} [env " not in text, setting.env
+    for name in ("routers", "max_connections", "metrics_port"):
+        assert BY_NAME[name].shard_help, name
