@@ -345,7 +345,7 @@ def _ban_path(ban_db: str | None) -> str:
     """The ban list's absolute path, from --ban-db, GARIN_BAN_DB or ./.env."""
     config = _load({"ban_db": ban_db}, required=())
     if not config.ban_db:
-        _fail("GARIN_BAN_DB is empty: the ban list is turned off")
+        _fail(f"{'GARIN_BAN_DB' if ban_db is None else '--ban-db'} is empty: the ban list is turned off")
     _warn_legacy_ban_db(config, log=False)
     return os.path.abspath(config.ban_db)
 
