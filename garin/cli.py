@@ -421,6 +421,8 @@ def ban_list(ban_db: str | None) -> None:
 @_ban_db_option
 def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> None:
     """Ban a token subject (the JWT `sub`), replacing any ban it has."""
+    from garin.chat import visible
+
     seconds = _duration(duration, "--for", "to ban until removed")
     now = time.time()
     until = None if seconds is None else now + seconds
@@ -433,7 +435,7 @@ def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> Non
         with _ban_store(where) as store:
             store.add(subject, until, reason, now)
     how = "" if seconds is None else f" for {duration}"
-    click.echo(f"banned {subject}{how} (ban list: {where})")
+    click.echo(f"banned {visible(subject)}{how} (ban list: {where})")
 
 
 @ban.command("remove")
@@ -441,6 +443,8 @@ def ban_add(subject: str, duration: str, reason: str, ban_db: str | None) -> Non
 @_ban_db_option
 def ban_remove(subject: str, ban_db: str | None) -> None:
     """Lift a ban."""
+    from garin.chat import visible
+
     redis = _redis_bans(ban_db)
     if redis is not None:
         where = "Redis"
@@ -448,9 +452,9 @@ def ban_remove(subject: str, ban_db: str | None) -> None:
     else:
         where = _ban_path(ban_db)
         if not os.path.exists(where):
-            _fail(f"{subject} is not banned (ban list: {where}, no such file)")
+            _fail(f"{visible(subject)} is not banned (ban list: {where}, no such file)")
         with _ban_store(where) as store:
             removed = store.remove(subject)
     if not removed:
-        _fail(f"{subject} is not banned (ban list: {where})")
-    click.echo(f"unbanned {subject} (ban list: {where})")
+        _fail(f"{visible(subject)} is not banned (ban list: {where})")
+    click.echo(f"unbanned {visible(subject)} (ban list: {where})")

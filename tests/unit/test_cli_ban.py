@@ -193,3 +193,12 @@ def test_an_old_ban_list_in_the_working_directory_is_warned_about(elsewhere: Pat
     # Without the old file, nothing is said either.
     old.unlink()
     assert ban("list").stderr == ""
+
+
+def test_add_and_remove_echo_the_subject_escaped_as_list_does(default_db: Path) -> None:
+    """A raw newline would let a subject forge a line of output ('[fake] line')."""
+    hostile = "evil\n[fake] line\x1b[2J"
+    shown = "evil\\n[fake] line\\x1b[2J"
+    assert ban("add", hostile).stdout == f"banned {shown} (ban list: {default_db})\n"
+    assert ban("remove", hostile).stdout == f"unbanned {shown} (ban list: {default_db})\n"
+    assert one_line_error(ban("remove", hostile)) == f"garin: error: {shown} is not banned (ban list: {default_db})"
