@@ -209,13 +209,16 @@ def shard(index: int | None, lifeline_fd: int | None, **options: Any) -> None:
     from garin.profiling import run_trio
 
     config = _load(options, required=(), standalone=lifeline_fd is None)
+    source = f"--index {index}"
     if index is None:
         index = _index_from_honcho()
         if index is None:
             _fail("shard needs --index (or HONCHO_PROCESS_NAME like shard.1)")
+        source = f"HONCHO_PROCESS_NAME={os.environ['HONCHO_PROCESS_NAME']} (index {index})"
     assert index is not None
     if not 0 <= index < config.shards:
-        _fail(f"--index {index} is outside 0..{config.shards - 1} (GARIN_SHARDS={config.shards})")
+        count = f"GARIN_SHARDS={config.shards}" if options["shards"] is None else f"--shards {config.shards}"
+        _fail(f"{source} is outside 0..{config.shards - 1} ({count})")
     setup_logging(config.log_level, f"shard.{index}", config.log_format)
     _enable_metrics(config, forget_dead=lifeline_fd is None)
     from garin.shard.server import serve_shard
