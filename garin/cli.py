@@ -272,8 +272,11 @@ def token(username: str, ttl: str, **options: Any) -> None:
 
 @main.command(short_help="Chat in a room from the terminal.")
 @click.argument("url", required=False)
-@click.option("--room", required=True, help="Room to join (3+ characters).")
-@click.option("--user", "username", required=True, help="Username to join as (3+ characters).")
+@click.option("--room", required=True, help="Room to join (the server's GARIN_ROOM_MIN to GARIN_ROOM_MAX "
+              f"characters: {BY_NAME['room_min'].default} to {BY_NAME['room_max'].default} by default).")
+@click.option("--user", "username", required=True, help="Username to join as (the server's GARIN_USERNAME_MIN "
+              f"to GARIN_USERNAME_MAX characters: {BY_NAME['username_min'].default} to "
+              f"{BY_NAME['username_max'].default} by default).")
 @click.option("--token", default=None, help="JWT to send; default: mint one with JWT_DECODE_SECRET (as `garin token`).")
 @click.option("--origin", default=None, help="Origin header; default: the first of ALLOWED_ORIGINS, else http://localhost.")
 def chat(url: str | None, room: str, username: str, token: str | None, origin: str | None) -> None:

@@ -134,3 +134,11 @@ def test_the_secret_from_dotenv_mints_the_token(elsewhere: Path) -> None:
     (elsewhere / ".env").write_text(f"JWT_DECODE_SECRET={SECRET}\nGARIN_PORT={port}\n")
     result = chat()
     assert result.exit_code == 1 and "Connection refused" in result.stdout
+
+
+def test_help_gives_name_lengths_as_the_settings_that_set_them() -> None:
+    """Not a hard-coded "3+ characters": the server's settings decide."""
+    text = " ".join(CliRunner().invoke(main, ["chat", "--help"], terminal_width=200).output.split())
+    assert "Room to join (the server's GARIN_ROOM_MIN to GARIN_ROOM_MAX characters: 3 to 64 by default)" in text
+    assert "(the server's GARIN_USERNAME_MIN to GARIN_USERNAME_MAX characters: 3 to 32 by default)" in text
+    assert "3+" not in text
