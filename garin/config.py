@@ -3,8 +3,9 @@
 Each setting has an environment variable (GarinChat's names are kept: PORT,
 JWT_DECODE_SECRET, ALLOWED_ORIGINS; everything new is GARIN_*) and a click
 option with the same meaning. Precedence: command-line option, then the
-environment, then a `.env` file in the working directory, then the default.
-A bad value raises ConfigError with one line naming the variable.
+environment, then a `.env` file in the working directory, then the default
+(but GARIN_PORT, from either, beats PORT from either). A bad value raises
+ConfigError with one line naming the variable.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def _nonempty(text: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "GARIN_HOST", "--host", "0.0.0.0", "Address routers listen on.", _nonempty),
     Setting("port", "PORT", "--port", "8080",
-            "Public WebSocket port (GARIN_PORT wins over PORT, for process managers "
-            "that assign PORT per process).", _int(0, 65535),
+            "Public WebSocket port (GARIN_PORT, from the environment or ./.env, wins over PORT from "
+            "either: process managers assign PORT per process).", _int(0, 65535),
             shard_help="The routers' public port: with GARIN_PORT or --port, it names the default "
             "socket directory (a shard listens on no TCP port)."),
     Setting("jwt_secret", "JWT_DECODE_SECRET", "--jwt-secret", None,
@@ -540,9 +541,12 @@ def _lookup(
     given = options.get(setting.name)
     if given is not None:
         return setting.option, given
+    # GARIN_PORT wins over PORT whatever the source of each: a .env's
+    # GARIN_PORT, the same for every process, beats the PORT that a process
+    # manager gives each process (and `garin chat` finds the routers' port).
     names = ("GARIN_PORT", "PORT") if setting.name == "port" else (setting.env,)
-    for source in (environ, dotenv):
-        for env in names:
+    for env in names:
+        for source in (environ, dotenv):
             if env in source:
                 return env, source[env]
     return setting.env, setting.default

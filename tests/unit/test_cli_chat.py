@@ -77,7 +77,7 @@ def test_a_specific_host_is_where_chat_connects(elsewhere: Path) -> None:
         ({"GARIN_PORT": "{a}", "PORT": "{b}"}, "", "a"),
         ({}, "PORT={b}\n", "b"),
         ({}, "GARIN_PORT={a}\nPORT={b}\n", "a"),
-        ({"PORT": "{b}"}, "GARIN_PORT={a}\n", "b"),  # the environment beats .env
+        ({"PORT": "{b}"}, "GARIN_PORT={a}\n", "a"),  # GARIN_PORT wins over PORT, whatever the source
     ],
 )
 def test_the_default_url_follows_the_configured_port(elsewhere: Path, env: dict[str, str], dotenv: str, chosen: str) -> None:

@@ -185,6 +185,9 @@ def test_empty_option_string_is_given() -> None:
         ({}, {"PORT": "5000"}, 5000),
         ({"PORT": "5000"}, {"PORT": "7000"}, 5000),
         ({"GARIN_PORT": "6000"}, {"GARIN_PORT": "7000"}, 6000),
+        # Whatever the source of each: the more specific name wins.
+        ({"PORT": "5000"}, {"GARIN_PORT": "7000"}, 7000),
+        ({"GARIN_PORT": "6000"}, {"PORT": "7000"}, 6000),
     ],
 )
 def test_garin_port_beats_port(environ: dict[str, str], dotenv: dict[str, str],
