@@ -16,7 +16,7 @@ from garin import banstore, closes
 from garin.auth import TokenVerifier
 from garin.bans import subject_of
 from garin.closes import Close
-from garin.config import Config
+from garin.config import Config, ConfigError
 from garin import metrics
 from garin.jwks import keep_jwks_fresh, verifier_for
 from garin.fdlimit import connections_that_fit, raise_file_limit
@@ -255,7 +255,11 @@ async def serve_router(
     if listen_fd is not None:
         listeners = _listeners_from_fd(listen_fd)
     else:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        try:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        except OSError as exc:
+            # As `garin run` says it; the port comes from GARIN_PORT or PORT.
+            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     # Before any client is accepted: a busy metrics port is one line (ConfigError).
     status_socket = bind_metrics(config) if config.metrics_port else None
     _no_delay(listeners)

@@ -507,6 +507,17 @@ def test_a_busy_or_bad_metrics_port_is_one_line_naming_the_setting(socket_dir, t
     assert line.startswith("garin: error: GARIN_METRICS_HOST: cannot listen on 192.0.2.1:")
 
 
+@pytest.mark.parametrize("command", [["run"], ["router"]])
+def test_a_busy_public_port_is_one_line_naming_the_address(socket_dir, tmp_path, command):
+    """A Procfile's router said only `router: [Errno 98] Address already in use`."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        line = refused(command, base_env(busy, socket_dir), tmp_path)
+    assert line == f"garin: error: cannot listen on 127.0.0.1:{busy}: Address already in use"
+
+
 @pytest.mark.parametrize("metrics", [False, True])
 @pytest.mark.parametrize("command", [["run"], ["shard", "--index", "0"]])
 def test_an_unusable_socket_dir_is_one_line_naming_the_setting(tmp_path, command, metrics):
