@@ -146,7 +146,11 @@ class JwksKeys:
                 jwk = jwt.PyJWK(entry, algorithm=self._algorithm)
             except Exception:
                 continue  # a key of another type, or one we cannot use
-            keys[entry.get("kid")] = jwk.key
+            key = jwk.key
+            # A provider that publishes a private key (its "d") by mistake:
+            # verify with its public half (a private key object cannot verify).
+            public = getattr(key, "public_key", None)
+            keys[entry.get("kid")] = public() if callable(public) else key
         if not keys:
             raise ValueError(f"JWKS document has no usable {self._algorithm} signing key")
         self._keys = keys

@@ -86,6 +86,20 @@ def test_jwks_key_by_kid(algorithm, rsa_key, ec_key) -> None:
     assert verifier.verify(token(private, algorithm), NOW) is None  # one key: no kid needed
 
 
+@pytest.mark.parametrize("algorithm", ["ES256", "RS256"])
+def test_a_jwks_that_publishes_a_private_key_still_verifies(algorithm, rsa_key, ec_key) -> None:
+    # A private key object cannot verify: every client was closed 1011.
+    private = ec_key if algorithm == "ES256" else rsa_key
+    keys = JwksKeys(algorithm)
+    assert keys.update(jwks((private, "k1", algorithm))) == 1  # the JWK carries "d"
+    verifier = TokenVerifier(keys, algorithm)
+    assert verifier.verify(token(private, algorithm, kid="k1"), NOW) is None
+    other = ec.generate_private_key(ec.SECP256R1()) if algorithm == "ES256" else rsa.generate_private_key(
+        public_exponent=65537, key_size=2048
+    )
+    assert verifier.verify(token(other, algorithm, kid="k1"), NOW) is closes.INVALID_TOKEN
+
+
 def test_jwks_not_loaded_yet_is_try_again_later(ec_key) -> None:
     verifier = TokenVerifier(JwksKeys("ES256"), "ES256")
     assert verifier.verify(token(ec_key, "ES256", kid="k1"), NOW) is closes.AUTH_UNAVAILABLE
