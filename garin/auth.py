@@ -13,6 +13,7 @@ beyond reading a key file at start.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from jwt.warnings import InsecureKeyLengthWarning
 
 from garin import closes
 from garin.closes import Close
+
+log = logging.getLogger("garin.auth")
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
@@ -231,7 +234,10 @@ class TokenVerifier:
                     issuer=self._issuer,
                     options=self._options,
                 )
-        except jwt.InvalidTokenError:
+        except jwt.InvalidTokenError as exc:
+            # Why, for whoever sets up a provider (a wrong audience or
+            # issuer): the error's class only, never the token.
+            log.debug("token refused: %s", type(exc).__name__)
             return closes.INVALID_TOKEN
         exp = _time_claim(claims, "exp")
         nbf = _time_claim(claims, "nbf")

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 from typing import Any
 
 import jwt
@@ -233,3 +234,12 @@ def test_a_key_of_another_kind_is_named_in_plain_words(tmp_path, rsa_key) -> Non
     with pytest.raises(ValueError) as info:
         load_public_key(str(path), "ES512")
     assert str(info.value) == f"{path} is not a PEM public key (ES512 needs an EC P-521 public key)"
+
+
+def test_why_a_token_was_refused_is_logged_at_debug_without_the_token(ec_key, caplog) -> None:
+    verifier = TokenVerifier(StaticKey(ec_key.public_key()), "ES256", audience="chat", issuer="https://auth.test/")
+    wrong = token(ec_key, "ES256", aud="other", iss="https://auth.test/")
+    with caplog.at_level(logging.DEBUG, logger="garin.auth"):
+        assert verifier.verify(wrong, NOW) is closes.INVALID_TOKEN
+    assert "InvalidAudienceError" in caplog.text
+    assert wrong not in caplog.text and wrong.split(".")[1] not in caplog.text
