@@ -245,6 +245,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_outbox_bytes", "GARIN_MAX_OUTBOX_BYTES", "--max-outbox-bytes", "1048576",
             "Bytes queued for a client that is not reading before it is closed (too slow).",
             _int(1024)),
+    Setting("send_buffer_bytes", "GARIN_SEND_BUFFER_BYTES", "--send-buffer-bytes", "262144",
+            "Kernel send buffer of each client socket (SO_SNDBUF): what a client that does not read "
+            "holds in the kernel besides GARIN_MAX_OUTBOX_BYTES. 0: the kernel's autotuning "
+            "(up to 4 MiB a socket on Linux).", _int(0)),
     # Kept so that existing .env files still load: since connections live in
     # their room's shard, nothing is held for a shard any more.
     Setting("shard_hold_bytes", "GARIN_SHARD_HOLD_BYTES", "--shard-hold-bytes", "4194304",
@@ -357,6 +361,7 @@ class Config:
     room_min: int
     room_max: int
     max_outbox_bytes: int
+    send_buffer_bytes: int
     shard_hold_bytes: int
     shard_hold_timeout_s: float
     redis_url: str = field(repr=False)

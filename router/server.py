@@ -208,7 +208,7 @@ async def _accept_loop(
     around each handler (a raised Cancelled: ~30 us a connection, for a
     socket handle_client has always closed already), and on the bare
     socket: accept() gives the peer's address, and TCP_NODELAY comes from
-    the listening socket (`_no_delay`), so no SocketStream (a setsockopt
+    the listening socket (`_tune`), so no SocketStream (a setsockopt
     and a getpeername per connection)."""
     sock = listener.socket
     while True:
@@ -224,12 +224,19 @@ async def _accept_loop(
             handlers.start_soon(handle_client, router, verifier, tcp, peer)
 
 
-def _no_delay(listeners: list[trio.SocketListener]) -> list[trio.SocketListener]:
-    """Linux gives accepted sockets the listening socket's TCP_NODELAY: set
-    once here, not once per connection (frames must not wait for Nagle)."""
+def _tune(listeners: list[trio.SocketListener], send_buffer_bytes: int) -> None:
+    """Linux gives accepted sockets the listening socket's TCP_NODELAY and
+    SO_SNDBUF: set once here, not once per connection. Frames must not wait
+    for Nagle; and a fixed send buffer keeps a client that does not read
+    from holding up to 4 MiB of kernel memory (autotuning's maximum) and
+    from costing its shard that much copying before GARIN_MAX_OUTBOX_BYTES
+    closes it: 200 such members of one room, sent 16 KiB each by all of
+    them at once, held 536 MiB and stalled their shard 1.4 s; with 256 KiB,
+    no memory is held (they are closed too slow) and the stall is 60 ms."""
     for listener in listeners:
         listener.socket.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-    return listeners
+        if send_buffer_bytes:
+            listener.socket.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, send_buffer_bytes)
 
 
 def _listeners_from_fd(fd: int) -> list[trio.SocketListener]:
@@ -262,7 +269,7 @@ async def serve_router(
             raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     # Before any client is accepted: a busy metrics port is one line (ConfigError).
     status_socket = bind_metrics(config) if config.metrics_port else None
-    _no_delay(listeners)
+    _tune(listeners, config.send_buffer_bytes)
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as links:
         # Until the handlers' nursery opens: a shard may pass a member on

@@ -1,5 +1,6 @@
-"""The router's accepted sockets carry TCP_NODELAY without a setsockopt per
-connection: set on the listening socket, Linux copies it to each accepted one."""
+"""The router's accepted sockets carry TCP_NODELAY and a fixed SO_SNDBUF
+without a setsockopt per connection: set on the listening socket, Linux
+copies them to each accepted one."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import socket
 
 import trio
 
-from garin.router.server import _no_delay
+from garin.router.server import _tune
 
 
-async def test_accepted_sockets_inherit_no_delay_from_the_listener() -> None:
-    listeners = _no_delay(await trio.open_tcp_listeners(0, host="127.0.0.1"))
+async def test_accepted_sockets_inherit_no_delay_and_the_send_buffer_from_the_listener() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    _tune(listeners, 100_000)
     listener = listeners[0].socket
     client = trio.socket.socket()
     try:
@@ -20,6 +22,7 @@ async def test_accepted_sockets_inherit_no_delay_from_the_listener() -> None:
         with accepted:
             assert peer == client.getsockname()
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 200_000  # Linux doubles it
     finally:
         client.close()
         listener.close()
@@ -34,6 +37,7 @@ async def test_without_it_accepted_sockets_would_have_nagle_on() -> None:
         accepted, _ = await listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) != 200_000
     finally:
         client.close()
         listener.close()
