@@ -293,6 +293,11 @@ class ClientWebSocket:
             self._outbox = deque()
         self._outbox.append(data)
         self._outbox_bytes += len(data)
+        self._queued_more()
+
+    def _queued_more(self) -> None:
+        """Something was queued: past the bound the client is too slow, else
+        a drain task (one at a time) writes it when the socket can take it."""
         if self._outbox_bytes > self._max_outbox_bytes:
             self._too_slow()
             return
@@ -373,7 +378,7 @@ class ClientWebSocket:
         return bool(self._outbox) or self.dead or self.kicked is not None
 
     def _send_frames(self, frames: list[bytes]) -> None:
-        """Write `frames` in order, up to WRITEV_CHUNKS in one writev; queue
+        """Write `frames` in order (one writev, as a drain does) and keep
         what the kernel does not take. The frames themselves are queued, not
         a joined copy: a room's frames are shared by all its members, so a
         burst to K members that do not read costs the frames once, not K
@@ -381,30 +386,15 @@ class ClientWebSocket:
         grow with K squared), and the outbox bound counts every byte."""
         if self.dead:
             return
-        done = 0
-        if not self._outbox:
-            chunk = frames[:WRITEV_CHUNKS]
-            try:
-                written = os.writev(self._fd, chunk)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                self._die()
-                return
-            for frame in chunk:
-                if written < len(frame):
-                    break
-                written -= len(frame)
-                done += 1
-            if done == len(frames):
-                return
-            if written:
-                self._enqueue(memoryview(frames[done])[written:])
-                done += 1
-        for frame in frames[done:]:
-            if not self._fanout:
-                return  # kicked too slow by the bound (or dead): the rest is never read
-            self._enqueue(frame)
+        if self._outbox is None:
+            self._outbox = deque()
+        waiting = bool(self._outbox)
+        self._outbox.extend(frames)
+        self._outbox_bytes += sum(map(len, frames))
+        if not waiting:
+            self._write_queued()  # else a drain is under way: it writes them in turn
+        if self._outbox:
+            self._queued_more()
 
     def _fail(self, error: BaseException) -> None:
         log.error("fan-out flush failed: %r", error)
