@@ -166,13 +166,18 @@ class Router:
         for conn in gone:
             self._release(self.handed.pop(conn).address)
 
+    def _take_own(self, message: wire.Adopt) -> Handed | None:
+        """The record of a moving connection if it is one of ours (this
+        router counts it), no longer kept as handed to its old shard."""
+        return self.handed.pop(message.conn, None) if message.owner == self.instance else None
+
     def _forward_soon(self, message: wire.Adopt, fd: int) -> None:
         if fd == LOST:
             log.warning(
                 "conn %d (%s): its socket could not be received (open-files limit, ulimit -n); dropped",
                 message.conn, message.peer,
             )
-            handed = self.handed.pop(message.conn, None) if message.owner == self.instance else None
+            handed = self._take_own(message)
             if handed is not None:
                 self._release(handed.address)
             return
@@ -203,7 +208,7 @@ class Router:
         # Our own connection keeps its id and count; another router's (it
         # is gone, or the shard would have used it) gets an id of ours, so
         # it can never be mistaken for one of our own connections.
-        handed = self.handed.pop(message.conn, None) if message.owner == self.instance else None
+        handed = self._take_own(message)
         conn_id = message.conn if handed is not None else self.new_id()
         if handed is None and self.limits.admit(address) is None:
             handed = Handed(address, message.subject, index)
